@@ -1,0 +1,220 @@
+"""Flash attention: the public entry point, its gradient and the per-platform dispatch.
+
+`flash_attention` pads the inputs to the kernels' tiles, runs the Pallas kernel of the current
+platform (`flash_attention_gpu` on the Triton backend, `flash_attention_tpu` on Mosaic) under a
+`jax.custom_vjp`, and slices the padding off again. `flash_attention_reference` is the same
+function in plain jnp; `supports` tells a caller choosing an implementation whether the kernel
+takes a given head size, dtype and platform (everything else goes to the `xla` implementation).
+
+Layouts: q [B, T, H, D], k and v [B, S, K, D] with K dividing H (query head h reads kv head
+h // (H // K)); the output is [B, T, H, D] in q's dtype. Causal masking is top-left aligned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from tinystories_jax.kernels import flash_attention_gpu
+from tinystories_jax.kernels import flash_attention_tpu
+from tinystories_jax.kernels.attention_reference import check_attention_args
+from tinystories_jax.kernels.attention_reference import flash_attention_reference
+from tinystories_jax.kernels.flash_tiling import BlockSizes
+
+__all__ = ["BlockSizes", "flash_attention", "flash_attention_reference", "force_interpret",
+           "supports", "default_block_sizes"]
+
+MIN_HEAD_DIM = 16
+MAX_HEAD_DIM = 128
+SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
+_GPU_PLATFORMS = ("gpu", "cuda", "rocm")
+_BACKENDS = {"gpu": flash_attention_gpu, "tpu": flash_attention_tpu}
+
+# Set by `force_interpret`, so code that cannot pass `interpret=` (a model's attention layer)
+# can still run the kernels through the Pallas interpreter on a CPU.
+_FORCE_INTERPRET = False
+
+
+@contextlib.contextmanager
+def force_interpret(enabled: bool = True):
+  """Within this context, calls without an explicit `interpret=` run the Pallas interpreter."""
+  global _FORCE_INTERPRET
+  previous, _FORCE_INTERPRET = _FORCE_INTERPRET, enabled
+  try:
+    yield
+  finally:
+    _FORCE_INTERPRET = previous
+
+
+def _kernel_family(platform: str) -> str | None:
+  if platform in _GPU_PLATFORMS:
+    return "gpu"
+  if platform == "tpu":
+    return "tpu"
+  return None
+
+
+def supports(head_dim: int, dtype, platform: str) -> tuple[bool, str]:
+  """Whether the compiled kernel handles this head size, dtype and platform.
+
+  Args:
+    head_dim: D, the size of one attention head.
+    dtype: the dtype of q, k and v.
+    platform: a jax platform name ("gpu", "cuda", "rocm", "tpu", "cpu").
+
+  Returns:
+    (True, "") or (False, one sentence saying why and naming `xla` as the alternative).
+  """
+  if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
+    return False, (f"pallas flash attention supports head_dim {MIN_HEAD_DIM} to {MAX_HEAD_DIM}, "
+                   f"not {head_dim}; use attention='xla' for this model.")
+  if jnp.dtype(dtype) not in SUPPORTED_DTYPES:
+    return False, (f"pallas flash attention supports bfloat16 and float32 inputs, not "
+                   f"{jnp.dtype(dtype).name}; use attention='xla' or cast the inputs.")
+  if _kernel_family(platform) is None:
+    return False, (f"pallas flash attention needs a GPU or TPU, not {platform!r}; use "
+                   "attention='xla' there (tests run the kernels with interpret=True).")
+  return True, ""
+
+
+def default_block_sizes(family: str, head_dim: int) -> BlockSizes:
+  """Tile sizes per kernel family; see docs/kernels.md for how they were chosen."""
+  if family == "tpu":
+    return BlockSizes(block_q=128, block_k=128, block_q_bwd=128, block_k_bwd=128)
+  if head_dim > 64:
+    return BlockSizes(block_q=64, block_k=64, block_q_bwd=64, block_k_bwd=64)
+  return BlockSizes(block_q=128, block_k=64, block_q_bwd=64, block_k_bwd=64)
+
+
+def _fit_to_length(block: int, length: int) -> int:
+  """Shrinks a block for short sequences so padding stays below one small tile."""
+  fitted = 16
+  while fitted < block and fitted < length:
+    fitted *= 2
+  return fitted
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  """Static arguments of one kernel call (hashable: it is a custom_vjp nondiff argument)."""
+  family: str
+  scale: float
+  causal: bool
+  window: int | None
+  kv_len: int
+  block_sizes: BlockSizes
+  interpret: bool
+
+  def kernel_kwargs(self):
+    return dict(scale=self.scale, causal=self.causal, window=self.window, kv_len=self.kv_len,
+                block_sizes=self.block_sizes, interpret=self.interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _flash_padded(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, cfg):
+  o_bthd, _ = _BACKENDS[cfg.family].forward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs,
+                                            **cfg.kernel_kwargs())
+  return o_bthd
+
+
+def _flash_padded_fwd(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, cfg):
+  o_bthd, lse_bht = _BACKENDS[cfg.family].forward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs,
+                                                  **cfg.kernel_kwargs())
+  return o_bthd, (q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, o_bthd, lse_bht)
+
+
+def _flash_padded_bwd(cfg, residuals, do_bthd):
+  q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, o_bthd, lse_bht = residuals
+  dq, dk, dv = _BACKENDS[cfg.family].backward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs,
+                                              o_bthd, lse_bht, do_bthd.astype(o_bthd.dtype),
+                                              **cfg.kernel_kwargs())
+  # Segment ids are integers: no cotangent.
+  return dq, dk, dv, None, None
+
+
+_flash_padded.defvjp(_flash_padded_fwd, _flash_padded_bwd)
+
+
+def _pad_axis(x, axis: int, size: int, value=0):
+  if x.shape[axis] == size:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+def flash_attention(q_bthd, k_bskd, v_bskd, *, causal=True, window=None, q_segment_ids_bt=None,
+                    kv_segment_ids_bs=None, scale=None, block_sizes=None, interpret=None,
+                    backend=None):
+  """Memory-efficient exact attention with Pallas kernels, differentiable in q, k and v.
+
+  Args:
+    q_bthd: queries [B, T, H, D], bfloat16 or float32, 16 <= D <= 128.
+    k_bskd: keys [B, S, K, D], K dividing H.
+    v_bskd: values [B, S, K, D].
+    causal: query i sees only keys j <= i.
+    window: if set (causal only), query i sees keys j with i - window < j <= i; blocks outside
+      the window are skipped entirely.
+    q_segment_ids_bt: int32 [B, T]; query i sees key j only where the ids are equal.
+    kv_segment_ids_bs: int32 [B, S], given together with q_segment_ids_bt.
+    scale: multiplies q.k; None means 1 / sqrt(D) (GPT-Neo passes 1.0).
+    block_sizes: `BlockSizes` override; None picks per platform and head size.
+    interpret: run the Pallas interpreter (works on CPU); None follows `force_interpret`.
+    backend: "gpu" (Triton) or "tpu" (Mosaic) kernels; None picks the current platform's. Only
+      useful with interpret=True, to test one family's kernels on a CPU.
+
+  Returns:
+    o_bthd [B, T, H, D] in q's dtype. Query rows that see no key (padding) are zeros.
+
+  Raises:
+    ValueError: for inconsistent shapes, or a head size, dtype or platform the kernels do not
+      support (the message names `xla`, the implementation to use instead).
+  """
+  check_attention_args(q_bthd, k_bskd, v_bskd, causal=causal, window=window,
+                       q_segment_ids_bt=q_segment_ids_bt, kv_segment_ids_bs=kv_segment_ids_bs)
+  interpret = _FORCE_INTERPRET if interpret is None else bool(interpret)
+  platform = jax.default_backend()
+  b, t, h, d = q_bthd.shape
+  s = k_bskd.shape[1]
+  ok, reason = supports(d, q_bthd.dtype, platform if not interpret else "gpu")
+  if not ok:
+    raise ValueError(reason)
+  family = backend or _kernel_family(platform) or "gpu"
+  if family not in _BACKENDS:
+    raise ValueError(f"backend must be 'gpu' or 'tpu', not {backend!r}.")
+  if k_bskd.dtype != q_bthd.dtype or v_bskd.dtype != q_bthd.dtype:
+    k_bskd, v_bskd = k_bskd.astype(q_bthd.dtype), v_bskd.astype(q_bthd.dtype)
+
+  blocks = block_sizes or default_block_sizes(family, d)
+  blocks = BlockSizes(block_q=_fit_to_length(blocks.block_q, t),
+                      block_k=_fit_to_length(blocks.block_k, s),
+                      block_q_bwd=_fit_to_length(blocks.block_q_bwd, t),
+                      block_k_bwd=_fit_to_length(blocks.block_k_bwd, s))
+  t_pad = _round_up(t, blocks.q_multiple)
+  s_pad = _round_up(s, blocks.k_multiple)
+  # Triton tiles must be powers of two; Mosaic takes the full head dim as one tile.
+  d_pad = max(MIN_HEAD_DIM, 1 << (d - 1).bit_length()) if family == "gpu" else d
+  if window is not None and window >= max(t, s):
+    window = None  # Wider than the sequence: plain causal, and no block is wasted on it.
+  cfg = _Config(family=family, scale=float(d**-0.5 if scale is None else scale),
+                causal=bool(causal), window=None if window is None else int(window),
+                kv_len=s, block_sizes=blocks, interpret=interpret)
+
+  q_p = _pad_axis(_pad_axis(q_bthd, 1, t_pad), 3, d_pad)
+  k_p = _pad_axis(_pad_axis(k_bskd, 1, s_pad), 3, d_pad)
+  v_p = _pad_axis(_pad_axis(v_bskd, 1, s_pad), 3, d_pad)
+  q_seg = kv_seg = None
+  if q_segment_ids_bt is not None:
+    # Padded queries and keys get ids no real token has and that differ from each other.
+    q_seg = _pad_axis(q_segment_ids_bt.astype(jnp.int32), 1, t_pad, value=-1)
+    kv_seg = _pad_axis(kv_segment_ids_bs.astype(jnp.int32), 1, s_pad, value=-2)
+  o_p = _flash_padded(q_p, k_p, v_p, q_seg, kv_seg, cfg)
+  return o_p[:, :t, :, :d]

@@ -1,0 +1,313 @@
+"""Flash attention kernels for GPUs, written in Pallas for its Triton backend.
+
+Three kernels, FlashAttention-2 style: the forward pass (one program per query block, looping over
+key blocks with an online softmax), dQ (one program per query block) and dK/dV (one program per
+key block, looping over query blocks). Each loop is split into the partial / full ranges of
+`flash_tiling`, so empty blocks are never loaded and full blocks never build a mask.
+
+Inputs arrive padded by `flash_attention`: the sequence lengths to the block multiples and the head
+dim to a power of two (Triton's tiles must be powers of two). Exponentials are base 2 with log2(e)
+folded into the scale; the log-sum-exp residual is kept in that base between the passes.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+import jax.numpy as jnp
+
+from tinystories_jax.kernels import flash_tiling
+from tinystories_jax.kernels.attention_reference import MASK_VALUE
+
+# Log-sum-exp stored for a query row that sees no key: exp2(s - LSE_EMPTY) is exactly 0.
+LSE_EMPTY = -MASK_VALUE
+_F32 = jnp.float32
+
+
+def _compiler_params(num_warps: int, num_stages: int):
+  # The class was renamed across jax releases; accept either spelling.
+  cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
+  return cls(num_warps=num_warps, num_stages=num_stages)
+
+
+def _spec(block_shape, index_map):
+  return pl.BlockSpec(block_shape=block_shape, index_map=index_map)
+
+
+def _dot(a, b, *, contract_b: int, precision):
+  """a @ b (contract_b=0) or a @ b.T (contract_b=1), accumulated in float32."""
+  return lax.dot_general(a, b, (((1,), (contract_b,)), ((), ())), precision=precision,
+                         preferred_element_type=_F32)
+
+
+def _precision(dtype):
+  # float32 inputs ask for full-precision products; bf16 uses the tensor cores' native path.
+  return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+def _fwd_kernel(*refs, has_segments, scale_log2, causal, window, kv_len, kv_padded, block_q,
+                block_k, precision):
+  if has_segments:
+    q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref = refs
+  else:
+    q_ref, k_ref, v_ref, o_ref, lse_ref = refs
+  q_first = pl.program_id(0) * block_q
+  q = q_ref[...]
+  q_pos = q_first + jnp.arange(block_q, dtype=jnp.int32)[:, None]
+  q_seg = q_seg_ref[...][:, None] if has_segments else None
+  lo, full_lo, full_hi, hi = flash_tiling.kv_block_range(
+      q_first, block_q=block_q, block_k=block_k, kv_len=kv_len, causal=causal, window=window,
+      has_segments=has_segments)
+
+  def step(j, carry, masked):
+    acc, m, l = carry
+    k_first = pl.multiple_of(j * block_k, block_k)
+    k_slice = pl.ds(k_first, block_k)
+    s = _dot(q, k_ref[k_slice, :], contract_b=1, precision=precision) * scale_log2
+    if masked:
+      k_pos = k_first + jnp.arange(block_k, dtype=jnp.int32)[None, :]
+      kv_seg = kv_seg_ref[k_slice][None, :] if has_segments else None
+      mask = flash_tiling.block_mask(q_pos, k_pos, causal=causal, window=window, kv_len=kv_len,
+                                     kv_padded=kv_padded, q_seg=q_seg, kv_seg=kv_seg)
+      s = jnp.where(mask, s, MASK_VALUE)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    alpha = jnp.exp2(m - m_new)
+    p = jnp.exp2(s - m_new[:, None])
+    if masked:
+      # A fully masked row has m_new == MASK_VALUE, so exp2 gave 1s that must not count.
+      p = jnp.where(mask, p, 0.0)
+    v = v_ref[k_slice, :]
+    l = alpha * l + jnp.sum(p, axis=1)
+    acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, contract_b=0, precision=precision)
+    return acc, m_new, l
+
+  carry = (jnp.zeros(q.shape, _F32), jnp.full((block_q,), MASK_VALUE, _F32),
+           jnp.zeros((block_q,), _F32))
+  carry = lax.fori_loop(lo, full_lo, functools.partial(step, masked=True), carry)
+  carry = lax.fori_loop(full_lo, full_hi, functools.partial(step, masked=False), carry)
+  acc, m, l = lax.fori_loop(full_hi, hi, functools.partial(step, masked=True), carry)
+  empty = l == 0.0
+  l_safe = jnp.where(empty, 1.0, l)
+  o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
+  lse_ref[...] = jnp.where(empty, LSE_EMPTY, m + jnp.log2(l_safe))
+
+
+def _dq_kernel(*refs, has_segments, scale, scale_log2, causal, window, kv_len, kv_padded,
+               block_q, block_k, precision):
+  if has_segments:
+    (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_seg_ref, dq_ref) = refs
+  else:
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
+  q_first = pl.program_id(0) * block_q
+  q = q_ref[...]
+  do = do_ref[...]
+  lse = lse_ref[...][:, None]
+  delta = delta_ref[...][:, None]
+  q_pos = q_first + jnp.arange(block_q, dtype=jnp.int32)[:, None]
+  q_seg = q_seg_ref[...][:, None] if has_segments else None
+  lo, full_lo, full_hi, hi = flash_tiling.kv_block_range(
+      q_first, block_q=block_q, block_k=block_k, kv_len=kv_len, causal=causal, window=window,
+      has_segments=has_segments)
+
+  def step(j, dq, masked):
+    k_first = pl.multiple_of(j * block_k, block_k)
+    k_slice = pl.ds(k_first, block_k)
+    k = k_ref[k_slice, :]
+    p = jnp.exp2(_dot(q, k, contract_b=1, precision=precision) * scale_log2 - lse)
+    if masked:
+      k_pos = k_first + jnp.arange(block_k, dtype=jnp.int32)[None, :]
+      kv_seg = kv_seg_ref[k_slice][None, :] if has_segments else None
+      mask = flash_tiling.block_mask(q_pos, k_pos, causal=causal, window=window, kv_len=kv_len,
+                                     kv_padded=kv_padded, q_seg=q_seg, kv_seg=kv_seg)
+      p = jnp.where(mask, p, 0.0)
+    dp = _dot(do, v_ref[k_slice, :], contract_b=1, precision=precision)
+    ds = p * (dp - delta)
+    return dq + _dot(ds.astype(k.dtype), k, contract_b=0, precision=precision)
+
+  dq = jnp.zeros(q.shape, _F32)
+  dq = lax.fori_loop(lo, full_lo, functools.partial(step, masked=True), dq)
+  dq = lax.fori_loop(full_lo, full_hi, functools.partial(step, masked=False), dq)
+  dq = lax.fori_loop(full_hi, hi, functools.partial(step, masked=True), dq)
+  dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(*refs, has_segments, scale, scale_log2, causal, window, kv_len, kv_padded,
+                block_q, block_k, num_q_blocks, precision):
+  if has_segments:
+    (k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, kv_seg_ref, q_seg_ref, dk_ref,
+     dv_ref) = refs
+  else:
+    k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref = refs
+  k_first = pl.program_id(0) * block_k
+  k = k_ref[...]
+  v = v_ref[...]
+  k_pos = k_first + jnp.arange(block_k, dtype=jnp.int32)[:, None]
+  kv_seg = kv_seg_ref[...][:, None] if has_segments else None
+  lo, full_lo, full_hi, hi = flash_tiling.q_block_range(
+      k_first, block_q=block_q, block_k=block_k, num_q_blocks=num_q_blocks, kv_len=kv_len,
+      causal=causal, window=window, has_segments=has_segments)
+
+  def step(i, carry, masked):
+    dk, dv = carry
+    q_first = pl.multiple_of(i * block_q, block_q)
+    q_slice = pl.ds(q_first, block_q)
+    q = q_ref[q_slice, :]
+    do = do_ref[q_slice, :]
+    # Transposed tiles [block_k, block_q]: rows are keys, so the sums run over queries.
+    p_t = jnp.exp2(_dot(k, q, contract_b=1, precision=precision) * scale_log2
+                   - lse_ref[q_slice][None, :])
+    if masked:
+      q_pos = q_first + jnp.arange(block_q, dtype=jnp.int32)[None, :]
+      q_seg = q_seg_ref[q_slice][None, :] if has_segments else None
+      mask = flash_tiling.block_mask(q_pos, k_pos, causal=causal, window=window, kv_len=kv_len,
+                                     kv_padded=kv_padded, q_seg=q_seg, kv_seg=kv_seg)
+      p_t = jnp.where(mask, p_t, 0.0)
+    dv = dv + _dot(p_t.astype(do.dtype), do, contract_b=0, precision=precision)
+    dp_t = _dot(v, do, contract_b=1, precision=precision)
+    ds_t = p_t * (dp_t - delta_ref[q_slice][None, :])
+    dk = dk + _dot(ds_t.astype(q.dtype), q, contract_b=0, precision=precision)
+    return dk, dv
+
+  carry = (jnp.zeros(k.shape, _F32), jnp.zeros(v.shape, _F32))
+  carry = lax.fori_loop(lo, full_lo, functools.partial(step, masked=True), carry)
+  carry = lax.fori_loop(full_lo, full_hi, functools.partial(step, masked=False), carry)
+  dk, dv = lax.fori_loop(full_hi, hi, functools.partial(step, masked=True), carry)
+  dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _warps(head_dim: int) -> int:
+  return 4 if head_dim <= 64 else 8
+
+
+def forward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, *, scale, causal, window, kv_len,
+            block_sizes, interpret):
+  """Runs the forward kernel on padded inputs.
+
+  Args:
+    q_bthd: [B, Tp, H, Dp], Tp a multiple of the query blocks, Dp a power of two.
+    k_bskd: [B, Sp, K, Dp].
+    v_bskd: [B, Sp, K, Dp].
+    q_seg_bt: int32 [B, Tp] or None.
+    kv_seg_bs: int32 [B, Sp] or None.
+    scale: softmax scale (already resolved from None).
+    causal: see `flash_attention`.
+    window: see `flash_attention`.
+    kv_len: real number of keys; the rest of Sp is padding.
+    block_sizes: `flash_tiling.BlockSizes`.
+    interpret: run the Pallas interpreter instead of compiling.
+
+  Returns:
+    (o_bthd [B, Tp, H, Dp] in q's dtype, lse_bht float32 [B, H, Tp] in base 2).
+  """
+  b, t, h, d = q_bthd.shape
+  s, kv_heads = k_bskd.shape[1], k_bskd.shape[2]
+  group = h // kv_heads
+  bq, bk = min(block_sizes.block_q, t), min(block_sizes.block_k, s)
+  has_segments = q_seg_bt is not None
+  kernel = functools.partial(
+      _fwd_kernel, has_segments=has_segments, scale_log2=scale * math.log2(math.e),
+      causal=causal, window=window, kv_len=kv_len, kv_padded=kv_len < s, block_q=bq,
+      block_k=bk, precision=_precision(q_bthd.dtype))
+  in_specs = [
+      _spec((None, bq, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
+      _spec((None, s, None, d), lambda i, bi, hi: (bi, 0, hi // group, 0)),
+      _spec((None, s, None, d), lambda i, bi, hi: (bi, 0, hi // group, 0)),
+  ]
+  args = [q_bthd, k_bskd, v_bskd]
+  if has_segments:
+    in_specs += [_spec((None, bq), lambda i, bi, hi: (bi, i)),
+                 _spec((None, s), lambda i, bi, hi: (bi, 0))]
+    args += [q_seg_bt, kv_seg_bs]
+  return pl.pallas_call(
+      kernel,
+      grid=(t // bq, b, h),
+      in_specs=in_specs,
+      out_specs=[_spec((None, bq, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
+                 _spec((None, None, bq), lambda i, bi, hi: (bi, hi, i))],
+      out_shape=[jax.ShapeDtypeStruct(q_bthd.shape, q_bthd.dtype),
+                 jax.ShapeDtypeStruct((b, h, t), _F32)],
+      compiler_params=_compiler_params(_warps(d), 3 if d <= 64 else 2),
+      interpret=interpret,
+      name="flash_attention_fwd",
+  )(*args)
+
+
+def backward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, o_bthd, lse_bht, do_bthd, *, scale,
+             causal, window, kv_len, block_sizes, interpret):
+  """Runs the dQ and dK/dV kernels on padded inputs; returns (dq, dk, dv) in the input dtypes."""
+  b, t, h, d = q_bthd.shape
+  s, kv_heads = k_bskd.shape[1], k_bskd.shape[2]
+  group = h // kv_heads
+  bq, bk = min(block_sizes.block_q_bwd, t), min(block_sizes.block_k_bwd, s)
+  has_segments = q_seg_bt is not None
+  # delta_i = sum_d o_id * do_id, the softmax-gradient correction; XLA fuses this well.
+  delta_bht = jnp.einsum("bthd,bthd->bht", o_bthd.astype(_F32), do_bthd.astype(_F32))
+  common = dict(has_segments=has_segments, scale=scale, scale_log2=scale * math.log2(math.e),
+                causal=causal, window=window, kv_len=kv_len, kv_padded=kv_len < s, block_q=bq,
+                block_k=bk, precision=_precision(q_bthd.dtype))
+  params = _compiler_params(_warps(d), 2)
+
+  q_blk = lambda i, bi, hi: (bi, i, hi, 0)  # noqa: E731
+  kv_all = lambda i, bi, hi: (bi, 0, hi // group, 0)  # noqa: E731
+  in_specs = [
+      _spec((None, bq, None, d), q_blk),
+      _spec((None, s, None, d), kv_all),
+      _spec((None, s, None, d), kv_all),
+      _spec((None, bq, None, d), q_blk),
+      _spec((None, None, bq), lambda i, bi, hi: (bi, hi, i)),
+      _spec((None, None, bq), lambda i, bi, hi: (bi, hi, i)),
+  ]
+  args = [q_bthd, k_bskd, v_bskd, do_bthd, lse_bht, delta_bht]
+  if has_segments:
+    in_specs += [_spec((None, bq), lambda i, bi, hi: (bi, i)),
+                 _spec((None, s), lambda i, bi, hi: (bi, 0))]
+    args += [q_seg_bt, kv_seg_bs]
+  dq_bthd = pl.pallas_call(
+      functools.partial(_dq_kernel, **common),
+      grid=(t // bq, b, h),
+      in_specs=in_specs,
+      out_specs=_spec((None, bq, None, d), q_blk),
+      out_shape=jax.ShapeDtypeStruct(q_bthd.shape, q_bthd.dtype),
+      compiler_params=params,
+      interpret=interpret,
+      name="flash_attention_dq",
+  )(*args)
+
+  # One program per (key block, query head): with grouped heads each query head writes its own
+  # partial dK/dV (float32) and the group is summed afterwards, which needs no atomics.
+  kv_blk = lambda j, bi, hi: (bi, j, hi // group, 0)  # noqa: E731
+  q_all = lambda j, bi, hi: (bi, 0, hi, 0)  # noqa: E731
+  in_specs = [
+      _spec((None, bk, None, d), kv_blk),
+      _spec((None, bk, None, d), kv_blk),
+      _spec((None, t, None, d), q_all),
+      _spec((None, t, None, d), q_all),
+      _spec((None, None, t), lambda j, bi, hi: (bi, hi, 0)),
+      _spec((None, None, t), lambda j, bi, hi: (bi, hi, 0)),
+  ]
+  args = [k_bskd, v_bskd, q_bthd, do_bthd, lse_bht, delta_bht]
+  if has_segments:
+    in_specs += [_spec((None, bk), lambda j, bi, hi: (bi, j)),
+                 _spec((None, t), lambda j, bi, hi: (bi, 0))]
+    args += [kv_seg_bs, q_seg_bt]
+  out_dtype = k_bskd.dtype if group == 1 else _F32
+  dk_bshd, dv_bshd = pl.pallas_call(
+      functools.partial(_dkv_kernel, num_q_blocks=t // bq, **common),
+      grid=(s // bk, b, h),
+      in_specs=in_specs,
+      out_specs=[_spec((None, bk, None, d), lambda j, bi, hi: (bi, j, hi, 0))] * 2,
+      out_shape=[jax.ShapeDtypeStruct((b, s, h, d), out_dtype)] * 2,
+      compiler_params=params,
+      interpret=interpret,
+      name="flash_attention_dkv",
+  )(*args)
+  if group > 1:
+    dk_bshd = dk_bshd.reshape(b, s, kv_heads, group, d).sum(axis=3).astype(k_bskd.dtype)
+    dv_bshd = dv_bshd.reshape(b, s, kv_heads, group, d).sum(axis=3).astype(v_bskd.dtype)
+  return dq_bthd, dk_bshd, dv_bshd

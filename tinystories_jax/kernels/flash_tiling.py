@@ -1,0 +1,175 @@
+"""Block sizes and the block-skipping arithmetic shared by the GPU and TPU flash kernels.
+
+A query block [q_first, q_first + block_q) and a key block [k_first, k_first + block_k) fall in
+one of three cases under the causal / window / padding / segment masks: empty (skipped, never
+loaded), full (every pair visible: no mask is computed) or partial (the mask is applied). The
+range helpers return, for one block on the outer axis, the inner-axis block indices
+`lo <= full_lo <= full_hi <= hi`: blocks in [lo, full_lo) and [full_hi, hi) are partial, blocks in
+[full_lo, full_hi) are full and everything outside [lo, hi) is empty. That is what makes a
+window-256 layer at T = 2048 cost a fraction of full causal attention.
+
+All arithmetic is on int32 scalars that may be traced (program ids), so it uses lax.div on
+non-negative operands rather than `//`, which some Pallas backends do not lower.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jax import lax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tile sizes of the forward and the two backward kernels; powers of two, at least 16.
+
+  Attributes:
+    block_q: query rows per forward program.
+    block_k: keys per inner step of the forward loop.
+    block_q_bwd: query rows per step of both backward kernels.
+    block_k_bwd: keys per step of both backward kernels.
+  """
+  block_q: int = 128
+  block_k: int = 64
+  block_q_bwd: int = 64
+  block_k_bwd: int = 64
+
+  def __post_init__(self):
+    for name in ("block_q", "block_k", "block_q_bwd", "block_k_bwd"):
+      value = getattr(self, name)
+      if value < 16 or value & (value - 1):
+        raise ValueError(f"BlockSizes.{name} must be a power of two >= 16, got {value}.")
+
+  @property
+  def q_multiple(self) -> int:
+    """Queries are padded to a multiple of this (both are powers of two)."""
+    return max(self.block_q, self.block_q_bwd)
+
+  @property
+  def k_multiple(self) -> int:
+    """Keys are padded to a multiple of this."""
+    return max(self.block_k, self.block_k_bwd)
+
+
+def _i32(x):
+  return jnp.asarray(x, dtype=jnp.int32)
+
+
+def _div(a, b: int):
+  """Floor division of a non-negative int32 scalar by a positive Python int."""
+  return lax.div(_i32(a), _i32(b))
+
+
+def _cdiv(a, b: int):
+  return _div(_i32(a) + (b - 1), b)
+
+
+def _clip(x, lo, hi):
+  return jnp.minimum(jnp.maximum(x, lo), hi)
+
+
+def kv_block_range(q_first, *, block_q: int, block_k: int, kv_len: int, causal: bool,
+                   window: int | None, has_segments: bool):
+  """Key-block ranges (lo, full_lo, full_hi, hi) for the query block starting at q_first.
+
+  Args:
+    q_first: int32 scalar, index of the block's first query.
+    block_q: queries in the block.
+    block_k: keys per key block.
+    kv_len: real (unpadded) number of keys; blocks past it are empty.
+    causal: query i sees keys j <= i.
+    window: if set, query i also needs j > i - window.
+    has_segments: segment ids may hide any pair, so no block is full.
+
+  Returns:
+    Four int32 scalars, see the module docstring.
+  """
+  q_first = _i32(q_first)
+  q_last = q_first + (block_q - 1)
+  hi = _i32(-(-kv_len // block_k))
+  full_hi = _i32(kv_len // block_k)
+  if causal:
+    hi = jnp.minimum(hi, _div(q_last, block_k) + 1)
+    full_hi = jnp.minimum(full_hi, _div(q_first + 1, block_k))
+  lo = _i32(0)
+  full_lo = _i32(0)
+  if window is not None:
+    lo = _div(jnp.maximum(q_first - (window - 1), 0), block_k)
+    full_lo = _cdiv(jnp.maximum(q_last - (window - 1), 0), block_k)
+  lo = jnp.minimum(lo, hi)
+  if has_segments:
+    full_lo = hi
+  full_lo = _clip(full_lo, lo, hi)
+  full_hi = _clip(full_hi, full_lo, hi)
+  return lo, full_lo, full_hi, hi
+
+
+def q_block_range(k_first, *, block_q: int, block_k: int, num_q_blocks: int, kv_len: int,
+                  causal: bool, window: int | None, has_segments: bool):
+  """Query-block ranges (lo, full_lo, full_hi, hi) for the key block starting at k_first.
+
+  The transpose of `kv_block_range`, used by the dK/dV kernel. Padded queries (past the real
+  length) are included: their inputs and cotangents are zeros, so they contribute nothing.
+
+  Returns:
+    Four int32 scalars, see the module docstring.
+  """
+  k_first = _i32(k_first)
+  k_last = k_first + (block_k - 1)
+  lo = _i32(0)
+  full_lo = _i32(0)
+  hi = _i32(num_q_blocks)
+  full_hi = _i32(num_q_blocks)
+  if causal:
+    lo = _div(k_first, block_q)
+    full_lo = _cdiv(k_last, block_q)
+  if window is not None:
+    hi = jnp.minimum(hi, _div(k_last + (window - 1), block_q) + 1)
+    full_hi = jnp.minimum(full_hi, _div(k_first + window, block_q))
+  # A key block made only of padding is seen by nobody.
+  hi = jnp.where(k_first >= kv_len, 0, hi)
+  lo = jnp.minimum(lo, hi)
+  if has_segments:
+    full_lo = hi
+  else:
+    full_lo = jnp.where(k_last >= kv_len, hi, full_lo)
+  full_lo = _clip(full_lo, lo, hi)
+  full_hi = _clip(full_hi, full_lo, hi)
+  return lo, full_lo, full_hi, hi
+
+
+def block_mask(q_pos, k_pos, *, causal: bool, window: int | None, kv_len: int,
+               kv_padded: bool, q_seg=None, kv_seg=None):
+  """Visibility of one tile from positions and segment ids that broadcast to its shape.
+
+  The same function serves [block_q, block_k] tiles (q_pos [bq, 1], k_pos [1, bk]) and their
+  transposes in the dK/dV kernel (q_pos [1, bq], k_pos [bk, 1]).
+  """
+  shape = jnp.broadcast_shapes(q_pos.shape, k_pos.shape)
+  mask = jnp.ones(shape, dtype=bool) if not (kv_padded or causal or window or
+                                             q_seg is not None) else None
+
+  def _and(a, b):
+    return b if a is None else jnp.logical_and(a, b)
+
+  if kv_padded:
+    mask = _and(mask, k_pos < kv_len)
+  if causal:
+    mask = _and(mask, k_pos <= q_pos)
+  if window is not None:
+    mask = _and(mask, k_pos > q_pos - window)
+  if q_seg is not None:
+    mask = _and(mask, q_seg == kv_seg)
+  return jnp.broadcast_to(mask, shape)
+
+
+def visible_pairs(t: int, s: int, *, causal: bool, window: int | None) -> int:
+  """Number of (query, key) pairs the causal/window mask leaves, for FLOP counts."""
+  total = 0
+  for i in range(t):
+    hi = min(s, i + 1) if causal else s
+    lo = max(0, i - window + 1) if window is not None else 0
+    total += max(0, hi - lo)
+  return total
+
