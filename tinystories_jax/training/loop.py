@@ -1,0 +1,323 @@
+"""The training loop: resume or start, step, log, evaluate, checkpoint, stop cleanly.
+
+`train(run, workdir)` is the one function `python -m tinystories_jax.train` calls. Everything that
+can fail because of the user's input (data directory, mesh, batch, a workdir from another run) is
+checked before the first compilation and raised as `ConfigError` / `DataError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+from tinystories_jax.data import pipeline
+from tinystories_jax.models import presets
+from tinystories_jax.models.config import ModelConfig, count_flops_per_token
+from tinystories_jax.parallel import mesh as mesh_lib
+from tinystories_jax.parallel import placement, rules
+from tinystories_jax.training import checkpoint as ckpt_lib
+from tinystories_jax.training import evaluate as eval_lib
+from tinystories_jax.training import metrics as metrics_lib
+from tinystories_jax.training import optimizer as opt_lib
+from tinystories_jax.training import state as state_lib
+from tinystories_jax.training import step as step_lib
+from tinystories_jax.training.config import (CONFIG_FILE, ConfigError, RunConfig,
+                                             check_batch_fits, check_workdir_config,
+                                             read_workdir_config, workdir_config)
+
+
+class TrainingDiverged(RuntimeError):
+  """The loss became NaN or Inf and the run was configured to stop."""
+
+
+def setup_runtime(run: RunConfig) -> None:
+  """Settings that must precede JAX's backend start (fake CPU devices, multi-host init)."""
+  if run.mesh.cpu_devices:
+    jax.config.update("jax_num_cpu_devices", run.mesh.cpu_devices)
+  if run.mesh.distributed:
+    jax.distributed.initialize()
+
+
+def resolve_model(run: RunConfig, vocab_size: int) -> ModelConfig:
+  """The preset named by `model.family` / `model.name`, sized to the data's vocabulary."""
+  m = run.model
+  makers = {"llama": presets.llama, "gpt_neo": presets.gpt_neo}
+  if m.family not in makers:
+    raise ConfigError(f"model.family={m.family!r} is not one of {sorted(makers)}.")
+  try:
+    cfg = makers[m.family](m.name, vocab_size=vocab_size)
+    cfg = ModelConfig.from_dict(dict(cfg.to_dict(), attention_impl=m.attention, dtype=m.dtype,
+                                     remat=m.remat))
+  except (KeyError, ValueError) as e:
+    msg = str(e).strip("'\"")
+    raise ConfigError(f"model.family={m.family!r} model.name={m.name!r}: {msg}") from e
+  from tinystories_jax.models import attention as attn  # pylint: disable=g-import-not-at-top
+  if m.attention not in attn.implementations():
+    raise ConfigError(f"model.attention={m.attention!r} is not one of "
+                      f"{attn.implementations()}.")
+  if cfg.max_positions < run.train.seq_len:
+    raise ConfigError(f"train.seq_len={run.train.seq_len} exceeds the model's "
+                      f"{cfg.max_positions} positions; lower train.seq_len.")
+  return cfg
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop polls, so a preempted VM saves before it exits."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def should_stop(self) -> bool:
+    if jax.process_count() == 1:
+      return self.requested
+    # Every host must agree, or some would wait forever in the next collective.
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
+
+
+@dataclasses.dataclass
+class _Run:
+  """The pieces `train` assembles before the first step."""
+  run: RunConfig
+  workdir: str
+  data: pipeline.PreparedData
+  model_cfg: ModelConfig
+  mesh: jax.sharding.Mesh
+  config_json: dict
+
+
+def prepare_run(run: RunConfig, workdir: str) -> _Run:
+  """All checks of the user's input, in order, before any compilation.
+
+  Raises:
+    ConfigError, DataError: with a one-sentence message saying what to change.
+  """
+  data = pipeline.PreparedData.load(run.data.dir)
+  data.split("train")
+  data.split("valid")
+  model_cfg = resolve_model(run, data.vocab_size)
+  try:
+    mesh = mesh_lib.make_mesh(run.mesh.shape)
+  except mesh_lib.MeshError as e:
+    raise ConfigError(str(e)) from e
+  check_batch_fits(run, mesh_lib.batch_divisor(mesh), jax.process_count())
+  config_json = workdir_config(run, model_cfg.to_dict())
+  saved = read_workdir_config(workdir)
+  if saved is not None:
+    check_workdir_config(saved, config_json, workdir)
+  return _Run(run, workdir, data, model_cfg, mesh, config_json)
+
+
+def _write_workdir_files(r: _Run) -> None:
+  if jax.process_index() != 0:
+    return
+  os.makedirs(r.workdir, exist_ok=True)
+  path = os.path.join(r.workdir, CONFIG_FILE)
+  with open(path + ".tmp", "w") as f:
+    json.dump(r.config_json, f, indent=2, sort_keys=True)
+  os.replace(path + ".tmp", path)
+  tok = os.path.join(r.workdir, "tokenizer.model")
+  if r.data.tokenizer_path.is_file():
+    shutil.copyfile(r.data.tokenizer_path, tok)
+
+
+def train(run: RunConfig, workdir: str) -> dict[str, Any]:
+  """Trains (or resumes) the run in `workdir` up to `train.steps`.
+
+  Returns:
+    The last metrics row written (also the last line of WORKDIR/metrics.jsonl).
+  """
+  r = prepare_run(run, workdir)
+  t = run.train
+  _write_workdir_files(r)
+  mesh, model_cfg = r.mesh, r.model_cfg
+  nproc = jax.process_count()
+  accum = t.grad_accum_steps
+  layout = state_lib.model_layout(model_cfg)
+  tx = opt_lib.make_optimizer(run.optimizer, t.steps, layout.logical_names,
+                              layout.abstract_params)
+  schedule = opt_lib.learning_rate(run.optimizer, t.steps)
+  shardings = state_lib.state_shardings(layout, tx, mesh)
+  abstract = state_lib.abstract_state(layout, tx, shardings)
+  step_cfg = step_lib.StepConfig(loss_impl=t.loss, loss_chunk=t.loss_chunk, z_loss=t.z_loss,
+                                 grad_accum_steps=accum,
+                                 skip_nonfinite=t.on_nonfinite == "skip")
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                       keep=t.keep_checkpoints, async_save=t.async_checkpoints)
+  restored = checkpointer.restore_latest(abstract.params, abstract.opt_state)
+  rng_data = np.asarray(jax.random.key_data(jax.random.key(t.seed))).tolist()
+  data_state = None
+  if restored is None:
+    state, extra = state_lib.init_state(model_cfg, tx, shardings, t.seed)
+    logging.info("Initialised %s (%s parameters) on mesh %s.", run.model.name,
+                 f"{layout.num_params:,}", dict(mesh.shape))
+  else:
+    extra = state_lib.init_extra(model_cfg, shardings)
+    if restored.opt_state is None:
+      # An imported workdir: parameters only, so the optimizer starts fresh at step 0.
+      opt_state = jax.jit(tx.init, out_shardings=shardings.state.opt_state)(restored.params)
+      state = step_lib.TrainState(jax.device_put(np.int32(0), shardings.state.step),
+                                  restored.params, opt_state)
+      logging.info("Continuing from imported parameters (checkpoint step %d) with a fresh "
+                   "optimizer.", restored.step)
+    else:
+      state = step_lib.TrainState(
+          jax.device_put(np.int32(restored.meta["step"]), shardings.state.step),
+          restored.params, restored.opt_state)
+      data_state = restored.data_iter
+      rng_data = restored.meta.get("rng", rng_data)
+      logging.info("Resumed from step %d in %s.", restored.step, checkpointer.directory)
+  start = int(state.step)
+  if start >= t.steps:
+    logging.info("The run in %s already reached step %d (train.steps=%d); nothing to do.",
+                 workdir, start, t.steps)
+    checkpointer.close()
+    return {"step": start}
+
+  local_batch = t.batch_size * accum // nproc
+  dataset = pipeline.train_dataset(run.data.dir, batch_size=local_batch, seq_len=t.seq_len,
+                                   seed=t.seed, packed=run.data.packed)
+  data_iter = pipeline.make_iterator(dataset, worker_count=run.data.worker_count,
+                                     worker_buffer_size=run.data.worker_buffer_size)
+  if data_state is not None:
+    data_iter.set_state(data_state)
+
+  def batch_shardings(batch):
+    return {k: rules.batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()}
+
+  first = next(data_iter)
+  train_step = step_lib.jit_train_step(
+      step_lib.make_train_step(layout.graphdef, tx, schedule, step_cfg), shardings.state,
+      shardings.extra, batch_shardings(first), mesh)
+  eval_step = None
+  valid_info = r.data.split("valid")
+  eval_batch = t.batch_size // nproc
+  tokens_per_step = t.batch_size * accum * t.seq_len
+  flops_per_token = count_flops_per_token(model_cfg, t.seq_len)
+  peak = metrics_lib.peak_flops_per_device(override=t.peak_flops)
+  writer = metrics_lib.MetricWriter(workdir)
+  progress = metrics_lib.Progress(t.steps, start, t.progress_bar)
+  meta = {"rng": rng_data, "config": r.config_json}
+  last_saved = restored.step if restored is not None and restored.opt_state is not None else None
+  pending: list[dict] = []
+  row: dict[str, Any] = {"step": start}
+  skipped = 0
+
+  def run_eval(step: int) -> dict[str, float]:
+    nonlocal eval_step
+    if eval_step is None:
+      probe = next(pipeline.eval_batches(run.data.dir, batch_size=eval_batch, seq_len=t.seq_len,
+                                         max_batches=1))
+      eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(layout.graphdef, step_cfg),
+                                         shardings.params, shardings.extra,
+                                         batch_shardings(probe), mesh)
+    out = eval_lib.evaluate(eval_step, state.params, extra, mesh, data_dir=run.data.dir,
+                            split_info=valid_info, batch_size=eval_batch, seq_len=t.seq_len,
+                            max_batches=t.eval_batches or None)
+    logging.info("step %d: eval_loss=%.4f eval_bpb=%.4f", step, out["eval_loss"],
+                 out["eval_bpb"])
+    return out
+
+  def drain(step: int) -> list[dict]:
+    """Fetches the metrics of the steps since the last drain; stops on a non-finite loss."""
+    nonlocal skipped
+    host = jax.device_get(pending)
+    pending.clear()
+    bad = [m for m in host if not bool(m["finite"])]
+    if bad and t.on_nonfinite == "stop":
+      checkpointer.close()
+      good = f"step {last_saved}" if last_saved is not None else "none was written yet"
+      raise TrainingDiverged(
+          f"The loss became {float(bad[0]['train_loss'])} by step {step}; stopped with the last "
+          f"good checkpoint intact ({good}). Lower optimizer.lr, set optimizer.clip_norm, or "
+          "set train.on_nonfinite='skip'.")
+    skipped += len(bad)
+    return host
+
+  def save(step: int) -> None:
+    nonlocal last_saved
+    checkpointer.save(step, params=state.params, opt_state=state.opt_state,
+                      data_iter=data_iter.get_state(), meta=meta)
+    last_saved = step
+
+  batch = first
+  interval_start, interval_steps = None, 0
+  stopped_early = False
+  with _Preemption() as preemption:
+    for step in range(start, t.steps):
+      if batch is None:
+        batch = next(data_iter)
+      state, m = train_step(state, extra, placement.place_batch(batch, mesh))
+      batch = None
+      pending.append(m)
+      done = step + 1
+      if interval_start is None:
+        # The first step compiles; throughput is measured from its end.
+        jax.block_until_ready(m)
+        interval_start, interval_steps = time.perf_counter(), 0
+      else:
+        interval_steps += 1
+      log_now = done % t.log_every == 0 or done == t.steps
+      eval_now = (t.eval_every and done % t.eval_every == 0) or done == t.steps
+      save_now = done % t.checkpoint_every == 0 or done == t.steps
+      stop_now = preemption.should_stop()
+      progress.update(1)
+      if not (log_now or eval_now or save_now or stop_now):
+        continue
+      host = drain(done)
+      if log_now or eval_now:
+        now = time.perf_counter()
+        metrics = {"train_loss": float(np.mean([h["train_loss"] for h in host])),
+                   "learning_rate": float(host[-1]["learning_rate"]),
+                   "grad_norm": float(host[-1]["grad_norm"])}
+        if t.z_loss:
+          metrics["z_loss"] = float(host[-1]["z_loss"])
+        if interval_steps:
+          tok_s = interval_steps * tokens_per_step / (now - interval_start)
+          metrics.update(tokens_per_s=tok_s, model_tflops=tok_s * flops_per_token / 1e12)
+          if peak:
+            metrics["mfu"] = tok_s * flops_per_token / (peak * jax.device_count())
+        if skipped:
+          metrics["skipped_steps"] = skipped
+        if eval_now:
+          metrics.update(run_eval(done))
+        row = writer.write(done, metrics)
+        progress.update(0, loss=metrics["train_loss"])
+        interval_start, interval_steps = time.perf_counter(), 0
+      if save_now or stop_now:
+        save(done)
+      if stop_now and done < t.steps:
+        logging.warning("SIGTERM received: saved step %d and stopping; rerun the same command "
+                        "to resume.", done)
+        stopped_early = True
+        break
+  progress.close()
+  writer.close()
+  checkpointer.close()
+  if not stopped_early:
+    logging.info("Finished %d steps in %s.", t.steps, workdir)
+  return row

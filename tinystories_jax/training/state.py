@@ -1,0 +1,108 @@
+"""Creating the train state directly sharded: eval_shape -> logical specs -> jitted init.
+
+No parameter ever exists unsharded on one device: the model is traced abstractly to learn its
+shapes and logical axis names, those become NamedShardings through `parallel.rules`, and the real
+initialisation runs inside `jax.jit` with those shardings as its outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from tinystories_jax import models
+from tinystories_jax.parallel import rules
+from tinystories_jax.training.step import TrainState
+
+
+def _build(model_cfg, seed: int):
+  # Models annotate parameters with logical names, not mesh axes; placing them is our job, so
+  # Flax must not try to shard each variable eagerly as it is created.
+  with nnx.use_eager_sharding(False):
+    return models.build(model_cfg, nnx.Rngs(seed))
+
+
+def _split(model):
+  graphdef, params, extra = nnx.split(model, nnx.Param, ...)
+  return graphdef, params, extra
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelLayout:
+  """What the trainer needs to know about a model before any parameter exists."""
+  graphdef: nnx.GraphDef
+  abstract_params: Any      # pure dict of ShapeDtypeStruct
+  logical_names: Any        # pure dict of tuples of logical axis names
+  abstract_extra: Any       # non-parameter variables (usually empty), pure dict
+  num_params: int
+
+
+def model_layout(model_cfg) -> ModelLayout:
+  """Traces the model abstractly (no FLOPs, no memory) to get its structure and axis names."""
+  abstract = nnx.eval_shape(lambda: _build(model_cfg, 0))
+  graphdef, params, extra = _split(abstract)
+  pure = params.to_pure_dict()
+  return ModelLayout(
+      graphdef=graphdef,
+      abstract_params=pure,
+      logical_names=rules.logical_names(params),
+      abstract_extra=extra.to_pure_dict(),
+      num_params=sum(x.size for x in jax.tree.leaves(pure)),
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class StateShardings:
+  state: TrainState
+  params: Any
+  extra: Any
+
+
+def state_shardings(layout: ModelLayout, tx: optax.GradientTransformation,
+                    mesh: jax.sharding.Mesh) -> StateShardings:
+  """NamedShardings for the whole train state: optimizer moments follow their parameters."""
+  replicated = rules.replicated(mesh)
+  params = rules.state_shardings(layout.abstract_params, layout.logical_names, mesh)
+  abstract_opt = jax.eval_shape(tx.init, layout.abstract_params)
+  opt = optax.tree_map_params(
+      tx, lambda _, s: s, abstract_opt, params,
+      transform_non_params=lambda _: replicated,
+      is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+  extra = jax.tree.map(lambda _: replicated, layout.abstract_extra)
+  return StateShardings(TrainState(replicated, params, opt), params, extra)
+
+
+def abstract_state(layout: ModelLayout, tx: optax.GradientTransformation,
+                   shardings: StateShardings) -> TrainState:
+  """The train state as ShapeDtypeStructs carrying their target shardings (for restores)."""
+  shapes = TrainState(jax.ShapeDtypeStruct((), jnp.int32), layout.abstract_params,
+                      jax.eval_shape(tx.init, layout.abstract_params))
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      shapes, shardings.state)
+
+
+def init_state(model_cfg, tx: optax.GradientTransformation, shardings: StateShardings,
+               seed: int) -> tuple[TrainState, Any]:
+  """Initialises parameters and optimizer state on the mesh, already sharded.
+
+  Returns:
+    `(state, extra)`: the train state at step 0 and the non-parameter variables.
+  """
+  def init():
+    _, params, extra = _split(_build(model_cfg, seed))
+    params = params.to_pure_dict()
+    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)), extra.to_pure_dict()
+
+  return jax.jit(init, out_shardings=(shardings.state, shardings.extra))()
+
+
+def init_extra(model_cfg, shardings: StateShardings) -> Any:
+  """Only the non-parameter variables (when the parameters come from a checkpoint)."""
+  def init():
+    return _split(_build(model_cfg, 0))[2].to_pure_dict()
+  return jax.jit(init, out_shardings=shardings.extra)()
