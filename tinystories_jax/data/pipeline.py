@@ -29,6 +29,7 @@ import pathlib
 from collections.abc import Iterator
 
 import grain
+from absl import flags
 import numpy as np
 
 from tinystories_jax.data.errors import DataError
@@ -286,6 +287,10 @@ def make_iterator(dataset: grain.MapDataset, *, worker_count: int = 0,
   """A checkpointable iterator over ``dataset``, prefetched by worker processes if asked."""
   ds = dataset.to_iter_dataset()
   if worker_count > 0:
+    # Grain's worker processes read absl flags; outside an absl main (a notebook, a test) they
+    # have not been parsed, and their defaults are what we want.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
                                                      per_worker_buffer_size=worker_buffer_size))
   return iter(ds)

@@ -247,7 +247,9 @@ class Preparer:
 
     stats, sample = self._clean_all(sources, fingerprint)
     tok = given_tok or self._tokenizer(sample, fingerprint)
-    _atomic_write_bytes(self.out / "tokenizer.model", tok.serialized)
+    tok_path = self.out / "tokenizer.model"
+    if not tok_path.is_file() or tok_path.read_bytes() != tok.serialized:
+      _atomic_write_bytes(tok_path, tok.serialized)
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
     splits = {}
     for name in SPLITS:
