@@ -1,8 +1,11 @@
 """Plain-jnp attention with the flash kernels' signature: the oracle they are tested against.
 
 Layouts: q [B, T, H, D], k and v [B, S, K, D] with K dividing H (query head h reads kv head
-h // (H // K)), output [B, T, H, D] in q's dtype. Causal masking is top-left aligned: query i
-and key j share one position axis, so query i sees keys j <= i.
+h // (H // K)), output [B, T, H, D] in q's dtype. The masks are those of
+`tinystories_jax.models.attention`: causal is bottom-right aligned (query row i sits at key
+position i + S - T, so with T == S query i sees keys j <= i), a window of W keys also needs
+j > i + S - T - W, and with segment ids query i sees key j only where the ids are equal and
+non-zero (0 marks padding, whose rows come out as zeros).
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ def check_attention_args(q_bthd, k_bskd, v_bskd, *, causal, window, q_segment_id
 
 def attention_mask(t, s, *, causal, window, q_segment_ids_bt=None, kv_segment_ids_bs=None):
   """Boolean mask [B or 1, T, S]: True where query i may attend key j."""
-  q_pos = jnp.arange(t)[:, None]
+  q_pos = jnp.arange(t)[:, None] + (s - t)
   k_pos = jnp.arange(s)[None, :]
   mask_ts = jnp.ones((t, s), dtype=bool)
   if causal:
@@ -58,7 +61,8 @@ def attention_mask(t, s, *, causal, window, q_segment_ids_bt=None, kv_segment_id
     mask_ts &= k_pos > q_pos - window
   mask_bts = mask_ts[None]
   if q_segment_ids_bt is not None:
-    mask_bts = mask_bts & (q_segment_ids_bt[:, :, None] == kv_segment_ids_bs[:, None, :])
+    same_bts = q_segment_ids_bt[:, :, None] == kv_segment_ids_bs[:, None, :]
+    mask_bts = mask_bts & same_bts & (q_segment_ids_bt != 0)[:, :, None]
   return mask_bts
 
 
@@ -71,9 +75,10 @@ def flash_attention_reference(q_bthd, k_bskd, v_bskd, *, causal=True, window=Non
     q_bthd: queries [B, T, H, D].
     k_bskd: keys [B, S, K, D], K dividing H.
     v_bskd: values [B, S, K, D].
-    causal: query i sees only keys j <= i.
-    window: if set (causal only), query i sees keys j with i - window < j <= i.
-    q_segment_ids_bt: int32 [B, T]; query i sees key j only where the ids are equal.
+    causal: query i sees only keys j <= i + S - T.
+    window: if set (causal only), query i also needs j > i + S - T - window.
+    q_segment_ids_bt: int32 [B, T]; query i sees key j only where the ids are equal and
+      non-zero.
     kv_segment_ids_bs: int32 [B, S], given together with q_segment_ids_bt.
     scale: multiplies q.k; None means 1 / sqrt(D).
     interpret: ignored; accepted so the reference is a drop-in for the kernel.

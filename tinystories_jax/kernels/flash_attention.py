@@ -7,7 +7,10 @@ function in plain jnp; `supports` tells a caller choosing an implementation whet
 takes a given head size, dtype and platform (everything else goes to the `xla` implementation).
 
 Layouts: q [B, T, H, D], k and v [B, S, K, D] with K dividing H (query head h reads kv head
-h // (H // K)); the output is [B, T, H, D] in q's dtype. Causal masking is top-left aligned.
+h // (H // K)); the output is [B, T, H, D] in q's dtype. Masks follow
+`tinystories_jax.models.attention`: causal is bottom-right aligned (query row i sits at key
+position i + S - T), `window` counts the keys a query sees including itself, and segment id 0
+marks padding, whose query rows come out as zeros.
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ MAX_HEAD_DIM = 128
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
 _GPU_PLATFORMS = ("gpu", "cuda", "rocm")
 _BACKENDS = {"gpu": flash_attention_gpu, "tpu": flash_attention_tpu}
+
+# Segment ids that no real token carries (ids are non-negative; 0 is padding).
+_Q_PAD_ID = -(2**31)
+_KV_PAD_ID = -(2**31) + 1
 
 # Set by `force_interpret`, so code that cannot pass `interpret=` (a model's attention layer)
 # can still run the kernels through the Pallas interpreter on a CPU.
@@ -106,12 +113,13 @@ class _Config:
   causal: bool
   window: int | None
   kv_len: int
+  q_offset: int
   block_sizes: BlockSizes
   interpret: bool
 
   def kernel_kwargs(self):
     return dict(scale=self.scale, causal=self.causal, window=self.window, kv_len=self.kv_len,
-                block_sizes=self.block_sizes, interpret=self.interpret)
+                q_offset=self.q_offset, block_sizes=self.block_sizes, interpret=self.interpret)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -160,10 +168,11 @@ def flash_attention(q_bthd, k_bskd, v_bskd, *, causal=True, window=None, q_segme
     q_bthd: queries [B, T, H, D], bfloat16 or float32, 16 <= D <= 128.
     k_bskd: keys [B, S, K, D], K dividing H.
     v_bskd: values [B, S, K, D].
-    causal: query i sees only keys j <= i.
-    window: if set (causal only), query i sees keys j with i - window < j <= i; blocks outside
+    causal: query i sees only keys j <= i + S - T.
+    window: if set (causal only), query i also needs j > i + S - T - window; blocks outside
       the window are skipped entirely.
-    q_segment_ids_bt: int32 [B, T]; query i sees key j only where the ids are equal.
+    q_segment_ids_bt: int32 [B, T], non-negative; query i sees key j only where the ids are
+      equal, and id 0 (padding) sees nothing (its rows are zeros).
     kv_segment_ids_bs: int32 [B, S], given together with q_segment_ids_bt.
     scale: multiplies q.k; None means 1 / sqrt(D) (GPT-Neo passes 1.0).
     block_sizes: `BlockSizes` override; None picks per platform and head size.
@@ -202,19 +211,21 @@ def flash_attention(q_bthd, k_bskd, v_bskd, *, causal=True, window=None, q_segme
   s_pad = _round_up(s, blocks.k_multiple)
   # Triton tiles must be powers of two; Mosaic takes the full head dim as one tile.
   d_pad = max(MIN_HEAD_DIM, 1 << (d - 1).bit_length()) if family == "gpu" else d
-  if window is not None and window >= max(t, s):
+  if window is not None and window >= s:
     window = None  # Wider than the sequence: plain causal, and no block is wasted on it.
   cfg = _Config(family=family, scale=float(d**-0.5 if scale is None else scale),
                 causal=bool(causal), window=None if window is None else int(window),
-                kv_len=s, block_sizes=blocks, interpret=interpret)
+                kv_len=s, q_offset=s - t, block_sizes=blocks, interpret=interpret)
 
   q_p = _pad_axis(_pad_axis(q_bthd, 1, t_pad), 3, d_pad)
   k_p = _pad_axis(_pad_axis(k_bskd, 1, s_pad), 3, d_pad)
   v_p = _pad_axis(_pad_axis(v_bskd, 1, s_pad), 3, d_pad)
   q_seg = kv_seg = None
   if q_segment_ids_bt is not None:
-    # Padded queries and keys get ids no real token has and that differ from each other.
-    q_seg = _pad_axis(q_segment_ids_bt.astype(jnp.int32), 1, t_pad, value=-1)
-    kv_seg = _pad_axis(kv_segment_ids_bs.astype(jnp.int32), 1, s_pad, value=-2)
+    # Padding queries (id 0, and the tile padding) get an id no key has, so their rows see
+    # nothing and come out as zeros; tile-padding keys get another such id.
+    q_seg = q_segment_ids_bt.astype(jnp.int32)
+    q_seg = _pad_axis(jnp.where(q_seg == 0, _Q_PAD_ID, q_seg), 1, t_pad, value=_Q_PAD_ID)
+    kv_seg = _pad_axis(kv_segment_ids_bs.astype(jnp.int32), 1, s_pad, value=_KV_PAD_ID)
   o_p = _flash_padded(q_p, k_p, v_p, q_seg, kv_seg, cfg)
   return o_p[:, :t, :, :d]

@@ -50,8 +50,7 @@ def _precision(dtype):
   return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
-def _fwd_kernel(*refs, has_segments, scale_log2, causal, window, kv_len, kv_padded, block_q,
-                block_k, precision):
+def _fwd_kernel(*refs, has_segments, scale_log2, mask_kw, block_q, block_k, precision):
   if has_segments:
     q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref = refs
   else:
@@ -61,8 +60,7 @@ def _fwd_kernel(*refs, has_segments, scale_log2, causal, window, kv_len, kv_padd
   q_pos = q_first + jnp.arange(block_q, dtype=jnp.int32)[:, None]
   q_seg = q_seg_ref[...][:, None] if has_segments else None
   lo, full_lo, full_hi, hi = flash_tiling.kv_block_range(
-      q_first, block_q=block_q, block_k=block_k, kv_len=kv_len, causal=causal, window=window,
-      has_segments=has_segments)
+      q_first, block_q=block_q, block_k=block_k, has_segments=has_segments, **_range_kw(mask_kw))
 
   def step(j, carry, masked):
     acc, m, l = carry
@@ -72,8 +70,7 @@ def _fwd_kernel(*refs, has_segments, scale_log2, causal, window, kv_len, kv_padd
     if masked:
       k_pos = k_first + jnp.arange(block_k, dtype=jnp.int32)[None, :]
       kv_seg = kv_seg_ref[k_slice][None, :] if has_segments else None
-      mask = flash_tiling.block_mask(q_pos, k_pos, causal=causal, window=window, kv_len=kv_len,
-                                     kv_padded=kv_padded, q_seg=q_seg, kv_seg=kv_seg)
+      mask = flash_tiling.block_mask(q_pos, k_pos, q_seg=q_seg, kv_seg=kv_seg, **mask_kw)
       s = jnp.where(mask, s, MASK_VALUE)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     alpha = jnp.exp2(m - m_new)
@@ -97,8 +94,7 @@ def _fwd_kernel(*refs, has_segments, scale_log2, causal, window, kv_len, kv_padd
   lse_ref[...] = jnp.where(empty, LSE_EMPTY, m + jnp.log2(l_safe))
 
 
-def _dq_kernel(*refs, has_segments, scale, scale_log2, causal, window, kv_len, kv_padded,
-               block_q, block_k, precision):
+def _dq_kernel(*refs, has_segments, scale, scale_log2, mask_kw, block_q, block_k, precision):
   if has_segments:
     (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_seg_ref, dq_ref) = refs
   else:
@@ -111,8 +107,7 @@ def _dq_kernel(*refs, has_segments, scale, scale_log2, causal, window, kv_len, k
   q_pos = q_first + jnp.arange(block_q, dtype=jnp.int32)[:, None]
   q_seg = q_seg_ref[...][:, None] if has_segments else None
   lo, full_lo, full_hi, hi = flash_tiling.kv_block_range(
-      q_first, block_q=block_q, block_k=block_k, kv_len=kv_len, causal=causal, window=window,
-      has_segments=has_segments)
+      q_first, block_q=block_q, block_k=block_k, has_segments=has_segments, **_range_kw(mask_kw))
 
   def step(j, dq, masked):
     k_first = pl.multiple_of(j * block_k, block_k)
@@ -122,8 +117,7 @@ def _dq_kernel(*refs, has_segments, scale, scale_log2, causal, window, kv_len, k
     if masked:
       k_pos = k_first + jnp.arange(block_k, dtype=jnp.int32)[None, :]
       kv_seg = kv_seg_ref[k_slice][None, :] if has_segments else None
-      mask = flash_tiling.block_mask(q_pos, k_pos, causal=causal, window=window, kv_len=kv_len,
-                                     kv_padded=kv_padded, q_seg=q_seg, kv_seg=kv_seg)
+      mask = flash_tiling.block_mask(q_pos, k_pos, q_seg=q_seg, kv_seg=kv_seg, **mask_kw)
       p = jnp.where(mask, p, 0.0)
     dp = _dot(do, v_ref[k_slice, :], contract_b=1, precision=precision)
     ds = p * (dp - delta)
@@ -136,8 +130,8 @@ def _dq_kernel(*refs, has_segments, scale, scale_log2, causal, window, kv_len, k
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(*refs, has_segments, scale, scale_log2, causal, window, kv_len, kv_padded,
-                block_q, block_k, num_q_blocks, precision):
+def _dkv_kernel(*refs, has_segments, scale, scale_log2, mask_kw, block_q, block_k, num_q_blocks,
+                precision):
   if has_segments:
     (k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, kv_seg_ref, q_seg_ref, dk_ref,
      dv_ref) = refs
@@ -149,8 +143,8 @@ def _dkv_kernel(*refs, has_segments, scale, scale_log2, causal, window, kv_len, 
   k_pos = k_first + jnp.arange(block_k, dtype=jnp.int32)[:, None]
   kv_seg = kv_seg_ref[...][:, None] if has_segments else None
   lo, full_lo, full_hi, hi = flash_tiling.q_block_range(
-      k_first, block_q=block_q, block_k=block_k, num_q_blocks=num_q_blocks, kv_len=kv_len,
-      causal=causal, window=window, has_segments=has_segments)
+      k_first, block_q=block_q, block_k=block_k, num_q_blocks=num_q_blocks,
+      has_segments=has_segments, **_range_kw(mask_kw))
 
   def step(i, carry, masked):
     dk, dv = carry
@@ -164,8 +158,7 @@ def _dkv_kernel(*refs, has_segments, scale, scale_log2, causal, window, kv_len, 
     if masked:
       q_pos = q_first + jnp.arange(block_q, dtype=jnp.int32)[None, :]
       q_seg = q_seg_ref[q_slice][None, :] if has_segments else None
-      mask = flash_tiling.block_mask(q_pos, k_pos, causal=causal, window=window, kv_len=kv_len,
-                                     kv_padded=kv_padded, q_seg=q_seg, kv_seg=kv_seg)
+      mask = flash_tiling.block_mask(q_pos, k_pos, q_seg=q_seg, kv_seg=kv_seg, **mask_kw)
       p_t = jnp.where(mask, p_t, 0.0)
     dv = dv + _dot(p_t.astype(do.dtype), do, contract_b=0, precision=precision)
     dp_t = _dot(v, do, contract_b=1, precision=precision)
@@ -181,12 +174,21 @@ def _dkv_kernel(*refs, has_segments, scale, scale_log2, causal, window, kv_len, 
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
+def _range_kw(mask_kw):
+  return {k: v for k, v in mask_kw.items() if k != "kv_padded"}
+
+
+def _mask_kw(causal, window, kv_len, s, q_offset):
+  return dict(causal=causal, window=window, kv_len=kv_len, kv_padded=kv_len < s,
+              q_offset=q_offset)
+
+
 def _warps(head_dim: int) -> int:
   return 4 if head_dim <= 64 else 8
 
 
 def forward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, *, scale, causal, window, kv_len,
-            block_sizes, interpret):
+            q_offset, block_sizes, interpret):
   """Runs the forward kernel on padded inputs.
 
   Args:
@@ -199,6 +201,7 @@ def forward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, *, scale, causal, windo
     causal: see `flash_attention`.
     window: see `flash_attention`.
     kv_len: real number of keys; the rest of Sp is padding.
+    q_offset: key position of query row 0 (real S - real T: bottom-right aligned causal).
     block_sizes: `flash_tiling.BlockSizes`.
     interpret: run the Pallas interpreter instead of compiling.
 
@@ -212,12 +215,12 @@ def forward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, *, scale, causal, windo
   has_segments = q_seg_bt is not None
   kernel = functools.partial(
       _fwd_kernel, has_segments=has_segments, scale_log2=scale * math.log2(math.e),
-      causal=causal, window=window, kv_len=kv_len, kv_padded=kv_len < s, block_q=bq,
-      block_k=bk, precision=_precision(q_bthd.dtype))
+      mask_kw=_mask_kw(causal, window, kv_len, s, q_offset), block_q=bq, block_k=bk,
+      precision=_precision(q_bthd.dtype))
   in_specs = [
       _spec((None, bq, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
-      _spec((None, s, None, d), lambda i, bi, hi: (bi, 0, hi // group, 0)),
-      _spec((None, s, None, d), lambda i, bi, hi: (bi, 0, hi // group, 0)),
+      _spec((None, s, None, d), lambda i, bi, hi: (bi, 0, lax.div(hi, jnp.int32(group)), 0)),
+      _spec((None, s, None, d), lambda i, bi, hi: (bi, 0, lax.div(hi, jnp.int32(group)), 0)),
   ]
   args = [q_bthd, k_bskd, v_bskd]
   if has_segments:
@@ -239,7 +242,7 @@ def forward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, *, scale, causal, windo
 
 
 def backward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, o_bthd, lse_bht, do_bthd, *, scale,
-             causal, window, kv_len, block_sizes, interpret):
+             causal, window, kv_len, q_offset, block_sizes, interpret):
   """Runs the dQ and dK/dV kernels on padded inputs; returns (dq, dk, dv) in the input dtypes."""
   b, t, h, d = q_bthd.shape
   s, kv_heads = k_bskd.shape[1], k_bskd.shape[2]
@@ -249,12 +252,12 @@ def backward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, o_bthd, lse_bht, do_bt
   # delta_i = sum_d o_id * do_id, the softmax-gradient correction; XLA fuses this well.
   delta_bht = jnp.einsum("bthd,bthd->bht", o_bthd.astype(_F32), do_bthd.astype(_F32))
   common = dict(has_segments=has_segments, scale=scale, scale_log2=scale * math.log2(math.e),
-                causal=causal, window=window, kv_len=kv_len, kv_padded=kv_len < s, block_q=bq,
-                block_k=bk, precision=_precision(q_bthd.dtype))
+                mask_kw=_mask_kw(causal, window, kv_len, s, q_offset), block_q=bq, block_k=bk,
+                precision=_precision(q_bthd.dtype))
   params = _compiler_params(_warps(d), 2)
 
   q_blk = lambda i, bi, hi: (bi, i, hi, 0)  # noqa: E731
-  kv_all = lambda i, bi, hi: (bi, 0, hi // group, 0)  # noqa: E731
+  kv_all = lambda i, bi, hi: (bi, 0, lax.div(hi, jnp.int32(group)), 0)  # noqa: E731
   in_specs = [
       _spec((None, bq, None, d), q_blk),
       _spec((None, s, None, d), kv_all),
@@ -281,7 +284,7 @@ def backward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, o_bthd, lse_bht, do_bt
 
   # One program per (key block, query head): with grouped heads each query head writes its own
   # partial dK/dV (float32) and the group is summed afterwards, which needs no atomics.
-  kv_blk = lambda j, bi, hi: (bi, j, hi // group, 0)  # noqa: E731
+  kv_blk = lambda j, bi, hi: (bi, j, lax.div(hi, jnp.int32(group)), 0)  # noqa: E731
   q_all = lambda j, bi, hi: (bi, 0, hi, 0)  # noqa: E731
   in_specs = [
       _spec((None, bk, None, d), kv_blk),

@@ -184,28 +184,27 @@ def _dkv_kernel(*refs, has_segments, scale, mask_kw, q_range, block_q, block_k, 
     dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
 
 
-def _setup(q_bthd, k_bskd, q_seg_bt, block_q, block_k, causal, window, kv_len):
+def _setup(q_bthd, k_bskd, q_seg_bt, block_q, block_k, causal, window, kv_len, q_offset):
   b, t, h, d = q_bthd.shape
   s, kv_heads = k_bskd.shape[1], k_bskd.shape[2]
   bq, bk = min(block_q, t), min(block_k, s)
   has_segments = q_seg_bt is not None
-  mask_kw = dict(causal=causal, window=window, kv_len=kv_len, kv_padded=kv_len < s)
-  kv_range = functools.partial(flash_tiling.kv_block_range, block_q=bq, block_k=bk,
-                               kv_len=kv_len, causal=causal, window=window,
-                               has_segments=has_segments)
-  q_range = functools.partial(flash_tiling.q_block_range, block_q=bq, block_k=bk,
-                              num_q_blocks=t // bq, kv_len=kv_len, causal=causal, window=window,
-                              has_segments=has_segments)
+  mask_kw = dict(causal=causal, window=window, kv_len=kv_len, kv_padded=kv_len < s,
+                 q_offset=q_offset)
+  range_kw = dict(block_q=bq, block_k=bk, kv_len=kv_len, causal=causal, window=window,
+                  has_segments=has_segments, q_offset=q_offset)
+  kv_range = functools.partial(flash_tiling.kv_block_range, **range_kw)
+  q_range = functools.partial(flash_tiling.q_block_range, num_q_blocks=t // bq, **range_kw)
   return b, t, h, d, s, kv_heads, h // kv_heads, bq, bk, has_segments, mask_kw, kv_range, q_range
 
 
 def forward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, *, scale, causal, window, kv_len,
-            block_sizes, interpret):
+            q_offset, block_sizes, interpret):
   """Forward kernel on padded [B, T, H, D] inputs; returns (o_bthd, lse_bht natural-log)."""
   (b, t, h, d, s, _, group, bq, bk, has_segments, mask_kw, kv_range,
    _) = _setup(q_bthd, k_bskd, q_seg_bt, block_sizes.block_q, block_sizes.block_k, causal,
-               window, kv_len)
-  kv_idx = lambda bi, hi, i, j: (bi, hi // group, _clamped(i * bq, j, kv_range), 0)  # noqa: E731
+               window, kv_len, q_offset)
+  kv_idx = lambda bi, hi, i, j: (bi, lax.div(hi, jnp.int32(group)), _clamped(i * bq, j, kv_range), 0)  # noqa: E731
   in_specs = [_spec((None, None, bq, d), lambda bi, hi, i, j: (bi, hi, i, 0)),
               _spec((None, None, bk, d), kv_idx), _spec((None, None, bk, d), kv_idx)]
   args = [q_bthd.transpose(0, 2, 1, 3), k_bskd.transpose(0, 2, 1, 3),
@@ -235,11 +234,11 @@ def forward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, *, scale, causal, windo
 
 
 def backward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, o_bthd, lse_bht, do_bthd, *, scale,
-             causal, window, kv_len, block_sizes, interpret):
+             causal, window, kv_len, q_offset, block_sizes, interpret):
   """dQ and dK/dV kernels on padded inputs; returns (dq, dk, dv) in the input dtypes."""
   (b, t, h, d, s, kv_heads, group, bq, bk, has_segments, mask_kw, kv_range,
    q_range) = _setup(q_bthd, k_bskd, q_seg_bt, block_sizes.block_q_bwd, block_sizes.block_k_bwd,
-                     causal, window, kv_len)
+                     causal, window, kv_len, q_offset)
   delta_bht = jnp.einsum("bthd,bthd->bht", o_bthd.astype(_F32), do_bthd.astype(_F32))
   q_bhtd, do_bhtd = q_bthd.transpose(0, 2, 1, 3), do_bthd.transpose(0, 2, 1, 3)
   k_bksd, v_bksd = k_bskd.transpose(0, 2, 1, 3), v_bskd.transpose(0, 2, 1, 3)
@@ -247,7 +246,7 @@ def backward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, o_bthd, lse_bht, do_bt
                 precision=_precision(q_bthd.dtype))
 
   q_blk = lambda bi, hi, i, j: (bi, hi, i, 0)  # noqa: E731
-  kv_blk = lambda bi, hi, i, j: (bi, hi // group, _clamped(i * bq, j, kv_range), 0)  # noqa: E731
+  kv_blk = lambda bi, hi, i, j: (bi, lax.div(hi, jnp.int32(group)), _clamped(i * bq, j, kv_range), 0)  # noqa: E731
   in_specs = [_spec((None, None, bq, d), q_blk), _spec((None, None, bk, d), kv_blk),
               _spec((None, None, bk, d), kv_blk), _spec((None, None, bq, d), q_blk),
               _spec((None, None, bq, 1), q_blk), _spec((None, None, bq, 1), q_blk)]
@@ -269,7 +268,7 @@ def backward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, o_bthd, lse_bht, do_bt
   )(*args)
 
   # Grid (B, H, key blocks, query blocks): per query head, partial dK/dV summed over the group.
-  kv_own = lambda bi, hi, j, i: (bi, hi // group, j, 0)  # noqa: E731
+  kv_own = lambda bi, hi, j, i: (bi, lax.div(hi, jnp.int32(group)), j, 0)  # noqa: E731
   q_idx = lambda bi, hi, j, i: (bi, hi, _clamped(j * bk, i, q_range), 0)  # noqa: E731
   row_idx = lambda bi, hi, j, i: (bi, hi, 0, _clamped(j * bk, i, q_range))  # noqa: E731
   in_specs = [_spec((None, None, bk, d), kv_own), _spec((None, None, bk, d), kv_own),

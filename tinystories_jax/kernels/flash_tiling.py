@@ -70,28 +70,29 @@ def _clip(x, lo, hi):
 
 
 def kv_block_range(q_first, *, block_q: int, block_k: int, kv_len: int, causal: bool,
-                   window: int | None, has_segments: bool):
-  """Key-block ranges (lo, full_lo, full_hi, hi) for the query block starting at q_first.
+                   window: int | None, has_segments: bool, q_offset: int = 0):
+  """Key-block ranges (lo, full_lo, full_hi, hi) for the query block starting at row q_first.
 
   Args:
-    q_first: int32 scalar, index of the block's first query.
+    q_first: int32 scalar, row index of the block's first query.
     block_q: queries in the block.
     block_k: keys per key block.
     kv_len: real (unpadded) number of keys; blocks past it are empty.
-    causal: query i sees keys j <= i.
-    window: if set, query i also needs j > i - window.
+    causal: query row r, at position r + q_offset, sees keys j <= r + q_offset.
+    window: if set, that query also needs j > r + q_offset - window.
     has_segments: segment ids may hide any pair, so no block is full.
+    q_offset: position of query row 0 on the key axis (S - T: queries are the last T positions).
 
   Returns:
     Four int32 scalars, see the module docstring.
   """
-  q_first = _i32(q_first)
+  q_first = _i32(q_first) + q_offset
   q_last = q_first + (block_q - 1)
   hi = _i32(-(-kv_len // block_k))
   full_hi = _i32(kv_len // block_k)
   if causal:
-    hi = jnp.minimum(hi, _div(q_last, block_k) + 1)
-    full_hi = jnp.minimum(full_hi, _div(q_first + 1, block_k))
+    hi = jnp.minimum(hi, _cdiv(jnp.maximum(q_last + 1, 0), block_k))
+    full_hi = jnp.minimum(full_hi, _div(jnp.maximum(q_first + 1, 0), block_k))
   lo = _i32(0)
   full_lo = _i32(0)
   if window is not None:
@@ -106,15 +107,16 @@ def kv_block_range(q_first, *, block_q: int, block_k: int, kv_len: int, causal: 
 
 
 def q_block_range(k_first, *, block_q: int, block_k: int, num_q_blocks: int, kv_len: int,
-                  causal: bool, window: int | None, has_segments: bool):
+                  causal: bool, window: int | None, has_segments: bool, q_offset: int = 0):
   """Query-block ranges (lo, full_lo, full_hi, hi) for the key block starting at k_first.
 
-  The transpose of `kv_block_range`, used by the dK/dV kernel. Padded queries (past the real
+  The transpose of `kv_block_range`, used by the dK/dV kernels. Padded queries (past the real
   length) are included: their inputs and cotangents are zeros, so they contribute nothing.
 
   Returns:
     Four int32 scalars, see the module docstring.
   """
+  # Work in query rows: key position p is seen from row p - q_offset on (causal).
   k_first = _i32(k_first)
   k_last = k_first + (block_k - 1)
   lo = _i32(0)
@@ -122,11 +124,11 @@ def q_block_range(k_first, *, block_q: int, block_k: int, num_q_blocks: int, kv_
   hi = _i32(num_q_blocks)
   full_hi = _i32(num_q_blocks)
   if causal:
-    lo = _div(k_first, block_q)
-    full_lo = _cdiv(k_last, block_q)
+    lo = _div(jnp.maximum(k_first - q_offset, 0), block_q)
+    full_lo = _cdiv(jnp.maximum(k_last - q_offset, 0), block_q)
   if window is not None:
-    hi = jnp.minimum(hi, _div(k_last + (window - 1), block_q) + 1)
-    full_hi = jnp.minimum(full_hi, _div(k_first + window, block_q))
+    hi = jnp.minimum(hi, _cdiv(jnp.maximum(k_last + window - q_offset, 0), block_q))
+    full_hi = jnp.minimum(full_hi, _div(jnp.maximum(k_first + window - q_offset, 0), block_q))
   # A key block made only of padding is seen by nobody.
   hi = jnp.where(k_first >= kv_len, 0, hi)
   lo = jnp.minimum(lo, hi)
@@ -139,14 +141,16 @@ def q_block_range(k_first, *, block_q: int, block_k: int, num_q_blocks: int, kv_
   return lo, full_lo, full_hi, hi
 
 
-def block_mask(q_pos, k_pos, *, causal: bool, window: int | None, kv_len: int,
-               kv_padded: bool, q_seg=None, kv_seg=None):
-  """Visibility of one tile from positions and segment ids that broadcast to its shape.
+def block_mask(q_row, k_pos, *, causal: bool, window: int | None, kv_len: int,
+               kv_padded: bool, q_offset: int = 0, q_seg=None, kv_seg=None):
+  """Visibility of one tile from query rows, key positions and segment ids that broadcast.
 
-  The same function serves [block_q, block_k] tiles (q_pos [bq, 1], k_pos [1, bk]) and their
-  transposes in the dK/dV kernel (q_pos [1, bq], k_pos [bk, 1]).
+  The same function serves [block_q, block_k] tiles (q_row [bq, 1], k_pos [1, bk]) and their
+  transposes in the dK/dV kernels (q_row [1, bq], k_pos [bk, 1]). Query row r sits at key
+  position r + q_offset. Query segment ids are already remapped so padding matches nothing.
   """
-  shape = jnp.broadcast_shapes(q_pos.shape, k_pos.shape)
+  shape = jnp.broadcast_shapes(q_row.shape, k_pos.shape)
+  q_pos = q_row + q_offset
   mask = jnp.ones(shape, dtype=bool) if not (kv_padded or causal or window or
                                              q_seg is not None) else None
 
@@ -167,7 +171,7 @@ def block_mask(q_pos, k_pos, *, causal: bool, window: int | None, kv_len: int,
 def visible_pairs(t: int, s: int, *, causal: bool, window: int | None) -> int:
   """Number of (query, key) pairs the causal/window mask leaves, for FLOP counts."""
   total = 0
-  for i in range(t):
+  for i in range(s - t, s):
     hi = min(s, i + 1) if causal else s
     lo = max(0, i - window + 1) if window is not None else 0
     total += max(0, hi - lo)

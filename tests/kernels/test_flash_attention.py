@@ -1,0 +1,169 @@
+"""Pallas flash attention against the float32 reference: forward and the three gradients.
+
+On a CPU the kernels run through the Pallas interpreter (`interpret=True`), once per kernel family
+(the Triton-backend kernels and the Mosaic TPU kernels). The `gpu`-marked cases run the same
+checks compiled, on the GPU, where there is one. Inputs are fresh random draws on every run; the
+seed is part of every failure message.
+"""
+
+import secrets
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tinystories_jax.kernels import flash_attention as fa
+
+SMALL_BLOCKS = fa.BlockSizes(block_q=32, block_k=32, block_q_bwd=32, block_k_bwd=32)
+
+
+def _inputs(seed, b, t, s, h, k, d, dtype, segments):
+  rng = np.random.default_rng(seed)
+  q = jnp.asarray(rng.standard_normal((b, t, h, d)), dtype)
+  kk = jnp.asarray(rng.standard_normal((b, s, k, d)), dtype)
+  v = jnp.asarray(rng.standard_normal((b, s, k, d)), dtype)
+  do = jnp.asarray(rng.standard_normal((b, t, h, d)), dtype)
+  seg = {}
+  if segments:
+    assert t == s
+    # Packed rows: a few stories of random lengths, then padding (id 0) at the end.
+    ids = np.zeros((b, t), np.int32)
+    for row in range(b):
+      cuts = np.sort(rng.choice(np.arange(1, t), size=3, replace=False))
+      ids[row, :cuts[0]] = 1
+      ids[row, cuts[0]:cuts[1]] = 2
+      ids[row, cuts[1]:cuts[2]] = 3
+    seg = dict(q_segment_ids_bt=jnp.asarray(ids), kv_segment_ids_bs=jnp.asarray(ids))
+  return q, kk, v, do, seg
+
+
+def _run(fn, q, k, v, do, kwargs):
+  o, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, **kwargs), q, k, v)
+  return (o,) + vjp(do)
+
+
+def _rel_err(x, ref):
+  x, ref = np.asarray(x, np.float32), np.asarray(ref, np.float32)
+  return float(np.abs(x - ref).max() / max(np.abs(ref).max(), 1e-6))
+
+
+def _check(backend, interpret, *, b, t, s, h, k, d, dtype=jnp.float32, causal=True, window=None,
+           segments=False, scale=None, block_sizes=SMALL_BLOCKS):
+  seed = secrets.randbits(32)
+  q, kk, v, do, seg = _inputs(seed, b, t, s, h, k, d, dtype, segments)
+  kwargs = dict(causal=causal, window=window, scale=scale, **seg)
+  got = _run(lambda *a, **kw: fa.flash_attention(*a, interpret=interpret, backend=backend,
+                                                 block_sizes=block_sizes, **kw),
+             q, kk, v, do, kwargs)
+  # The oracle sees the same (rounded) inputs, in float32.
+  f32 = [x.astype(jnp.float32) for x in (q, kk, v, do)]
+  want = _run(fa.flash_attention_reference, *f32, kwargs)
+  tol = 2e-5 if dtype == jnp.float32 else 3e-2
+  for name, g, w in zip(("o", "dq", "dk", "dv"), got, want):
+    assert g.dtype == dtype, (name, g.dtype)
+    assert g.shape == w.shape, (name, g.shape, w.shape)
+    assert np.isfinite(np.asarray(g, np.float32)).all(), f"{name} has NaN/inf (seed {seed})"
+    err = _rel_err(g, w)
+    assert err < tol, f"{name}: relative error {err:.2e} >= {tol} (seed {seed})"
+  if segments:
+    padding = np.asarray(seg["q_segment_ids_bt"]) == 0
+    assert not np.asarray(got[0], np.float32)[padding].any(), f"padding rows not zero ({seed})"
+  return got
+
+
+# (name, shape and mask options): small, but covering padding, windows, segments, GQA and MQA.
+CASES = {
+    "causal": dict(b=1, t=64, s=64, h=2, k=2, d=16),
+    "pad_window_segments_gqa_d48": dict(b=2, t=100, s=100, h=4, k=2, d=48, window=40,
+                                        segments=True),
+    "noncausal_pad_mqa": dict(b=1, t=70, s=70, h=3, k=1, d=32, causal=False, scale=1.0),
+    "bf16_window": dict(b=1, t=96, s=96, h=2, k=2, d=64, dtype=jnp.bfloat16, window=33),
+    "cross_lengths_d128": dict(b=1, t=40, s=72, h=2, k=1, d=128, window=20),
+    "more_queries_than_keys": dict(b=1, t=72, s=40, h=2, k=2, d=16),
+}
+TPU_CASES = ("causal", "pad_window_segments_gqa_d48", "noncausal_pad_mqa")
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_gpu_kernels_interpreted(case):
+  _check("gpu", True, **CASES[case])
+
+
+@pytest.mark.parametrize("case", TPU_CASES)
+def test_tpu_kernels_interpreted(case):
+  _check("tpu", True, **CASES[case])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_gpu_kernels_compiled(case):
+  _check(None, False, **CASES[case], block_sizes=None)
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_default_blocks_long_window():
+  _check(None, False, b=2, t=1000, s=1000, h=4, k=2, d=64, dtype=jnp.bfloat16, window=256,
+         block_sizes=None)
+
+
+def test_rows_with_no_visible_key_are_zero_without_nan():
+  seed = secrets.randbits(32)
+  q, k, v, do, _ = _inputs(seed, 1, 48, 48, 2, 2, 16, jnp.float32, False)
+  q_seg = jnp.asarray(np.r_[np.full(20, 5), np.full(28, 7)][None], jnp.int32)
+  kv_seg = jnp.asarray(np.r_[np.full(20, 5), np.full(28, 9)][None], jnp.int32)  # no 7 among keys
+  for backend in ("gpu", "tpu"):
+    o, dq, dk, dv = _run(
+        lambda *a, **kw: fa.flash_attention(*a, interpret=True, backend=backend,
+                                            block_sizes=SMALL_BLOCKS, **kw),
+        q, k, v, do, dict(q_segment_ids_bt=q_seg, kv_segment_ids_bs=kv_seg, causal=False))
+    for x in (o, dq, dk, dv):
+      assert np.isfinite(np.asarray(x)).all(), (backend, seed)
+    assert not np.asarray(o)[0, 20:].any() and not np.asarray(dq)[0, 20:].any(), (backend, seed)
+    assert not np.asarray(dk)[0, 20:].any(), (backend, seed)  # keys nobody sees get no gradient
+    assert np.abs(np.asarray(o)[0, :20]).sum() > 0, (backend, seed)
+
+
+def test_force_interpret_switch_runs_without_the_keyword():
+  seed = secrets.randbits(32)
+  q, k, v, _, _ = _inputs(seed, 1, 32, 32, 2, 2, 16, jnp.float32, False)
+  with fa.force_interpret():
+    got = fa.flash_attention(q, k, v, block_sizes=SMALL_BLOCKS)
+  np.testing.assert_allclose(got, fa.flash_attention_reference(q, k, v), atol=2e-5,
+                             err_msg=f"seed {seed}")
+
+
+def test_supports_names_xla_for_what_the_kernels_do_not_take():
+  assert fa.supports(48, jnp.bfloat16, "gpu") == (True, "")
+  assert fa.supports(64, jnp.float32, "tpu") == (True, "")
+  for args in ((8, jnp.bfloat16, "gpu"), (4, jnp.float32, "tpu"), (256, jnp.bfloat16, "gpu"),
+               (64, jnp.int8, "gpu"), (64, jnp.bfloat16, "cpu")):
+    ok, reason = fa.supports(*args)
+    assert not ok and "xla" in reason, args
+
+
+def test_clear_errors():
+  q = jnp.zeros((1, 32, 2, 8), jnp.float32)
+  with pytest.raises(ValueError, match="xla"):
+    fa.flash_attention(q, q, q, interpret=True)  # head_dim 8
+  q = jnp.zeros((1, 32, 2, 16), jnp.float32)
+  if jax.default_backend() == "cpu":
+    with pytest.raises(ValueError, match="xla"):
+      fa.flash_attention(q, q, q)  # compiled kernels need a GPU or TPU
+  with pytest.raises(ValueError, match="causal"):
+    fa.flash_attention(q, q, q, causal=False, window=8, interpret=True)
+  with pytest.raises(ValueError, match="divide"):
+    fa.flash_attention(q, jnp.zeros((1, 32, 3, 16)), jnp.zeros((1, 32, 3, 16)), interpret=True)
+
+
+def test_reference_matches_a_dense_softmax():
+  seed = secrets.randbits(32)
+  q, k, v, _, _ = _inputs(seed, 2, 24, 24, 4, 2, 16, jnp.float32, False)
+  got = fa.flash_attention_reference(q, k, v, window=5, scale=0.3)
+  k_h = jnp.repeat(k, 2, axis=2)
+  v_h = jnp.repeat(v, 2, axis=2)
+  logits = jnp.einsum("bthd,bshd->bhts", q, k_h) * 0.3
+  i, j = np.arange(24)[:, None], np.arange(24)[None]
+  logits = jnp.where((j <= i) & (j > i - 5), logits, -jnp.inf)
+  want = jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(logits, axis=-1), v_h)
+  np.testing.assert_allclose(got, want, atol=1e-5, err_msg=f"seed {seed}")
