@@ -1,0 +1,245 @@
+"""Building blocks both families share: parameters with logical axes, norms, rotary, attention.
+
+Every parameter is an `nnx.Param` carrying logical axis names (metadata `out_sharding` in flax
+0.12, set through `nnx.with_partitioning`), drawn from: vocab, embed, heads, kv_heads, head_dim,
+mlp, positions, norm. `tinystories_jax.parallel` maps them to mesh axes.
+
+Numerics: parameters are stored in `cfg.param_dtype` and cast to `cfg.dtype` where used; norm
+statistics, rotary angles and softmax run in float32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tinystories_jax.models import attention as attn_lib
+from tinystories_jax.models.config import ModelConfig
+
+
+def param(rngs: nnx.Rngs, init, shape: tuple[int, ...], axes: tuple[str, ...],
+          dtype) -> nnx.Param:
+  """An `nnx.Param` initialised by `init` and annotated with logical `axes`."""
+  return nnx.Param(nnx.with_partitioning(init, axes)(rngs.params(), shape, dtype))
+
+
+def normal(std: float):
+  return nnx.initializers.normal(stddev=std)
+
+
+zeros = nnx.initializers.zeros_init()
+ones = nnx.initializers.ones_init()
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm with scale and bias; statistics in float32."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    pd = jnp.dtype(cfg.param_dtype)
+    self.scale = param(rngs, ones, (cfg.d_model,), ("norm",), pd)
+    self.bias = param(rngs, zeros, (cfg.d_model,), ("norm",), pd)
+    self.eps = cfg.norm_eps
+    self.dtype = jnp.dtype(cfg.dtype)
+
+  def __call__(self, x_btd: jax.Array) -> jax.Array:
+    x = x_btd.astype(jnp.float32)
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+    y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm (llama); statistics in float32, like llama2.c and transformers."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.scale = param(rngs, ones, (cfg.d_model,), ("norm",), jnp.dtype(cfg.param_dtype))
+    self.eps = cfg.norm_eps
+    self.dtype = jnp.dtype(cfg.dtype)
+
+  def __call__(self, x_btd: jax.Array) -> jax.Array:
+    x = x_btd.astype(jnp.float32)
+    y = x * jax.lax.rsqrt(jnp.square(x).mean(-1, keepdims=True) + self.eps)
+    return (y * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+
+
+def rotary(x_bthd: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding in transformers' rotate-half layout (pairs are i and i + D/2).
+
+  llama2.c's `run.c` rotates adjacent pairs (2i, 2i+1) instead; `interop.llama2c` permutes the
+  q/k projection rows on export so both layouts give the same model.
+  """
+  d = x_bthd.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  angles = positions_bt.astype(jnp.float32)[:, :, None] * inv_freq  # [B, T, D/2]
+  cos = jnp.cos(angles)[:, :, None, :]
+  sin = jnp.sin(angles)[:, :, None, :]
+  x = x_bthd.astype(jnp.float32)
+  x1, x2 = x[..., : d // 2], x[..., d // 2:]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_bthd.dtype)
+
+
+class Attention(nnx.Module):
+  """Self-attention with separately callable pieces, so a KV-cache decode can reuse them:
+  `qkv(x)` -> q, k, v; `rotate(q, k, positions)`; `attend(q, k, v, ...)`; `out(o)`.
+
+  Parameters: wq [embed, heads, head_dim], wk / wv [embed, kv_heads, head_dim],
+  wo [heads, head_dim, embed] (+ bo [embed] for GPT-Neo).
+  """
+
+  def __init__(self, cfg: ModelConfig, kind: str, rngs: nnx.Rngs):
+    d, h, k, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    pd = jnp.dtype(cfg.param_dtype)
+    init = normal(cfg.init_std)
+    out_init = init if cfg.is_gpt_neo else normal(cfg.init_std / (2 * cfg.num_layers) ** 0.5)
+    self.wq = param(rngs, init, (d, h, hd), ("embed", "heads", "head_dim"), pd)
+    self.wk = param(rngs, init, (d, k, hd), ("embed", "kv_heads", "head_dim"), pd)
+    self.wv = param(rngs, init, (d, k, hd), ("embed", "kv_heads", "head_dim"), pd)
+    self.wo = param(rngs, out_init, (h, hd, d), ("heads", "head_dim", "embed"), pd)
+    self.bo = param(rngs, zeros, (d,), ("embed",), pd) if cfg.is_gpt_neo else None
+    self.window = cfg.window if kind == "local" else None
+    self.use_rotary = not cfg.is_gpt_neo
+    self.rope_theta = cfg.rope_theta
+    # GPT-Neo does not scale scores by 1/sqrt(head_dim); its checkpoints depend on that.
+    self.scale = 1.0 if cfg.is_gpt_neo else None
+    self.impl = cfg.attention_impl
+    self.dtype = jnp.dtype(cfg.dtype)
+
+  def qkv(self, x_btd: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    x = x_btd.astype(self.dtype)
+    q = jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(self.dtype))
+    k = jnp.einsum("btd,dhk->bthk", x, self.wk[...].astype(self.dtype))
+    v = jnp.einsum("btd,dhk->bthk", x, self.wv[...].astype(self.dtype))
+    return q, k, v
+
+  def rotate(self, q_bthd, k_bskd, q_positions_bt, k_positions_bs):
+    if not self.use_rotary:
+      return q_bthd, k_bskd
+    return (rotary(q_bthd, q_positions_bt, self.rope_theta),
+            rotary(k_bskd, k_positions_bs, self.rope_theta))
+
+  def attend(self, q_bthd, k_bskd, v_bskd, *, q_segment_ids_bt=None, kv_segment_ids_bs=None,
+             causal: bool = True):
+    return attn_lib.attention(q_bthd, k_bskd, v_bskd, impl=self.impl, causal=causal,
+                              window=self.window, q_segment_ids_bt=q_segment_ids_bt,
+                              kv_segment_ids_bs=kv_segment_ids_bs, scale=self.scale)
+
+  def out(self, o_bthd: jax.Array) -> jax.Array:
+    y = jnp.einsum("bthk,hkd->btd", o_bthd.astype(self.dtype), self.wo[...].astype(self.dtype))
+    if self.bo is not None:
+      y = y + self.bo[...].astype(self.dtype)
+    return y
+
+  def __call__(self, x_btd, positions_bt, segment_ids_bt=None):
+    q, k, v = self.qkv(x_btd)
+    q, k = self.rotate(q, k, positions_bt, positions_bt)
+    o = self.attend(q, k, v, q_segment_ids_bt=segment_ids_bt, kv_segment_ids_bs=segment_ids_bt)
+    return self.out(o)
+
+
+class GeluMLP(nnx.Module):
+  """GPT-Neo's MLP: Linear(d, f) + bias, gelu_new (tanh approximation), Linear(f, d) + bias."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    pd, init = jnp.dtype(cfg.param_dtype), normal(cfg.init_std)
+    self.w_in = param(rngs, init, (cfg.d_model, cfg.d_ff), ("embed", "mlp"), pd)
+    self.b_in = param(rngs, zeros, (cfg.d_ff,), ("mlp",), pd)
+    self.w_out = param(rngs, init, (cfg.d_ff, cfg.d_model), ("mlp", "embed"), pd)
+    self.b_out = param(rngs, zeros, (cfg.d_model,), ("embed",), pd)
+    self.dtype = jnp.dtype(cfg.dtype)
+
+  def __call__(self, x_btd):
+    dt = self.dtype
+    h = jnp.einsum("btd,df->btf", x_btd.astype(dt), self.w_in[...].astype(dt))
+    h = jax.nn.gelu(h + self.b_in[...].astype(dt), approximate=True)
+    y = jnp.einsum("btf,fd->btd", h, self.w_out[...].astype(dt))
+    return y + self.b_out[...].astype(dt)
+
+
+class SwiGLU(nnx.Module):
+  """llama's MLP: w2(silu(w1 x) * w3 x), no biases (w1 = gate_proj, w3 = up_proj, w2 = down)."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    pd, init = jnp.dtype(cfg.param_dtype), normal(cfg.init_std)
+    out_init = normal(cfg.init_std / (2 * cfg.num_layers) ** 0.5)
+    self.w_gate = param(rngs, init, (cfg.d_model, cfg.d_ff), ("embed", "mlp"), pd)
+    self.w_up = param(rngs, init, (cfg.d_model, cfg.d_ff), ("embed", "mlp"), pd)
+    self.w_down = param(rngs, out_init, (cfg.d_ff, cfg.d_model), ("mlp", "embed"), pd)
+    self.dtype = jnp.dtype(cfg.dtype)
+
+  def __call__(self, x_btd):
+    dt = self.dtype
+    x = x_btd.astype(dt)
+    gate = jnp.einsum("btd,df->btf", x, self.w_gate[...].astype(dt))
+    up = jnp.einsum("btd,df->btf", x, self.w_up[...].astype(dt))
+    return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, self.w_down[...].astype(dt))
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: x + attn(norm1(x)); x + mlp(norm2(x))."""
+
+  def __init__(self, cfg: ModelConfig, kind: str, rngs: nnx.Rngs):
+    norm = LayerNorm if cfg.is_gpt_neo else RMSNorm
+    self.norm1 = norm(cfg, rngs)
+    self.attn = Attention(cfg, kind, rngs)
+    self.norm2 = norm(cfg, rngs)
+    self.mlp = GeluMLP(cfg, rngs) if cfg.is_gpt_neo else SwiGLU(cfg, rngs)
+
+  def __call__(self, x_btd, positions_bt, segment_ids_bt=None):
+    x = x_btd + self.attn(self.norm1(x_btd), positions_bt, segment_ids_bt)
+    return x + self.mlp(self.norm2(x))
+
+
+class CausalLM(nnx.Module):
+  """What both families share: embedding, blocks, final norm, tied (or separate) output layer.
+
+  Subclasses set `self.embed_positions(tokens_bt, positions_bt) -> x_btd`.
+  """
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    pd = jnp.dtype(cfg.param_dtype)
+    self.embedding = param(rngs, normal(cfg.init_std), (cfg.vocab_size, cfg.d_model),
+                           ("vocab", "embed"), pd)
+    self.blocks = nnx.List([Block(cfg, kind, rngs) for kind in cfg.attention_layers])
+    self.final_norm = (LayerNorm if cfg.is_gpt_neo else RMSNorm)(cfg, rngs)
+    self.lm_head = None if cfg.tie_embeddings else param(
+        rngs, normal(cfg.init_std), (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), pd)
+
+  def embed_positions(self, x_btd: jax.Array, positions_bt: jax.Array) -> jax.Array:
+    del positions_bt
+    return x_btd
+
+  def hidden(self, tokens_bt: jax.Array, *, positions_bt: jax.Array | None = None,
+             segment_ids_bt: jax.Array | None = None) -> jax.Array:
+    """Final-norm hidden states h_btd in the compute dtype."""
+    b, t = tokens_bt.shape
+    if positions_bt is None:
+      positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    dt = jnp.dtype(self.cfg.dtype)
+    x = jnp.take(self.embedding[...], tokens_bt, axis=0).astype(dt)
+    x = self.embed_positions(x, positions_bt)
+    for block in self.blocks:
+      if self.cfg.remat == "block":
+        x = nnx.remat(Block.__call__)(block, x, positions_bt, segment_ids_bt)
+      else:
+        x = block(x, positions_bt, segment_ids_bt)
+    return self.final_norm(x)
+
+  def output_embedding(self) -> jax.Array:
+    """The output projection w_vd (the tied input embedding unless `tie_embeddings` is False)."""
+    return (self.embedding if self.lm_head is None else self.lm_head)[...]
+
+  def logits(self, h_btd: jax.Array) -> jax.Array:
+    """float32 logits from hidden states (matmul in the compute dtype, float32 accumulation)."""
+    w = self.output_embedding().astype(h_btd.dtype)
+    return jnp.einsum("btd,vd->btv", h_btd, w, preferred_element_type=jnp.float32)
+
+  def __call__(self, tokens_bt: jax.Array, *, positions_bt: jax.Array | None = None,
+               segment_ids_bt: jax.Array | None = None) -> jax.Array:
+    """logits_btv in float32."""
+    return self.logits(self.hidden(tokens_bt, positions_bt=positions_bt,
+                                   segment_ids_bt=segment_ids_bt))
