@@ -1,0 +1,242 @@
+"""Attention alone: our Pallas flash kernel beside cuDNN, XLA and jax's stock Pallas kernels.
+
+    python benchmarks/attention.py              # on a GPU: the four shapes of the GPU check
+    python benchmarks/attention.py --smoke      # anywhere: tiny shapes, Pallas interpreted
+
+For every (batch, seq, heads, head_dim) shape and mask (causal; causal with a 256-key window) it
+times the forward pass and forward + backward (the vjp of all three inputs), each the median of
+timed calls after warm-up, blocking on the result of every call. It also checks every output,
+and our gradients, against the float32 reference, so a fast wrong kernel cannot pass unnoticed.
+`benchmarks/gpu_check.py` calls `run` as one of its sections.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import inspect
+import json
+import math
+import pathlib
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from tinystories_jax.kernels import flash_attention as fa  # noqa: E402
+from tinystories_jax.kernels.flash_tiling import BlockSizes  # noqa: E402
+from tinystories_jax.kernels.flash_tiling import visible_pairs  # noqa: E402
+
+# (batch, seq, heads, head_dim): llama2.c 15M-like, long context, TinyStories-33M heads, wide heads.
+SHAPES = ((64, 512, 12, 64), (16, 2048, 12, 64), (64, 512, 16, 48), (16, 2048, 8, 128))
+SMOKE_SHAPES = ((1, 128, 2, 64), (1, 128, 2, 48))
+WINDOWS = {"causal": None, "window256": 256}
+SMOKE_WINDOWS = {"causal": None, "window64": 64}
+# Tile sizes tried for our kernel in the sweep (block_q, block_k, block_q_bwd, block_k_bwd).
+SWEEP = ((128, 64, 64, 64), (64, 64, 64, 64), (128, 128, 64, 64), (64, 32, 32, 64),
+         (128, 64, 64, 128))
+SWEEP_SHAPES = ((16, 2048, 12, 64), (64, 512, 16, 48))
+
+
+class Unsupported(Exception):
+  """This implementation cannot run this case (recorded, not an error)."""
+
+
+def _ours(q, k, v, window, *, interpret, block_sizes=None):
+  return fa.flash_attention(q, k, v, causal=True, window=window, interpret=interpret,
+                            block_sizes=block_sizes)
+
+
+def _dpa(q, k, v, window, *, implementation):
+  return jax.nn.dot_product_attention(
+      q, k, v, is_causal=True, implementation=implementation,
+      local_window_size=None if window is None else (window - 1, 0))
+
+
+def _stock_mha(q, k, v, window, *, interpret):
+  if window is not None:
+    raise Unsupported("jax's stock Pallas mha has no sliding window")
+  from jax.experimental.pallas.ops.gpu import attention as stock  # noqa: PLC0415
+  params = inspect.signature(stock.mha).parameters
+  kwargs = {"causal": True, "interpret": interpret}
+  kwargs["sm_scale" if "sm_scale" in params else "scale"] = 1.0 / math.sqrt(q.shape[-1])
+  if "segment_ids" in params:
+    kwargs["segment_ids"] = None
+  return stock.mha(q, k, v, **kwargs)
+
+
+def _stock_mgpu(q, k, v, window):
+  """jax's stock Mosaic GPU (Hopper) kernel: forward only with a causal mask, D % 64 == 0."""
+  if window is not None:
+    raise Unsupported("jax's stock Mosaic GPU attention has no sliding window")
+  if q.shape[-1] % 64:
+    raise Unsupported("jax's stock Mosaic GPU attention needs head_dim % 64 == 0")
+  from jax.experimental.pallas.ops.gpu import attention_mgpu as mgpu  # noqa: PLC0415
+  config = mgpu.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2, causal=True)
+  # Its forward takes no scale: pre-scale q, a cheap elementwise op inside the same jit.
+  return mgpu.attention((q * (q.shape[-1]**-0.5)).astype(q.dtype), k, v, config)
+
+
+def implementations(interpret: bool, on_gpu: bool) -> dict[str, tuple[Callable, bool]]:
+  """name -> (fn(q, k, v, window), has_backward)."""
+  impls = {
+      "pallas": (functools.partial(_ours, interpret=interpret), True),
+      "xla": (functools.partial(_dpa, implementation="xla"), True),
+      "stock_pallas_mha": (functools.partial(_stock_mha, interpret=interpret), True),
+  }
+  if on_gpu:
+    impls["cudnn"] = (functools.partial(_dpa, implementation="cudnn"), True)
+    impls["stock_mosaic_gpu"] = (_stock_mgpu, False)
+  return impls
+
+
+def time_ms(fn: Callable, *args, warmup: int = 3, iters: int = 20) -> float:
+  """Median wall time of one call in milliseconds, blocking on every call's result."""
+  jax.block_until_ready(fn(*args))  # compile
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return 1e3 * statistics.median(times)
+
+
+def _rel_err(x, ref) -> float:
+  x, ref = np.asarray(x, np.float32), np.asarray(ref, np.float32)
+  return float(np.abs(x - ref).max() / max(float(np.abs(ref).max()), 1e-6))
+
+
+def _inputs(shape, dtype, seed):
+  b, t, h, d = shape
+  keys = jax.random.split(jax.random.key(seed), 4)
+  return [jax.random.normal(key, (b, t, h, d), jnp.float32).astype(dtype) for key in keys]
+
+
+def _flops(shape, window) -> tuple[float, float]:
+  """Useful FLOPs (visible pairs only) of the forward and of forward + backward."""
+  b, t, h, d = shape
+  fwd = 4.0 * b * h * d * visible_pairs(t, t, causal=True, window=window)
+  return fwd, 3.5 * fwd  # the backward does 2.5x the forward's matmul work
+
+
+def _fwd_bwd(fn):
+  def run(q, k, v, do):
+    o, vjp = jax.vjp(fn, q, k, v)
+    return o, vjp(do)
+  return run
+
+
+def run(*, smoke: bool, interpret: bool, emit: Callable[[dict], None], iters: int = 20,
+        dtype=jnp.bfloat16, deadline: float | None = None) -> list[dict]:
+  """Benchmarks every implementation on every shape and mask; returns the rows it emitted."""
+  on_gpu = jax.default_backend() == "gpu"
+  impls = implementations(interpret, on_gpu)
+  rows = []
+  shapes, windows = (SMOKE_SHAPES, SMOKE_WINDOWS) if smoke else (SHAPES, WINDOWS)
+  for shape in shapes:
+    for mask, window in windows.items():
+      q, k, v, do = _inputs(shape, dtype, seed=len(rows))
+      f32 = [x.astype(jnp.float32) for x in (q, k, v, do)]
+      ref_fn = functools.partial(fa.flash_attention_reference, causal=True, window=window)
+      ref_o, ref_grads = jax.jit(_fwd_bwd(ref_fn))(*f32)
+      fwd_flops, fwdbwd_flops = _flops(shape, window)
+      for name, (impl, has_bwd) in impls.items():
+        b, t, h, d = shape
+        row = {"kind": "attention", "impl": name, "B": b, "T": t, "H": h, "D": d, "mask": mask,
+               "dtype": jnp.dtype(dtype).name}
+        if deadline is not None and time.time() > deadline:
+          row["skipped"] = "time budget spent"
+          rows.append(row)
+          emit(row)
+          continue
+        fn = functools.partial(impl, window=window)
+        try:
+          fwd = jax.jit(lambda q, k, v, fn=fn: fn(q, k, v))
+          row["rel_err"] = _rel_err(fwd(q, k, v), ref_o)
+          row["fwd_ms"] = time_ms(fwd, q, k, v, iters=iters)
+          row["fwd_tflops"] = fwd_flops / row["fwd_ms"] / 1e9
+          if has_bwd:
+            fwd_bwd = jax.jit(_fwd_bwd(fn))
+            if name == "pallas":
+              _, grads = fwd_bwd(q, k, v, do)
+              row["grad_rel_err"] = max(_rel_err(g, r) for g, r in zip(grads, ref_grads))
+            row["fwdbwd_ms"] = time_ms(fwd_bwd, q, k, v, do, iters=iters)
+            row["fwdbwd_tflops"] = fwdbwd_flops / row["fwdbwd_ms"] / 1e9
+        except Unsupported as e:
+          row["skipped"] = str(e)
+        except Exception as e:  # noqa: BLE001 - one failing implementation must not end the run
+          row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        rows.append(row)
+        emit(row)
+  return rows
+
+
+def sweep(*, interpret: bool, emit: Callable[[dict], None], smoke: bool, iters: int = 20,
+          deadline: float | None = None) -> list[dict]:
+  """Times our kernel's forward + backward under a few tile sizes (causal and window 256)."""
+  rows = []
+  shapes = SMOKE_SHAPES[:1] if smoke else SWEEP_SHAPES
+  configs = SWEEP[:2] if smoke else SWEEP
+  for shape in shapes:
+    q, k, v, do = _inputs(shape, jnp.bfloat16, seed=7)
+    for window in (SMOKE_WINDOWS if smoke else WINDOWS).values():
+      for blocks in configs:
+        if deadline is not None and time.time() > deadline:
+          return rows
+        bs = BlockSizes(*blocks)
+        row = {"kind": "attention_sweep", "B": shape[0], "T": shape[1], "H": shape[2],
+               "D": shape[3], "window": window, "blocks": list(blocks)}
+        try:
+          fn = functools.partial(_ours, window=window, interpret=interpret, block_sizes=bs)
+          row["fwdbwd_ms"] = time_ms(jax.jit(_fwd_bwd(fn)), q, k, v, do, iters=iters)
+        except Exception as e:  # noqa: BLE001
+          row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        rows.append(row)
+        emit(row)
+  return rows
+
+
+def table(rows: list[dict]) -> str:
+  """Markdown table of the attention rows: milliseconds, and ours relative to the others."""
+  out = ["| shape | mask | impl | fwd ms | fwd+bwd ms | fwd+bwd TFLOP/s | max rel err |",
+         "|---|---|---|---|---|---|---|"]
+  for r in rows:
+    if r.get("kind") != "attention":
+      continue
+    shape = f"{r['B']},{r['T']},{r['H']},{r['D']}"
+    note = r.get("error") or r.get("skipped")
+    if note:
+      out.append(f"| {shape} | {r['mask']} | {r['impl']} | - | - | - | {note[:60]} |")
+      continue
+    err = max(r.get("rel_err", 0.0), r.get("grad_rel_err", 0.0))
+    fb_ms = fb_tflops = "-"
+    if "fwdbwd_ms" in r:
+      fb_ms, fb_tflops = f"{r['fwdbwd_ms']:.3f}", f"{r['fwdbwd_tflops']:.0f}"
+    out.append(f"| {shape} | {r['mask']} | {r['impl']} | {r['fwd_ms']:.3f} | {fb_ms} | "
+               f"{fb_tflops} | {err:.1e} |")
+  return "\n".join(out)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--smoke", action="store_true", help="tiny shapes, Pallas interpreted")
+  parser.add_argument("--sweep", action="store_true", help="also sweep our tile sizes")
+  args = parser.parse_args()
+  interpret = args.smoke or jax.default_backend() not in ("gpu", "tpu")
+  emit = lambda row: print(json.dumps(row), flush=True)  # noqa: E731
+  rows = run(smoke=args.smoke, interpret=interpret, emit=emit, iters=3 if args.smoke else 20)
+  if args.sweep:
+    rows += sweep(interpret=interpret, emit=emit, smoke=args.smoke, iters=3 if args.smoke else 20)
+  print(table(rows))
+
+
+if __name__ == "__main__":
+  main()
