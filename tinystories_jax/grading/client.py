@@ -199,6 +199,8 @@ class ChatClient:
 
   async def _post(self, body: dict[str, Any]) -> Any:
     async with self._semaphore:
+      if self._stopped:  # Checked again here: callers may have queued before the stop.
+        raise AuthStop(self._stopped)
       # `post` with cast_to=object returns the decoded JSON. The typed `chat.completions.create`
       # costs about twice the CPU per request (request transforms, pydantic models), which is
       # the bottleneck at hundreds of requests a second; errors map to the same exceptions.

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from tinystories_jax.grading import pricing
+from tinystories_jax.grading.completions import REFERENCE_MODEL
 from tinystories_jax.grading.rubric import AGE_GROUPS, Rubric
 
 BOOTSTRAP_SAMPLES = 2000
@@ -95,7 +96,8 @@ def summarize(rows: list[dict[str, Any]], *, rubric: Rubric, grader_model: str,
     }
   per_prompt: dict[str, dict[str, Any]] = {}
   for row in rows:
-    if row["status"] != "ok" or not row.get("scores"):
+    # Reference stories each have their own beginning: a row apiece would swamp the table.
+    if row["status"] != "ok" or not row.get("scores") or row["model"] == REFERENCE_MODEL:
       continue
     entry = per_prompt.setdefault(_prompt_label(row), {"prompt": row["prompt"], "models": {}})
     entry["models"].setdefault(row["model"], []).append(row["scores"])
