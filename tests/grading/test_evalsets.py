@@ -46,3 +46,11 @@ def test_story_prompt_is_not_a_probe():
 ])
 def test_check_probe(completion, answers, correct):
   assert evalsets.check_probe(completion, answers)["correct"] is correct
+
+
+def test_write_prompts_holds_every_set(tmp_path):
+  path = tmp_path / "prompts.jsonl"
+  count = evalsets.write_prompts(str(path))
+  rows = [__import__("json").loads(line) for line in path.read_text().splitlines()]
+  assert count == len(rows) == sum(len(evalsets.load_eval_set(n)) for n in evalsets.EVAL_SETS)
+  assert {r["set"] for r in rows} == set(evalsets.EVAL_SETS)

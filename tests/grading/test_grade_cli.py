@@ -193,3 +193,23 @@ def test_grading_never_imports_jax():
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=REPO_ROOT)
   assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_eval_script_grades_existing_completions(server, fake, tmp_path):
+  del fake
+  out = tmp_path / "eval"
+  out.mkdir()
+  prompts = evalsets.load_eval_set("stories")[:3] + evalsets.load_eval_set("context")[:2]
+  write_jsonl(out / "completions.jsonl", [
+      {"id": p["id"], "prompt": p["prompt"], "completion": " the box and smiled.",
+       "model": "runs/x@step10", "sampler": {}} for p in prompts])
+  env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
+  env.update(PYTHON=sys.executable, BASE_URL=server.base_url, GRADE_FLAGS="--progress=false")
+  result = subprocess.run(["bash", os.path.join(REPO_ROOT, "launch", "eval.sh"),
+                           str(tmp_path / "workdir"), str(out)],
+                          capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=120)
+  assert result.returncode == 0, result.stderr
+  assert (out / "prompts.jsonl").exists()
+  summary = json.loads((out / "grades" / "summary.json").read_text())
+  assert summary["graded"] == 3
+  assert summary["models"]["runs/x@step10"]["probes"]["context"]["total"] == 2

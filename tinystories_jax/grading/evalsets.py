@@ -83,3 +83,17 @@ def check_probe(completion: str, answers: list[str]) -> dict[str, Any]:
       if target and head[start:start + len(target)] == target:
         return {"correct": True, "matched": answer, "answers": list(answers)}
   return {"correct": False, "matched": None, "answers": list(answers)}
+
+
+def write_prompts(path: str, names: tuple[str, ...] = tuple(EVAL_SETS)) -> int:
+  """Writes the named sets as one prompts file for `sample --prompts_file`; returns rows.
+
+  Rows are `{"id", "prompt", "set"}`; the grader recognises probes again by their prompt.
+  """
+  count = 0
+  with open(path, "w", encoding="utf-8") as f:
+    for name in names:
+      for row in load_eval_set(name):
+        f.write(json.dumps({"id": row["id"], "prompt": row["prompt"], "set": name}) + "\n")
+        count += 1
+  return count
