@@ -93,8 +93,9 @@ def test_interrupted_run_resumes_from_finished_stages(tmp_path):
   assert not (out / "train.tokens.tmp").exists()
 
 
-def test_given_tokenizer_and_file_inputs(tmp_path, prepared):
+def test_given_tokenizer_and_file_inputs(tmp_path, prepared, monkeypatch):
   src, _ = prepared
+  monkeypatch.setattr(preparation, "_POOL_MIN_BYTES", 0)  # use worker processes even for this
   story_file = tmp_path / "stories.jsonl"
   with open(story_file, "w") as f:
     for s in synthetic.generate(60, seed=5):

@@ -45,6 +45,8 @@ _SUSPECT = re.compile("[\u00c2-\u00f4][\u0080-\u00bf\u0152\u0153\u0160\u0161\u01
 _SPACES = re.compile(r"[ \t\f\v\u00a0]+")
 _LINE_EDGES = re.compile(r" *\n *")
 _MANY_BLANK_LINES = re.compile(r"\n{3,}")
+_WHITESPACE = re.compile(r"\s+")
+_NOT_LETTER = re.compile(r"[\W\d_]+")
 
 # Bump when cleaning changes what it outputs, so prepared directories are not silently reused.
 CLEAN_VERSION = 1
@@ -74,8 +76,8 @@ def is_degenerate(text: str, min_words: int) -> bool:
   """True for text too short to be a story or made mostly of non-letters."""
   if len(text.split()) < min_words:
     return True
-  visible = sum(1 for c in text if not c.isspace())
-  letters = sum(1 for c in text if c.isalpha())
+  visible = len(_WHITESPACE.sub("", text))
+  letters = len(_NOT_LETTER.sub("", text))
   return letters < 0.5 * visible
 
 

@@ -149,12 +149,12 @@ def _chunks(items: Iterable, size: int) -> Iterator[list]:
 
 # Worker-process state and tasks (module level so that spawned workers can import them).
 _WORKER: dict = {}
+# Below this much input a process pool costs more to start than it saves.
+_POOL_MIN_BYTES = 16 << 20
 
 
-def _init_worker(min_words: int, tokenizer_model: bytes | None) -> None:
+def _init_worker(min_words: int) -> None:
   _WORKER["cleaner"] = clean_lib.Cleaner(min_words=min_words, dedupe=False)
-  if tokenizer_model is not None:
-    _WORKER["tokenizer"] = tokenizer_lib.Tokenizer(tokenizer_model)
 
 
 def _clean_chunk(texts: list[str]) -> list[tuple[str | None, tuple[str, ...]]]:
@@ -162,8 +162,11 @@ def _clean_chunk(texts: list[str]) -> list[tuple[str | None, tuple[str, ...]]]:
   return [cleaner.clean_text(t) for t in texts]
 
 
-def _encode_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-  tok = _WORKER["tokenizer"]
+def _encode_chunk(task: tuple[str, str, list[str]]) -> tuple[np.ndarray, np.ndarray]:
+  path, sha, texts = task
+  tok = _WORKER.get("tokenizer")
+  if tok is None or tok.sha256 != sha:
+    tok = _WORKER["tokenizer"] = tokenizer_lib.Tokenizer(path)
   ids = tok.encode_batch(texts)
   lengths = np.fromiter((len(x) + 2 for x in ids), dtype=np.int64, count=len(ids))
   flat = np.empty(int(lengths.sum()), dtype=np.int32)
@@ -177,15 +180,15 @@ def _encode_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 
 @contextlib.contextmanager
-def _pool(num_workers: int, min_words: int, tokenizer_model: bytes | None):
-  """A process pool, or in-process execution when one worker is asked for."""
+def _pool(num_workers: int, min_words: int):
+  """Yields a ``map`` over worker processes, or the built-in one for a single worker."""
   if num_workers <= 1:
-    _init_worker(min_words, tokenizer_model)
+    _init_worker(min_words)
     yield map
     return
+  # spawn, not fork: the calling process may hold threads (jax's, in tests) that fork would copy.
   ctx = multiprocessing.get_context("spawn")
-  with ctx.Pool(num_workers, initializer=_init_worker,
-                initargs=(min_words, tokenizer_model)) as pool:
+  with ctx.Pool(num_workers, initializer=_init_worker, initargs=(min_words,)) as pool:
     yield lambda fn, it: pool.imap(fn, it)
 
 
@@ -245,6 +248,13 @@ class Preparer:
       (self.out / "metadata.json").unlink()
     self.out.mkdir(parents=True, exist_ok=True)
 
+    input_bytes = sum(r.get("bytes", r.get("stories", 0) * 600) for s in sources for r in s.records)
+    workers = self.workers if input_bytes >= _POOL_MIN_BYTES else 1
+    with _pool(workers, o.min_words) as self.pmap:
+      return self._run_stages(sources, fingerprint, given_tok)
+
+  def _run_stages(self, sources, fingerprint, given_tok) -> dict:
+    o = self.opts
     stats, sample = self._clean_all(sources, fingerprint)
     tok = given_tok or self._tokenizer(sample, fingerprint)
     tok_path = self.out / "tokenizer.model"
@@ -298,7 +308,8 @@ class Preparer:
       handles = {n: open(clean_dir / f"{n}.jsonl.tmp", "w", encoding="utf-8") for n in SPLITS}
       counts = dict.fromkeys(SPLITS, 0)
       try:
-        with _pool(self.workers, o.min_words, None) as pmap, _progress("cleaning") as bar:
+        with _progress("cleaning") as bar:
+          pmap = self.pmap
           for source in sources:
             spec = o.inputs if source.name == "train" else o.valid_inputs
             cleaner.counts.clear()
@@ -380,18 +391,17 @@ class Preparer:
     offsets = [np.zeros(1, np.int64)]
     total, stories, text_bytes = 0, 0, 0
     digest = hashlib.sha256()
-    with open(tokens_tmp, "wb") as f, \
-        _pool(self.workers, self.opts.min_words, tok.serialized) as pmap, \
-        _progress(f"encoding {split}") as bar:
+    tok_path = str((self.out / "tokenizer.model").resolve())
+    with open(tokens_tmp, "wb") as f, _progress(f"encoding {split}") as bar:
       texts = self._iter_clean(split)
 
-      def counted(chunks):
+      def tasks(chunks):
         nonlocal text_bytes
         for chunk in chunks:
           text_bytes += sum(len(t.encode("utf-8")) for t in chunk)
-          yield chunk
+          yield tok_path, tok.sha256, chunk
 
-      for flat, lengths in pmap(_encode_chunk, counted(_chunks(texts, _CHUNK))):
+      for flat, lengths in self.pmap(_encode_chunk, tasks(_chunks(texts, _CHUNK))):
         data = flat.astype(dtype).tobytes()
         f.write(data)
         digest.update(data)
