@@ -167,3 +167,44 @@ def test_reference_matches_a_dense_softmax():
   logits = jnp.where((j <= i) & (j > i - 5), logits, -jnp.inf)
   want = jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(logits, axis=-1), v_h)
   np.testing.assert_allclose(got, want, atol=1e-5, err_msg=f"seed {seed}")
+
+
+def test_through_models_attention_matches_its_reference():
+  attention = pytest.importorskip("tinystories_jax.models.attention")
+  seed = secrets.randbits(32)
+  q, k, v, do, seg = _inputs(seed, 2, 80, 80, 4, 2, 16, jnp.float32, True)
+  for kwargs in (dict(window=24, **seg), dict(causal=True, scale=1.0)):
+    def run(impl):
+      with fa.force_interpret():
+        return _run(lambda *a, **kw: attention.attention(*a, impl=impl, **kw), q, k, v, do, kwargs)
+    for name, g, w in zip(("o", "dq", "dk", "dv"), run("pallas"), run("reference")):
+      assert _rel_err(g, w) < 2e-5, (name, kwargs.keys(), seed)
+  # Queries that are the last T of S positions (a prefix already in the cache).
+  k_long, v_long = jnp.concatenate([k, k], axis=1), jnp.concatenate([v, v], axis=1)
+  with fa.force_interpret():
+    got = attention.attention(q, k_long, v_long, impl="pallas", window=50)
+  want = attention.attention(q, k_long, v_long, impl="reference", window=50)
+  assert _rel_err(got, want) < 2e-5, seed
+
+
+@pytest.mark.parametrize("platform,backend,marker", [("cuda", "gpu", "triton"),
+                                                     ("tpu", "tpu", "tpu_custom_call")])
+def test_kernels_lower_for_their_platform(platform, backend, marker):
+  """Pallas lowers both kernel families on a CPU: catches constructs a backend rejects."""
+  q = jax.ShapeDtypeStruct((2, 200, 4, 48), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((2, 200, 2, 48), jnp.bfloat16)
+  seg = jax.ShapeDtypeStruct((2, 200), jnp.int32)
+
+  def fwd_bwd(q, k, v, seg):
+    fn = lambda q, k, v: fa.flash_attention(q, k, v, window=64, q_segment_ids_bt=seg,  # noqa: E731
+                                            kv_segment_ids_bs=seg, backend=backend,
+                                            interpret=False)
+    o, vjp = jax.vjp(fn, q, k, v)
+    return vjp(o)
+
+  try:
+    text = jax.jit(fwd_bwd).trace(q, kv, kv, seg).lower(
+        lowering_platforms=(platform,)).as_text()
+  except ImportError as e:  # a jaxlib built without that backend's lowering support
+    pytest.skip(f"cannot lower for {platform} here: {e}")
+  assert text.count(marker) >= 3, "expected the forward, dQ and dK/dV kernels"

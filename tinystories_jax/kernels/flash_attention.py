@@ -177,8 +177,9 @@ def flash_attention(q_bthd, k_bskd, v_bskd, *, causal=True, window=None, q_segme
     scale: multiplies q.k; None means 1 / sqrt(D) (GPT-Neo passes 1.0).
     block_sizes: `BlockSizes` override; None picks per platform and head size.
     interpret: run the Pallas interpreter (works on CPU); None follows `force_interpret`.
-    backend: "gpu" (Triton) or "tpu" (Mosaic) kernels; None picks the current platform's. Only
-      useful with interpret=True, to test one family's kernels on a CPU.
+    backend: "gpu" (Triton) or "tpu" (Mosaic) kernels; None picks the current platform's. For
+      tests: with interpret=True it runs one family's kernels on a CPU, and it lets a CPU
+      lower the kernels for another platform (`.lower(lowering_platforms=...)`).
 
   Returns:
     o_bthd [B, T, H, D] in q's dtype. Query rows that see no key (padding) are zeros.
@@ -193,7 +194,8 @@ def flash_attention(q_bthd, k_bskd, v_bskd, *, causal=True, window=None, q_segme
   platform = jax.default_backend()
   b, t, h, d = q_bthd.shape
   s = k_bskd.shape[1]
-  ok, reason = supports(d, q_bthd.dtype, platform if not interpret else "gpu")
+  # An explicit backend (tests, lowering for another platform) vouches for the platform.
+  ok, reason = supports(d, q_bthd.dtype, "gpu" if interpret else (backend or platform))
   if not ok:
     raise ValueError(reason)
   family = backend or _kernel_family(platform) or "gpu"

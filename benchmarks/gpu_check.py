@@ -1,0 +1,408 @@
+"""The GPU check: attention kernels, training throughput and its peers, in one run.
+
+    python3 benchmarks/gpu_check.py                   # on the GPU machine; results under $OUT
+    python3 benchmarks/gpu_check.py --smoke           # anywhere, tiny shapes, Pallas interpreted
+    python3 benchmarks/gpu_check.py --sections=attention,sweep
+
+Sections, each guarded so one failure does not end the run, in this order:
+  versions   library versions and the device
+  matmul     bf16 matmul ceiling, 8192^3, median of timed calls after warm-up
+  attention  forward and forward+backward at four shapes, causal and window 256: our Pallas kernel,
+             cuDNN, XLA, jax's stock Pallas (Triton) `mha` and its Mosaic GPU kernel (forward)
+  train      our train step (tinystories_jax.training.benchmark) per model shape and attention
+  peers      transformers' LlamaForCausalLM + torch.compile and GPTNeoForCausalLM eager and
+             compiled at the same shapes (bf16 autocast, AdamW, grad clip, random tokens), in a
+             child process so that the two frameworks do not share the GPU's memory pool
+  sweep      our kernel's tile sizes
+  pipeline   benchmarks/input_pipeline.py (needs grain), in a child process
+Every row goes to $OUT/gpu_check.jsonl as it is measured; the tables go to $OUT/gpu_check.md and,
+shortened, to stdout at the end. `--budget_s` bounds the whole run: sections past it are skipped
+with a row saying so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+import time
+import traceback
+
+# JAX would otherwise reserve most of the GPU's memory at start-up.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+SECTIONS = ("versions", "matmul", "attention", "train", "peers", "sweep", "pipeline")
+# (family, preset, vocab, batch, seq, overrides): the shapes of the baselines.
+TRAIN_SHAPES = (("llama", "15m", 4096, 128, 256, {}), ("llama", "15m", 32000, 128, 256, {}),
+                ("llama", "42m", 32000, 32, 1024, {}), ("gpt_neo", "33m", 50257, 64, 512, {}))
+# Tiny models whose heads the kernels take (head_dim 16), for the CPU smoke run.
+SMOKE_TRAIN_SHAPES = (
+    ("llama", "260k", 512, 4, 64, {"num_heads": 4, "num_kv_heads": 2}),
+    ("gpt_neo", "1m", 512, 4, 64, {"num_heads": 4, "num_layers": 2, "window": 16,
+                                   "attention_layers": ("global", "local")}),
+)
+TRAIN_IMPLS = ("pallas", "cudnn")
+
+
+class Run:
+  """Collects rows: appends each to the JSONL file at once and keeps it for the tables."""
+
+  def __init__(self, out_dir: pathlib.Path, budget_s: float):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    self.path = out_dir / "gpu_check.jsonl"
+    self.md_path = out_dir / "gpu_check.md"
+    self.rows: list[dict] = []
+    self.deadline = time.time() + budget_s
+
+  def emit(self, row: dict) -> None:
+    row = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **row}
+    self.rows.append(row)
+    with self.path.open("a") as f:
+      f.write(json.dumps(row) + "\n")
+    print(json.dumps(row), flush=True)
+
+  def out_of_time(self) -> bool:
+    return time.time() > self.deadline
+
+
+def _module_version(name: str) -> str:
+  try:
+    module = __import__(name)
+    return str(getattr(module, "__version__", "present"))
+  except Exception as e:  # noqa: BLE001
+    return f"missing: {type(e).__name__}"
+
+
+def section_versions(run: Run, args) -> None:
+  import jax  # noqa: PLC0415
+  mods = {m: _module_version(m) for m in ("jax", "jaxlib", "flax", "optax", "numpy", "torch",
+                                          "transformers", "triton", "grain", "ml_collections")}
+  run.emit({"kind": "versions", "python": platform.python_version(), "mods": mods,
+            "backend": jax.default_backend(), "devices": [d.device_kind for d in jax.devices()],
+            "smoke": args.smoke})
+
+
+def section_matmul(run: Run, args) -> None:
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  import attention as attention_bench  # noqa: PLC0415
+  n = 512 if args.smoke else 8192
+  ka, kb = jax.random.split(jax.random.key(0))
+  a = jax.random.normal(ka, (n, n), jnp.float32).astype(jnp.bfloat16)
+  b = jax.random.normal(kb, (n, n), jnp.float32).astype(jnp.bfloat16)
+  ms = attention_bench.time_ms(jax.jit(jnp.matmul), a, b, iters=5 if args.smoke else 20)
+  run.emit({"kind": "ceiling", "what": "bf16 matmul", "n": n, "ms": ms,
+            "tflops": 2 * n**3 / ms / 1e9})
+
+
+def section_attention(run: Run, args) -> None:
+  import attention as attention_bench  # noqa: PLC0415
+  interpret = args.smoke or not args.on_accelerator
+  attention_bench.run(smoke=args.smoke, interpret=interpret, emit=run.emit,
+                      iters=3 if args.smoke else 20, deadline=run.deadline)
+
+
+def section_sweep(run: Run, args) -> None:
+  import attention as attention_bench  # noqa: PLC0415
+  attention_bench.sweep(interpret=args.smoke or not args.on_accelerator, emit=run.emit,
+                        smoke=args.smoke, iters=3 if args.smoke else 20, deadline=run.deadline)
+
+
+def section_train(run: Run, args) -> None:
+  try:
+    from tinystories_jax.kernels import flash_attention as fa  # noqa: PLC0415
+    from tinystories_jax.models import presets  # noqa: PLC0415
+    from tinystories_jax.training import benchmark  # noqa: PLC0415
+  except ImportError as e:
+    run.emit({"kind": "train", "skipped": f"tinystories_jax.training not importable: {e}"})
+    return
+  shapes = SMOKE_TRAIN_SHAPES if args.smoke else TRAIN_SHAPES
+  for family, name, vocab, batch, seq, overrides in shapes:
+    for impl in TRAIN_IMPLS if not args.smoke else ("pallas", "xla"):
+      row = {"kind": "train", "system": "ours", "model": f"{family}:{name}", "vocab": vocab,
+             "batch": batch, "seq": seq, "attention": impl}
+      if run.out_of_time():
+        run.emit({**row, "skipped": "time budget spent"})
+        continue
+      try:
+        cfg = presets.get(family, name, vocab_size=vocab, dtype="bfloat16", attention_impl=impl,
+                          **overrides)
+        with fa.force_interpret(args.smoke or not args.on_accelerator):
+          result = benchmark.measure_train_throughput(cfg, batch_size=batch, seq_len=seq,
+                                                      steps=3 if args.smoke else 15, warmup=3)
+        row.update(result)
+      except Exception as e:  # noqa: BLE001
+        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+      run.emit(row)
+
+
+# ------------------------------------------------------------------------------------------------
+# transformers peers (run in a child process)
+
+
+def _llama_hidden(d_model: int, multiple_of: int) -> int:
+  hidden = int(2 * (4 * d_model) / 3)
+  return multiple_of * -(-hidden // multiple_of)
+
+
+def _peer_model(family: str, name: str, vocab: int, smoke: bool):
+  """The transformers model of the same shape as our preset (smoke: as overridden above)."""
+  import transformers  # noqa: PLC0415
+  if family == "llama":
+    d, layers, heads, kv_heads, ctx = {"15m": (288, 6, 6, 6, 256), "42m": (512, 8, 8, 8, 1024),
+                                       "260k": (64, 5, 4, 2, 512)}[name]
+    cfg = transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=d, intermediate_size=_llama_hidden(d, 4 if smoke else 32),
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        max_position_embeddings=ctx, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        use_cache=False, attn_implementation="sdpa")
+    return transformers.LlamaForCausalLM(cfg), layers, d
+  d, layers = (64, 2) if smoke else (768, 4)
+  cfg = transformers.GPTNeoConfig(
+      vocab_size=vocab, max_position_embeddings=2048, hidden_size=d, num_layers=layers,
+      attention_types=[[["global", "local"], layers // 2]], num_heads=4 if smoke else 16,
+      window_size=16 if smoke else 256, activation_function="gelu_new", layer_norm_epsilon=1e-5,
+      resid_dropout=0.0, embed_dropout=0.0, attention_dropout=0.0, use_cache=False,
+      bos_token_id=0, eos_token_id=0)
+  return transformers.GPTNeoForCausalLM(cfg), layers, d
+
+
+def _time_torch_training(model, *, batch: int, seq: int, vocab: int, compiled: bool, steps: int,
+                         warmup: int) -> dict:
+  import torch  # noqa: PLC0415
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  model = model.to(device).train()
+  opt = torch.optim.AdamW(model.parameters(), lr=5e-4, betas=(0.9, 0.95), weight_decay=0.1,
+                          fused=device == "cuda")
+  forward = torch.compile(model) if compiled else model
+  batches = [torch.randint(0, vocab, (batch, seq), device=device) for _ in range(2)]
+
+  def step(tokens):
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+      loss = forward(input_ids=tokens, labels=tokens).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+  t0 = time.perf_counter()
+  step(batches[0])
+  sync()
+  compile_s = time.perf_counter() - t0
+  for i in range(1, warmup):
+    step(batches[i % 2])
+  sync()
+  t0 = time.perf_counter()
+  for i in range(steps):
+    loss = step(batches[i % 2])
+  sync()
+  elapsed = time.perf_counter() - t0
+  return {"tokens_per_s": steps * batch * seq / elapsed, "step_ms": 1e3 * elapsed / steps,
+          "first_step_s": compile_s, "loss": float(loss)}
+
+
+def peers_child(run: Run, args) -> None:
+  """Runs inside the child process: one row per transformers model and mode."""
+  import torch  # noqa: PLC0415
+  torch.backends.cuda.matmul.allow_tf32 = True
+  torch.backends.cudnn.allow_tf32 = True
+  specs = []
+  for family, name, vocab, batch, seq, _ in (SMOKE_TRAIN_SHAPES if args.smoke else TRAIN_SHAPES):
+    modes = ("eager", "compile") if family == "gpt_neo" else ("compile",)
+    if args.smoke:
+      modes = ("eager",) + (("compile",) if args.smoke_compile else ())
+    specs += [(family, name, vocab, batch, seq, mode) for mode in modes]
+  for family, name, vocab, batch, seq, mode in specs:
+    cls = "LlamaForCausalLM" if family == "llama" else "GPTNeoForCausalLM"
+    row = {"kind": "train", "system": f"transformers {cls} {mode}", "model": f"{family}:{name}",
+           "vocab": vocab, "batch": batch, "seq": seq}
+    if run.out_of_time():
+      run.emit({**row, "skipped": "time budget spent"})
+      continue
+    try:
+      torch.manual_seed(0)
+      model, layers, d = _peer_model(family, name, vocab, args.smoke)
+      params = sum(p.numel() for p in model.parameters())
+      result = _time_torch_training(model, batch=batch, seq=seq, vocab=vocab,
+                                    compiled=mode == "compile", steps=3 if args.smoke else 15,
+                                    warmup=3)
+      flops_per_token = 6 * params + 12 * layers * d * seq
+      row.update(result, params=params,
+                 model_tflops=result["tokens_per_s"] * flops_per_token / 1e12,
+                 torch=torch.__version__)
+      del model
+      if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    except Exception as e:  # noqa: BLE001
+      row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    run.emit(row)
+
+
+def _child(run: Run, args, argv: list[str], name: str, timeout: float) -> None:
+  timeout = max(30.0, min(timeout, run.deadline - time.time()))
+  try:
+    proc = subprocess.run([sys.executable, *argv], cwd=REPO, timeout=timeout,
+                          capture_output=True, text=True)
+    tail = (proc.stdout + proc.stderr)[-1500:]
+    if proc.returncode:
+      run.emit({"kind": name, "error": f"exit {proc.returncode}", "tail": tail})
+  except subprocess.TimeoutExpired:
+    run.emit({"kind": name, "error": f"timed out after {timeout:.0f} s"})
+
+
+def section_peers(run: Run, args) -> None:
+  argv = [str(pathlib.Path(__file__).resolve()), "--peers_child", f"--out={args.out}",
+          f"--budget_s={max(30.0, run.deadline - time.time()):.0f}"]
+  if args.smoke:
+    argv.append("--smoke")
+  if args.smoke_compile:
+    argv.append("--smoke_compile")
+  before = run.path.stat().st_size if run.path.exists() else 0
+  _child(run, args, argv, "peers", timeout=run.deadline - time.time() + 60)
+  with run.path.open() as f:  # the child appended its rows to the same file
+    f.seek(before)
+    run.rows += [json.loads(line) for line in f if line.strip()]
+
+
+def section_pipeline(run: Run, args) -> None:
+  script = REPO / "benchmarks" / "input_pipeline.py"
+  try:
+    import grain  # noqa: PLC0415,F401
+  except ImportError as e:
+    run.emit({"kind": "pipeline", "skipped": f"grain not importable ({e}); carry the wheels"})
+    return
+  out = pathlib.Path(args.out) / "input_pipeline.jsonl"
+  argv = [str(script), f"--out={out}", "--batches=50" if args.smoke else "--batches=200"]
+  _child(run, args, argv, "pipeline", timeout=150)
+  if out.exists():
+    for line in out.read_text().splitlines():
+      if line.strip():
+        run.emit({"kind": "pipeline", **json.loads(line)})
+
+
+# ------------------------------------------------------------------------------------------------
+# tables
+
+
+def _train_table(rows: list[dict]) -> str:
+  out = ["| model | vocab | batch x seq | system | tokens/s | model TFLOP/s |", "|---|---|---|---|---|---|"]
+  for r in rows:
+    if r.get("kind") != "train" or "system" not in r:
+      continue
+    system = r["system"] + (f" ({r['attention']})" if "attention" in r else "")
+    shape = f"{r['batch']}x{r['seq']}"
+    if "tokens_per_s" in r:
+      out.append(f"| {r['model']} | {r['vocab']} | {shape} | {system} | "
+                 f"{r['tokens_per_s'] / 1e6:.3f}M | {r['model_tflops']:.0f} |")
+    else:
+      out.append(f"| {r['model']} | {r['vocab']} | {shape} | {system} | - | "
+                 f"{(r.get('error') or r.get('skipped', ''))[:70]} |")
+  return "\n".join(out)
+
+
+def _ratios(rows: list[dict]) -> list[str]:
+  """The issue's targets as measured ratios (only where both sides were measured)."""
+  att = {(r["impl"], r["T"], r["H"], r["D"], r["B"], r["mask"]): r for r in rows
+         if r.get("kind") == "attention" and "fwdbwd_ms" in r}
+  lines = []
+  for (impl, t, h, d, b, mask), r in sorted(att.items()):
+    if impl != "pallas":
+      continue
+    for other in ("cudnn", "stock_pallas_mha", "xla"):
+      o = att.get((other, t, h, d, b, mask))
+      if o:
+        lines.append(f"attention {b},{t},{h},{d} {mask}: {other} fwd+bwd / ours = "
+                     f"{o['fwdbwd_ms'] / r['fwdbwd_ms']:.2f}x")
+    if mask == "causal":
+      w = next((v for k, v in att.items() if k[0] == "pallas" and k[1:5] == (t, h, d, b)
+                and k[5] != "causal"), None)
+      if w:
+        lines.append(f"attention {b},{t},{h},{d}: ours causal / ours {w['mask']} = "
+                     f"{r['fwdbwd_ms'] / w['fwdbwd_ms']:.2f}x")
+  train = [r for r in rows if r.get("kind") == "train" and "tokens_per_s" in r]
+  for r in train:
+    if r["system"] != "ours":
+      continue
+    for p in train:
+      if p["system"] != "ours" and (p["model"], p["vocab"]) == (r["model"], r["vocab"]):
+        lines.append(f"train {r['model']} vocab {r['vocab']} ours ({r['attention']}) / "
+                     f"{p['system']} = {r['tokens_per_s'] / p['tokens_per_s']:.2f}x")
+  ceiling = next((r["tflops"] for r in rows if r.get("kind") == "ceiling"), None)
+  for r in train:
+    if ceiling and r["system"] == "ours" and r["model"] == "llama:42m":
+      lines.append(f"train llama:42m ({r['attention']}) model FLOP/s = "
+                   f"{100 * r['model_tflops'] / ceiling:.0f}% of the measured matmul ceiling")
+  return lines
+
+
+def write_tables(run: Run) -> None:
+  import attention as attention_bench  # noqa: PLC0415
+  parts = []
+  versions = next((r for r in run.rows if r.get("kind") == "versions"), None)
+  if versions:
+    parts.append(f"device: {versions['devices'][0]} ({versions['backend']}); "
+                 f"versions: {json.dumps(versions['mods'])}")
+  for r in run.rows:
+    if r.get("kind") == "ceiling":
+      parts.append(f"bf16 matmul {r['n']}^3: {r['tflops']:.0f} TFLOP/s")
+  parts += ["", attention_bench.table(run.rows), "", _train_table(run.rows), "",
+            *(f"- {line}" for line in _ratios(run.rows))]
+  sweep = [r for r in run.rows if r.get("kind") == "attention_sweep" and "fwdbwd_ms" in r]
+  if sweep:
+    parts += ["", "| sweep shape | window | blocks (q, k, q_bwd, k_bwd) | fwd+bwd ms |",
+              "|---|---|---|---|"]
+    parts += [f"| {r['B']},{r['T']},{r['H']},{r['D']} | {r['window']} | {r['blocks']} | "
+              f"{r['fwdbwd_ms']:.3f} |" for r in sweep]
+  text = "\n".join(parts) + "\n"
+  run.md_path.write_text(text)
+  print("\n" + text)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--smoke", action="store_true", help="tiny shapes; Pallas interpreted")
+  parser.add_argument("--smoke_compile", action="store_true",
+                      help="in smoke mode, also torch.compile the peers (slow on a CPU)")
+  parser.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+  parser.add_argument("--budget_s", type=float, default=450.0)
+  parser.add_argument("--sections", default=",".join(SECTIONS))
+  parser.add_argument("--peers_child", action="store_true", help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  run = Run(pathlib.Path(args.out), args.budget_s)
+  if args.peers_child:
+    peers_child(run, args)
+    return
+  import jax  # noqa: PLC0415
+  args.on_accelerator = jax.default_backend() in ("gpu", "tpu")
+  wanted = [s.strip() for s in args.sections.split(",") if s.strip()]
+  unknown = sorted(set(wanted) - set(SECTIONS))
+  if unknown:
+    parser.error(f"unknown sections {unknown}; choose from {list(SECTIONS)}")
+  for name in SECTIONS:
+    if name not in wanted:
+      continue
+    if run.out_of_time() and name != "versions":
+      run.emit({"kind": name, "skipped": "time budget spent"})
+      continue
+    t0 = time.time()
+    try:
+      globals()[f"section_{name}"](run, args)
+    except Exception as e:  # noqa: BLE001 - the next section still runs
+      run.emit({"kind": name, "error": f"{type(e).__name__}: {e}",
+                "traceback": traceback.format_exc()[-2000:]})
+    print(f"# section {name}: {time.time() - t0:.1f} s", flush=True)
+  write_tables(run)
+
+
+if __name__ == "__main__":
+  main()
