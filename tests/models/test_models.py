@@ -1,0 +1,202 @@
+"""Both model families: presets, parameter counts, logical axes, packing, dtypes, remat."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tinystories_jax import models
+from tinystories_jax.models import presets
+from tinystories_jax.models.config import ModelConfig
+
+AXES = {"vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "positions", "norm"}
+
+
+def tiny(family, **kw):
+  base = dict(family=family, vocab_size=61, d_model=32, num_layers=2, num_heads=4,
+              max_positions=64, window=4, attention_impl="xla")
+  if family == "llama":
+    base.update(num_kv_heads=2, multiple_of=8)
+  base.update(kw)
+  return ModelConfig(**base)
+
+
+def _params(model):
+  return nnx.state(model, nnx.Param)
+
+
+@pytest.mark.parametrize("family,name", [("gpt_neo", n) for n in presets.names("gpt_neo")]
+                         + [("llama", n) for n in presets.names("llama")])
+def test_every_preset_builds_with_the_counted_parameters(family, name):
+  cfg = presets.get(family, name, vocab_size=50257 if family == "gpt_neo" else 32000)
+  model = nnx.eval_shape(lambda: models.build(cfg, nnx.Rngs(0)))
+  n = sum(x.size for x in jax.tree.leaves(_params(model)))
+  assert n == models.count_params(cfg)
+
+
+def test_paper_sizes():
+  assert models.count_params(presets.gpt_neo("33m", vocab_size=50257)) == 68_514_048  # 68.5 M
+  assert models.count_params(presets.llama("260k")) == 260_032  # llama2.c's stories260K
+  assert models.count_params(presets.llama("15m", vocab_size=32000)) == 15_191_712
+
+
+@pytest.mark.parametrize("family,name", [("gpt_neo", n) for n in presets.names("gpt_neo")]
+                         + [("llama", n) for n in presets.names("llama")])
+def test_parameter_counts_match_transformers(family, name):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  from tinystories_jax.interop import hf  # noqa: PLC0415
+
+  cfg = presets.get(family, name, vocab_size=50257 if family == "gpt_neo" else 32000)
+  hf_cfg = hf.hf_config_from_model(cfg, bos_id=None, eos_id=None)
+  cls = (transformers.GPTNeoForCausalLM if family == "gpt_neo"
+         else transformers.LlamaForCausalLM)
+  config_cls = (transformers.GPTNeoConfig if family == "gpt_neo" else transformers.LlamaConfig)
+  with torch.device("meta"):
+    model = cls(config_cls(**hf_cfg))
+  assert sum(p.numel() for p in model.parameters()) == models.count_params(cfg)
+
+
+def test_preset_errors():
+  with pytest.raises(ValueError, match="33m"):
+    presets.gpt_neo("34m", vocab_size=100)
+  with pytest.raises(ValueError, match="vocab_size"):
+    presets.llama("15m")
+  assert presets.llama("15m", vocab_size=4096, dtype="bfloat16").dtype == "bfloat16"
+  assert presets.gpt_neo("33m", vocab_size=50257).attention_layers == ("global", "local") * 2
+
+
+@pytest.mark.parametrize("family", ["gpt_neo", "llama"])
+def test_every_parameter_has_logical_axes(family):
+  model = nnx.eval_shape(lambda: models.build(tiny(family), nnx.Rngs(0)))
+  specs = nnx.get_partition_spec(_params(model))
+  leaves = jax.tree.leaves(nnx.to_pure_dict(specs),
+                           is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  assert leaves
+  for spec, value in zip(leaves, jax.tree.leaves(nnx.to_pure_dict(_params(model)))):
+    assert len(spec) == value.ndim
+    assert set(spec) <= AXES, spec
+
+
+def test_config_round_trips_through_json():
+  cfg = presets.gpt_neo("33m", vocab_size=50257, dtype="bfloat16")
+  again = ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+  assert again == cfg
+  with pytest.raises(ValueError, match="no field"):
+    ModelConfig.from_dict(dict(cfg.to_dict(), d_modle=3))
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(num_heads=5, num_kv_heads=5), "divisible"),
+    (dict(num_kv_heads=3), "divide"),
+    (dict(attention_layers=("global",)), "attention_layers"),
+    (dict(dtype="float8"), "dtype"),
+    (dict(remat="some"), "remat"),
+])
+def test_config_errors(kw, match):
+  with pytest.raises(ValueError, match=match):
+    tiny("llama", **kw)
+  with pytest.raises(ValueError, match="family"):
+    dataclasses.replace(tiny("llama"), family="gpt2")
+
+
+@pytest.mark.parametrize("family", ["gpt_neo", "llama"])
+def test_outputs_and_dtypes(family):
+  cfg = tiny(family, dtype="bfloat16")
+  model = models.build(cfg, nnx.Rngs(0))
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 61, (2, 9)))
+  logits, h = nnx.jit(lambda m, t: (m(t), m.hidden(t)))(model, tokens)
+  assert logits.shape == (2, 9, 61) and logits.dtype == jnp.float32
+  assert h.shape == (2, 9, 32) and h.dtype == jnp.bfloat16
+  assert model.output_embedding().shape == (61, 32)
+  assert model.output_embedding().dtype == jnp.float32
+  leaves = jax.tree.leaves(nnx.to_pure_dict(_params(model)))
+  assert all(x.dtype == jnp.float32 for x in leaves)
+
+
+@pytest.mark.parametrize("family", ["gpt_neo", "llama"])
+def test_packed_rows_equal_separate_sequences(family):
+  """Two stories packed in one row (segment ids, restarting positions) give the logits each
+  gives alone; padding after them changes nothing."""
+  cfg = tiny(family, window=3)
+  model = models.build(cfg, nnx.Rngs(1))
+  rng = np.random.default_rng(0)
+  a, b = rng.integers(0, 61, 7), rng.integers(0, 61, 5)
+  packed = np.concatenate([a, b, np.zeros(4, int)])[None]
+  seg = np.asarray([[1] * 7 + [2] * 5 + [0] * 4])
+  pos = np.asarray([list(range(7)) + list(range(5)) + [0] * 4])
+  out = np.asarray(jax.jit(lambda t, p, s: model(t, positions_bt=p, segment_ids_bt=s))(
+      packed, pos, seg))
+  alone = nnx.jit(lambda m, t: m(t))
+  np.testing.assert_allclose(out[0, :7], np.asarray(alone(model, a[None]))[0], atol=1e-5)
+  np.testing.assert_allclose(out[0, 7:12], np.asarray(alone(model, b[None]))[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt_neo", "llama"])
+def test_attention_implementations_agree_inside_the_model(family):
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 61, (2, 11)))
+  outs = {}
+  for impl in ("reference", "xla", "cpu", "auto"):
+    model = models.build(tiny(family, attention_impl=impl), nnx.Rngs(0))
+    outs[impl] = np.asarray(nnx.jit(lambda m, t: m(t))(model, tokens))
+  for impl in ("xla", "cpu", "auto"):
+    np.testing.assert_allclose(outs[impl], outs["reference"], atol=1e-5)
+
+
+def test_gpt_neo_does_not_scale_scores_and_llama_does():
+  neo = models.build(tiny("gpt_neo"), nnx.Rngs(0))
+  lla = models.build(tiny("llama"), nnx.Rngs(0))
+  assert neo.blocks[0].attn.scale == 1.0
+  assert lla.blocks[0].attn.scale is None  # 1/sqrt(head_dim) inside attention()
+  assert [b.attn.window for b in neo.blocks] == [None, 4]
+
+
+def test_remat_changes_nothing_numerically():
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 61, (2, 8)))
+
+  def loss_and_grads(cfg):
+    model = models.build(cfg, nnx.Rngs(0))
+
+    def loss(model):
+      return jnp.mean(model(tokens) ** 2)
+
+    return nnx.jit(nnx.value_and_grad(loss))(model)
+
+  l0, g0 = loss_and_grads(tiny("llama"))
+  l1, g1 = loss_and_grads(tiny("llama", remat="block"))
+  np.testing.assert_allclose(l0, l1, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_untied_llama_has_a_separate_output_layer():
+  cfg = tiny("llama", tie_embeddings=False)
+  model = models.build(cfg, nnx.Rngs(0))
+  assert model.output_embedding() is not model.embedding[...]
+  n = sum(x.size for x in jax.tree.leaves(_params(model)))
+  assert n == models.count_params(cfg) == models.count_params(
+      dataclasses.replace(cfg, tie_embeddings=True)) + 61 * 32
+
+
+def test_flops_per_token_is_the_palm_count():
+  cfg = presets.llama("15m", vocab_size=32000)
+  non_embedding = models.count_params(cfg) - 32000 * 288
+  assert models.count_flops_per_token(cfg, 256) == (
+      6 * (non_embedding + 32000 * 288) + 12 * 6 * 288 * 256)
+
+
+def test_build_under_a_mesh_with_logical_rules():
+  devices = np.asarray(jax.devices()[:2])
+  mesh = jax.sharding.Mesh(devices, ("tensor",),
+                           axis_types=(jax.sharding.AxisType.Explicit,))
+  rules = (("heads", "tensor"), ("kv_heads", "tensor"), ("mlp", "tensor"), ("vocab", "tensor"),
+           ("embed", None), ("head_dim", None), ("norm", None), ("positions", None))
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    model = models.build(tiny("llama", vocab_size=64), nnx.Rngs(0))
+  wq = model.blocks[0].attn.wq[...]
+  assert wq.sharding.spec == jax.sharding.PartitionSpec(None, "tensor", None)
