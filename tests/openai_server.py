@@ -101,6 +101,8 @@ class FakeOpenAI:
       return Reply(status=500, error="internal error")
     if "[slow]" in text and first:
       return Reply(text="Too late.", delay_s=self.slow_s)
+    if "Summarize the story in one simple sentence" in text:
+      return Reply(text="Lily and Tom play together and learn that sharing makes everyone happy.")
     if "Write a short story" in text:
       return Reply(text=storyteller_answer(messages[-1]["content"]))
     if not score_turn:

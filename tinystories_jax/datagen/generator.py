@@ -1,0 +1,337 @@
+"""Generating a TinyStories-style corpus through an OpenAI-compatible endpoint, resumably.
+
+Files, for `--output=stories.jsonl`:
+  stories.jsonl           kept stories, one JSON row each, appended as they arrive
+  stories.rejected.jsonl  rejected answers and failed requests, with the reason
+  stories.run.json        the settings the file was made with (a resume must match them)
+  stories.txt             the kept stories (or Instruct texts) separated by `<|endoftext|>` lines
+  stories.stats.json      rejection rates, vocabulary share, n-gram diversity, tokens and cost
+Plan `i` (words, features, Instruct fields) depends only on (seed, i); a killed run, restarted
+with the same flags, finishes the plans it lost and never repeats one that was recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import json
+import os
+from typing import Any
+
+from absl import logging
+import tqdm
+
+from tinystories_jax.datagen import instruct
+from tinystories_jax.datagen import prompts as prompts_lib
+from tinystories_jax.datagen import quality
+from tinystories_jax.datagen import vocabulary as vocabulary_lib
+from tinystories_jax.grading import pricing
+from tinystories_jax.grading.client import ChatClient, ChatError, ClientConfig, Usage, run_bounded
+from tinystories_jax.grading.journal import Journal
+
+END_OF_TEXT = "<|endoftext|>"
+
+
+class GenerationError(ValueError):
+  """A problem the user must fix (mismatched resume, hopeless rejection rate)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateConfig:
+  """Everything one generation run needs.
+
+  Attributes:
+    num_stories: stories to keep (rejected ones are replaced by new plans).
+    output: the JSONL file of kept stories; sibling files share its stem.
+    client: endpoint, model, concurrency and retry policy.
+    seed: fixes every plan.
+    instruct: also ask for a summary and render the Instruct layout.
+    words: a vocabulary file, or None for the packaged one.
+    features: the story features plans may draw from.
+    feature_probability: chance of each feature being asked for.
+    limits: story length bounds in words.
+    max_tokens: answer cap for the story request.
+    temperature: sampling temperature for stories.
+    prices: USD per million tokens, for the cost estimate.
+    progress: show a progress bar.
+    max_plans_factor: stop after num_stories * this many plans (plus 20) if too few are kept.
+  """
+  num_stories: int
+  output: str
+  client: ClientConfig
+  seed: int = 0
+  instruct: bool = False
+  words: str | None = None
+  features: tuple[str, ...] = tuple(prompts_lib.FEATURES)
+  feature_probability: float = 0.35
+  limits: quality.Limits = quality.Limits()
+  max_tokens: int = 1000
+  temperature: float = 1.0
+  prices: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
+  progress: bool = True
+  max_plans_factor: float = 3.0
+
+  def __post_init__(self):
+    if self.num_stories < 1:
+      raise GenerationError(f"--num_stories must be at least 1, got {self.num_stories}.")
+    if not self.output.endswith(".jsonl"):
+      raise GenerationError(f"--output must be a .jsonl file, got {self.output}; the .txt "
+                            "layout is written beside it.")
+
+
+def sibling(output: str, suffix: str) -> str:
+  return output[:-len(".jsonl")] + suffix
+
+
+def story_id(seed: int, index: int) -> str:
+  return f"s{seed}-{index:08d}"
+
+
+class Generation:
+  """One run's state: the plans, what is recorded, and the rule for keeping a story."""
+
+  def __init__(self, config: GenerateConfig, vocabulary: vocabulary_lib.Vocabulary):
+    self.config = config
+    self.vocabulary = vocabulary
+    self.kept = Journal(config.output, key_field="id")
+    self.rejected = Journal(sibling(config.output, ".rejected.jsonl"), key_field="id")
+    self.seen = {quality.fingerprint(r["story"]) for r in self.kept.rows}
+    self.done = {r["index"] for r in self.kept.rows} | {r["index"] for r in self.rejected.rows}
+    self.in_flight = 0
+
+  def close(self) -> None:
+    self.kept.close()
+    self.rejected.close()
+
+  @property
+  def kept_count(self) -> int:
+    return len(self.kept.keys)
+
+  def plan(self, index: int) -> prompts_lib.StoryPlan:
+    return prompts_lib.make_plan(self.config.seed, index, self.vocabulary, self.config.features,
+                                 self.config.feature_probability)
+
+  def next_indices(self, count: int) -> list[int]:
+    """The lowest `count` plan indices never recorded (lost ones first, then new ones)."""
+    out, index = [], 0
+    while len(out) < count:
+      if index not in self.done:
+        out.append(index)
+      index += 1
+    return out
+
+  def base_row(self, plan: prompts_lib.StoryPlan) -> dict[str, Any]:
+    return {
+        "id": story_id(self.config.seed, plan.index), "index": plan.index,
+        "seed": self.config.seed, "prompt": prompts_lib.render_prompt(plan),
+        "words": {"verb": plan.verb, "noun": plan.noun, "adjective": plan.adjective},
+        "features": list(plan.features), "model": self.config.client.model,
+        "prompt_version": prompts_lib.PROMPT_VERSION,
+    }
+
+  def judge(self, plan: prompts_lib.StoryPlan, answer: str) -> str | None:
+    """The rejection reason for `answer`, or None; a kept story is marked seen at once."""
+    story = answer.strip()
+    reason = quality.check_story(
+        story, {"verbs": plan.verb, "nouns": plan.noun, "adjectives": plan.adjective},
+        self.config.limits, self.seen)
+    if reason is None:
+      self.seen.add(quality.fingerprint(story))
+    return reason
+
+  def record_rejected(self, row: dict[str, Any], reason: str) -> None:
+    self.rejected.append(row | {"reason": reason})
+    self.done.add(row["index"])
+
+  def record_kept(self, plan: prompts_lib.StoryPlan, row: dict[str, Any], story: str,
+                  summary: str | None) -> None:
+    row = row | {"story": story, "summary": summary}
+    if self.config.instruct:
+      fields = set(plan.instruct_fields)
+      if summary is None:
+        fields.discard("Summary")
+      sentence = instruct.pick_sentence(story, plan.sentence_seed)
+      if sentence is None:
+        fields.discard("Random sentence")
+      row["instructions"] = {
+          "features": list(plan.features) if "Features" in fields else None,
+          "words": list(plan.words) if "Words" in fields else None,
+          "summary": summary if "Summary" in fields else None,
+          "random_sentence": sentence if "Random sentence" in fields else None,
+      }
+      row["text"] = instruct.render(instruct.Instructions(
+          features=tuple(plan.features) if "Features" in fields else None,
+          words=plan.words if "Words" in fields else None,
+          summary=summary if "Summary" in fields else None,
+          random_sentence=sentence if "Random sentence" in fields else None), story)
+    self.kept.append(row)
+    self.done.add(plan.index)
+
+
+async def _generate_online(gen: Generation, client: ChatClient, bar: tqdm.tqdm) -> None:
+  config = gen.config
+
+  async def handle(index: int) -> None:
+    plan = gen.plan(index)
+    row = gen.base_row(plan)
+    usage = Usage()
+    try:
+      reply = await client.chat([{"role": "user", "content": row["prompt"]}],
+                                max_tokens=config.max_tokens, temperature=config.temperature)
+    except ChatError as e:
+      usage.add(e.usage)
+      gen.record_rejected(row | {"usage": usage.as_dict(), "error": str(e)}, "request_failed")
+      return
+    usage.add(reply.usage)
+    story = reply.text.strip()
+    reason = gen.judge(plan, story)
+    if reason is not None:
+      gen.record_rejected(row | {"story": story, "usage": usage.as_dict()}, reason)
+      bar.set_postfix(rejected=len(gen.rejected.keys), refresh=False)
+      return
+    summary = None
+    if config.instruct:
+      try:
+        summary_reply = await client.chat(
+            [{"role": "user", "content": prompts_lib.SUMMARY_PROMPT.replace("{story}", story)}],
+            max_tokens=120, temperature=0.0)
+        usage.add(summary_reply.usage)
+        summary = " ".join(summary_reply.text.split())
+      except ChatError as e:
+        usage.add(e.usage)
+        logging.warning("No summary for %s: %s", row["id"], e)
+    gen.record_kept(plan, row | {"usage": usage.as_dict()}, story, summary)
+    bar.update(1)
+
+  try:
+    max_plans = int(config.num_stories * config.max_plans_factor) + 20
+    while gen.kept_count < config.num_stories:
+      if len(gen.done) >= max_plans:
+        raise GenerationError(
+            f"Stopped after {len(gen.done)} prompts with only {gen.kept_count} of "
+            f"{config.num_stories} stories kept; see the reasons in "
+            f"{gen.rejected.path} and fix the model or the limits.")
+      needed = min(config.num_stories - gen.kept_count, max_plans - len(gen.done))
+      await run_bounded(gen.next_indices(needed), handle, config.client.concurrency)
+  finally:
+    await client.close()
+
+
+def write_text_layout(rows: list[dict[str, Any]], path: str) -> None:
+  """The `.txt` layout: each story (or Instruct text) followed by an `<|endoftext|>` line."""
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    for row in rows:
+      f.write(row.get("text", row["story"]).strip() + "\n" + END_OF_TEXT + "\n")
+  os.replace(tmp, path)
+
+
+def run_settings(config: GenerateConfig, vocabulary: vocabulary_lib.Vocabulary) -> dict:
+  """What fixes the plans and their answers; a resumed run must match it."""
+  return {"seed": config.seed, "model": config.client.model, "instruct": config.instruct,
+          "features": list(config.features), "feature_probability": config.feature_probability,
+          "vocabulary": quality.fingerprint(json.dumps(dataclasses.asdict(vocabulary))),
+          "prompt_version": prompts_lib.PROMPT_VERSION}
+
+
+def _check_settings(config: GenerateConfig, settings: dict) -> None:
+  path = sibling(config.output, ".run.json")
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      before = json.load(f)
+    changed = [k for k in settings if before.get(k) != settings[k]]
+    if changed and os.path.exists(config.output):
+      raise GenerationError(
+          f"{config.output} was made with other settings ({', '.join(changed)} differ); "
+          "resume with the same flags or choose a new --output.")
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(settings, f, indent=2)
+
+
+def summarize(config: GenerateConfig, vocabulary: vocabulary_lib.Vocabulary,
+              kept: list[dict[str, Any]], rejected: list[dict[str, Any]],
+              batch: bool = False) -> dict[str, Any]:
+  """Rejection rates, vocabulary share, n-gram diversity, tokens and estimated cost."""
+  reasons = collections.Counter(r["reason"] for r in rejected)
+  attempts = len(kept) + len(rejected)
+  usage = collections.Counter()
+  for row in kept + rejected:
+    usage.update(row.get("usage") or {})
+  stats = quality.corpus_stats((r["story"] for r in kept), vocabulary)
+  prices = config.prices or pricing.DEFAULT_PRICES
+  return {
+      "output": config.output, "model": config.client.model, "kept": len(kept),
+      "attempts": attempts, "rejected": len(rejected),
+      "rejection_rates": {reason: reasons.get(reason, 0) / attempts if attempts else 0.0
+                          for reason in quality.REASONS + ("request_failed",)},
+      "rejected_by_reason": dict(reasons),
+      "out_of_vocabulary_share": stats.out_of_vocabulary_share,
+      "top_out_of_vocabulary": stats.top_out_of_vocabulary,
+      "distinct_ngram_ratio": {str(n): r for n, r in stats.distinct_ngram_ratio.items()},
+      "stats_stories": stats.stories, "words": stats.words, "usage": dict(usage),
+      "cost_usd": pricing.estimate_cost(prices, config.client.model, usage["prompt_tokens"],
+                                        usage["completion_tokens"], batch=batch),
+  }
+
+
+def generate(config: GenerateConfig) -> dict[str, Any]:
+  """Generates until `num_stories` are kept, then writes the .txt layout and the stats.
+
+  Returns:
+    The stats written to `<output stem>.stats.json`.
+
+  Raises:
+    GenerationError, VocabularyError, client.ConfigError, client.AuthStop: with the fix.
+  """
+  vocabulary = vocabulary_lib.load(config.words)
+  _check_settings(config, run_settings(config, vocabulary))
+  gen = Generation(config, vocabulary)
+  try:
+    logging.info("%d stories kept already, %d to go, with %s.", gen.kept_count,
+                 max(0, config.num_stories - gen.kept_count), config.client.model)
+    if gen.kept_count < config.num_stories:
+      client = ChatClient(config.client, seed=config.seed)
+      bar = tqdm.tqdm(total=config.num_stories, initial=min(gen.kept_count, config.num_stories),
+                      desc="stories", unit="story", disable=not config.progress)
+      try:
+        asyncio.run(_generate_online(gen, client, bar))
+      finally:
+        bar.close()
+    kept = sorted(gen.kept.rows, key=lambda r: r["index"])
+    rejected = list(gen.rejected.rows)
+  finally:
+    gen.close()
+  return finish(config, vocabulary, kept, rejected)
+
+
+def finish(config: GenerateConfig, vocabulary: vocabulary_lib.Vocabulary,
+           kept: list[dict[str, Any]], rejected: list[dict[str, Any]],
+           batch: bool = False) -> dict[str, Any]:
+  """Writes the .txt layout and the stats file; returns the stats."""
+  write_text_layout(kept, sibling(config.output, ".txt"))
+  stats = summarize(config, vocabulary, kept, rejected, batch=batch)
+  with open(sibling(config.output, ".stats.json"), "w", encoding="utf-8") as f:
+    json.dump(stats, f, indent=2)
+  return stats
+
+
+
+def describe(stats: dict[str, Any]) -> str:
+  """A few lines for the terminal: what was kept, why others were not, what it cost."""
+  cost = stats["cost_usd"]
+  lines = [
+      f"{stats['kept']} stories kept of {stats['attempts']} prompts ({stats['output']}).",
+      "Rejected: " + (", ".join(f"{reason} {n} ({n / stats['attempts']:.1%})"
+                                for reason, n in sorted(stats["rejected_by_reason"].items()))
+                      or "none") + ".",
+      f"Words outside the basic vocabulary: {stats['out_of_vocabulary_share']:.1%}; distinct "
+      "n-gram ratio " + ", ".join(f"{n}-gram {r:.3f}"
+                                  for n, r in stats["distinct_ngram_ratio"].items()) + ".",
+      f"Tokens: {stats['usage'].get('prompt_tokens', 0)} prompt, "
+      f"{stats['usage'].get('completion_tokens', 0)} completion; estimated cost "
+      + ("unknown (no price for this model; pass --prices)" if cost is None else f"${cost:.4f}")
+      + ".",
+  ]
+  return "\n".join(lines)
