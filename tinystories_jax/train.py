@@ -28,7 +28,14 @@ def main(argv):
   from tinystories_jax.training import config as config_lib  # pylint: disable=g-import-not-at-top
   from tinystories_jax.training import loop  # pylint: disable=g-import-not-at-top
   try:
-    run = config_lib.run_config(_CONFIG.value)
+    config = _CONFIG.value.to_dict()
+  except (OSError, ValueError) as e:  # config_flags defers a file's load errors to first use
+    detail = " ".join(str(e).split())
+    print(f"error: --config could not be loaded ({detail}); pass a config file such as "
+          "configs/quickstart.py or configs/tinystories.py:33m.", file=sys.stderr)
+    sys.exit(2)
+  try:
+    run = config_lib.run_config(config)
     loop.setup_runtime(run)
     loop.train(run, _WORKDIR.value)
   except (config_lib.ConfigError, DataError, loop.TrainingDiverged) as e:
@@ -36,8 +43,30 @@ def main(argv):
     sys.exit(1)
 
 
+def _parse_flags(argv):
+  """absl's parser, with config-override mistakes reported in one line instead of a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    if any(line.startswith("Traceback") for line in lines):
+      # An exception inside the config file's get_config(): its last line is the message.
+      lines = [lines[0].rstrip(":") + ":", lines[-1]]
+    print("error: " + " ".join(lines), file=sys.stderr)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    # ml_collections raises these for an override of a key that does not exist (KeyError /
+    # AttributeError, with a did-you-mean hint) or a value of the wrong type.
+    detail = " ".join(str(e).replace("\\n", " ").replace("\\'", "").strip("'\"").split())
+    overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+    culprit = next((o for o in overrides if o.rsplit(".", 1)[-1] in detail), None)
+    where = f"{culprit}: " if culprit else ""
+    print(f"error: {where}invalid config override ({detail}); the valid keys and their types "
+          "are in configs/base.py.", file=sys.stderr)
+  sys.exit(2)
+
+
 def run():
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

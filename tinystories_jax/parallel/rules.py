@@ -74,7 +74,7 @@ def _prod(xs) -> int:
 def logical_names(abstract_state: nnx.State) -> dict:
   """Pure-dict tree of each variable's logical axis names (a tuple, or () when unannotated)."""
   specs = nnx.get_partition_spec(abstract_state)
-  pure = specs.to_pure_dict()
+  pure = nnx.to_pure_dict(specs)
   return jax.tree.map(lambda p: tuple(p) if isinstance(p, P) else (), pure,
                       is_leaf=lambda x: isinstance(x, P) or x is None)
 

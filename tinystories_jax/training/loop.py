@@ -151,6 +151,7 @@ def train(run: RunConfig, workdir: str) -> dict[str, Any]:
   Returns:
     The last metrics row written (also the last line of WORKDIR/metrics.jsonl).
   """
+  metrics_lib.quiet_library_logs()
   r = prepare_run(run, workdir)
   t = run.train
   _write_workdir_files(r)

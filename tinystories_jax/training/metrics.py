@@ -49,6 +49,21 @@ def peak_flops_per_device(device: jax.Device | None = None, override: float = 0.
   return None
 
 
+class _QuietLibraries:
+  """Drops INFO lines from Orbax and Grain, which log every file they write or read."""
+
+  def filter(self, record) -> bool:
+    path = record.pathname.replace(os.sep, "/")
+    return record.levelno >= 30 or not ("/orbax/" in path or "/grain/" in path)
+
+
+def quiet_library_logs() -> None:
+  """Keeps the console to the run's own lines (warnings from the libraries still show)."""
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
+    handler.addFilter(_QuietLibraries())
+
+
 def _scalar(v: Any) -> Any:
   if isinstance(v, bool):
     return v

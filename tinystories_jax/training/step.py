@@ -95,7 +95,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                                       _split_micro(batch, cfg.grad_accum_steps))
     count = jnp.maximum(sums.count, 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     loss = sums.nll / count

@@ -1,0 +1,96 @@
+"""Steady-state throughput of the real train step on random tokens.
+
+`measure_train_throughput` is shared by `benchmarks/train_throughput.py` (CPU and GPU) and the GPU
+check script. It builds the same jitted step the trainer runs (AdamW, clipping, the configured
+loss) on a one-axis data-parallel mesh over all local devices, and times `steps` calls after
+`warmup` calls, blocking on the result of each timed window.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from tinystories_jax.models.config import ModelConfig, count_flops_per_token
+from tinystories_jax.parallel import mesh as mesh_lib
+from tinystories_jax.parallel import placement, rules
+from tinystories_jax.training import optimizer as opt_lib
+from tinystories_jax.training import state as state_lib
+from tinystories_jax.training import step as step_lib
+
+
+def measure_train_throughput(model_cfg: ModelConfig, *, batch_size: int, seq_len: int,
+                             steps: int = 10, warmup: int = 3, loss: str = "chunked",
+                             loss_chunk: int = 128, grad_accum_steps: int = 1,
+                             mesh_config: mesh_lib.MeshConfig | None = None,
+                             seed: int = 0) -> dict[str, Any]:
+  """Times the full train step (forward, backward, clip, AdamW) of `model_cfg`.
+
+  Args:
+    model_cfg: the model to build.
+    batch_size: global sequences per micro-batch.
+    seq_len: tokens per sequence.
+    steps: timed steps.
+    warmup: untimed steps first (the first compiles).
+    loss: "chunked" or "plain" output-layer loss.
+    loss_chunk: positions per chunk of the chunked loss.
+    grad_accum_steps: micro-batches per step.
+    mesh_config: mesh sizes (default: all devices on `data`).
+    seed: parameter and token seed.
+
+  Returns:
+    dict with `tokens_per_s`, `step_ms` (mean), `model_tflops` (PaLM count), `params`, `loss`
+    (the last step's), `compile_s` (the first step, compilation included) and the shape.
+  """
+  mesh = mesh_lib.make_mesh(mesh_config or mesh_lib.MeshConfig())
+  opt_cfg = opt_lib.OptimizerConfig(lr=5e-4, schedule="cosine", warmup_steps=10, clip_norm=1.0)
+  layout = state_lib.model_layout(model_cfg)
+  total = warmup + steps
+  tx = opt_lib.make_optimizer(opt_cfg, total, layout.logical_names, layout.abstract_params)
+  shardings = state_lib.state_shardings(layout, tx, mesh)
+  state, extra = state_lib.init_state(model_cfg, tx, shardings, seed)
+  step_cfg = step_lib.StepConfig(loss_impl=loss, loss_chunk=loss_chunk,
+                                 grad_accum_steps=grad_accum_steps)
+  rng = np.random.default_rng(seed)
+  rows = batch_size * grad_accum_steps // jax.process_count()
+
+  def make_batch():
+    tokens = rng.integers(0, model_cfg.vocab_size, (rows, seq_len + 1), dtype=np.int32)
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+            "loss_mask": np.ones((rows, seq_len), np.float32)}
+
+  # A few distinct batches, placed once: the input pipeline is not what is measured here.
+  batches = [placement.place_batch(make_batch(), mesh) for _ in range(2)]
+  batch_shardings = {k: rules.batch_sharding(mesh, v.ndim) for k, v in batches[0].items()}
+  train_step = step_lib.jit_train_step(
+      step_lib.make_train_step(layout.graphdef, tx, opt_lib.learning_rate(opt_cfg, total),
+                               step_cfg),
+      shardings.state, shardings.extra, batch_shardings, mesh)
+  t0 = time.perf_counter()
+  state, metrics = train_step(state, extra, batches[0])
+  jax.block_until_ready(metrics)
+  compile_s = time.perf_counter() - t0
+  for i in range(1, warmup):
+    state, metrics = train_step(state, extra, batches[i % 2])
+  jax.block_until_ready((state, metrics))
+  t0 = time.perf_counter()
+  for i in range(steps):
+    state, metrics = train_step(state, extra, batches[i % 2])
+  jax.block_until_ready((state, metrics))
+  elapsed = time.perf_counter() - t0
+  tokens_per_s = steps * batch_size * grad_accum_steps * seq_len / elapsed
+  return {
+      "tokens_per_s": tokens_per_s,
+      "step_ms": 1e3 * elapsed / steps,
+      "model_tflops": tokens_per_s * count_flops_per_token(model_cfg, seq_len) / 1e12,
+      "params": layout.num_params,
+      "loss": float(metrics["train_loss"]),
+      "compile_s": compile_s,
+      "batch_size": batch_size * grad_accum_steps,
+      "seq_len": seq_len,
+      "devices": jax.device_count(),
+      "device_kind": jax.devices()[0].device_kind,
+  }
