@@ -39,6 +39,12 @@ def _spec(block_shape, index_map):
   return pl.BlockSpec(block_shape=block_shape, index_map=index_map)
 
 
+def _reversed_program_id(num_q_blocks: int):
+  # Causal query blocks get more work the later they are; launching them last-first keeps the
+  # tail of the grid made of short programs.
+  return num_q_blocks - 1 - pl.program_id(0)
+
+
 def _dot(a, b, *, contract_b: int, precision):
   """a @ b (contract_b=0) or a @ b.T (contract_b=1), accumulated in float32."""
   return lax.dot_general(a, b, (((1,), (contract_b,)), ((), ())), precision=precision,
@@ -50,12 +56,13 @@ def _precision(dtype):
   return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
-def _fwd_kernel(*refs, has_segments, scale_log2, mask_kw, block_q, block_k, precision):
+def _fwd_kernel(*refs, has_segments, scale_log2, mask_kw, block_q, block_k, num_q_blocks,
+                precision):
   if has_segments:
     q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref = refs
   else:
     q_ref, k_ref, v_ref, o_ref, lse_ref = refs
-  q_first = pl.program_id(0) * block_q
+  q_first = _reversed_program_id(num_q_blocks) * block_q
   q = q_ref[...]
   q_pos = q_first + jnp.arange(block_q, dtype=jnp.int32)[:, None]
   q_seg = q_seg_ref[...][:, None] if has_segments else None
@@ -94,12 +101,13 @@ def _fwd_kernel(*refs, has_segments, scale_log2, mask_kw, block_q, block_k, prec
   lse_ref[...] = jnp.where(empty, LSE_EMPTY, m + jnp.log2(l_safe))
 
 
-def _dq_kernel(*refs, has_segments, scale, scale_log2, mask_kw, block_q, block_k, precision):
+def _dq_kernel(*refs, has_segments, scale, scale_log2, mask_kw, block_q, block_k, num_q_blocks,
+               precision):
   if has_segments:
     (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_seg_ref, dq_ref) = refs
   else:
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
-  q_first = pl.program_id(0) * block_q
+  q_first = _reversed_program_id(num_q_blocks) * block_q
   q = q_ref[...]
   do = do_ref[...]
   lse = lse_ref[...][:, None]
@@ -216,23 +224,24 @@ def forward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, *, scale, causal, windo
   kernel = functools.partial(
       _fwd_kernel, has_segments=has_segments, scale_log2=scale * math.log2(math.e),
       mask_kw=_mask_kw(causal, window, kv_len, s, q_offset), block_q=bq, block_k=bk,
-      precision=_precision(q_bthd.dtype))
+      num_q_blocks=t // bq, precision=_precision(q_bthd.dtype))
+  last = t // bq - 1  # grid axis 0 runs over query blocks in reverse, see _reversed_program_id
   in_specs = [
-      _spec((None, bq, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
+      _spec((None, bq, None, d), lambda i, bi, hi: (bi, last - i, hi, 0)),
       _spec((None, s, None, d), lambda i, bi, hi: (bi, 0, lax.div(hi, jnp.int32(group)), 0)),
       _spec((None, s, None, d), lambda i, bi, hi: (bi, 0, lax.div(hi, jnp.int32(group)), 0)),
   ]
   args = [q_bthd, k_bskd, v_bskd]
   if has_segments:
-    in_specs += [_spec((None, bq), lambda i, bi, hi: (bi, i)),
+    in_specs += [_spec((None, bq), lambda i, bi, hi: (bi, last - i)),
                  _spec((None, s), lambda i, bi, hi: (bi, 0))]
     args += [q_seg_bt, kv_seg_bs]
   return pl.pallas_call(
       kernel,
       grid=(t // bq, b, h),
       in_specs=in_specs,
-      out_specs=[_spec((None, bq, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
-                 _spec((None, None, bq), lambda i, bi, hi: (bi, hi, i))],
+      out_specs=[_spec((None, bq, None, d), lambda i, bi, hi: (bi, last - i, hi, 0)),
+                 _spec((None, None, bq), lambda i, bi, hi: (bi, hi, last - i))],
       out_shape=[jax.ShapeDtypeStruct(q_bthd.shape, q_bthd.dtype),
                  jax.ShapeDtypeStruct((b, h, t), _F32)],
       compiler_params=_compiler_params(_warps(d), 3 if d <= 64 else 2),
@@ -256,23 +265,25 @@ def backward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, o_bthd, lse_bht, do_bt
                 precision=_precision(q_bthd.dtype))
   params = _compiler_params(_warps(d), 2)
 
-  q_blk = lambda i, bi, hi: (bi, i, hi, 0)  # noqa: E731
+  last = t // bq - 1  # dQ's grid axis 0 runs over query blocks in reverse
+  q_blk = lambda i, bi, hi: (bi, last - i, hi, 0)  # noqa: E731
+  row_blk = lambda i, bi, hi: (bi, hi, last - i)  # noqa: E731
   kv_all = lambda i, bi, hi: (bi, 0, lax.div(hi, jnp.int32(group)), 0)  # noqa: E731
   in_specs = [
       _spec((None, bq, None, d), q_blk),
       _spec((None, s, None, d), kv_all),
       _spec((None, s, None, d), kv_all),
       _spec((None, bq, None, d), q_blk),
-      _spec((None, None, bq), lambda i, bi, hi: (bi, hi, i)),
-      _spec((None, None, bq), lambda i, bi, hi: (bi, hi, i)),
+      _spec((None, None, bq), row_blk),
+      _spec((None, None, bq), row_blk),
   ]
   args = [q_bthd, k_bskd, v_bskd, do_bthd, lse_bht, delta_bht]
   if has_segments:
-    in_specs += [_spec((None, bq), lambda i, bi, hi: (bi, i)),
+    in_specs += [_spec((None, bq), lambda i, bi, hi: (bi, last - i)),
                  _spec((None, s), lambda i, bi, hi: (bi, 0))]
     args += [q_seg_bt, kv_seg_bs]
   dq_bthd = pl.pallas_call(
-      functools.partial(_dq_kernel, **common),
+      functools.partial(_dq_kernel, num_q_blocks=t // bq, **common),
       grid=(t // bq, b, h),
       in_specs=in_specs,
       out_specs=_spec((None, bq, None, d), q_blk),
