@@ -84,6 +84,7 @@ class FakeOpenAI:
     self.files: dict[str, dict[str, Any]] = {}
     self.batches: dict[str, dict[str, Any]] = {}
     self.batch_hook: Callable[[dict[str, Any]], None] | None = None
+    self.batch_polls_before_done = 1
 
   # ---- chat completions -------------------------------------------------------------------
 
@@ -129,16 +130,23 @@ class FakeOpenAI:
       return Reply(text="Here are my marks.\n" + "\n".join(lines) + "\nAge group: C (6-7)")
     return Reply(text=json.dumps(scores | {"age_group": "C"}))
 
+  def _refuse(self, request: Request) -> Response | None:
+    """A 401 echoing the key it got (real servers show part of it), if it is not ours."""
+    auth = request.headers.get("authorization", "")
+    if self.api_key is not None and auth != f"Bearer {self.api_key}":
+      self.stats["status_401"] += 1
+      return _error(401, f"Incorrect API key provided: {auth.removeprefix('Bearer ')}.",
+                    "invalid_api_key")
+    return None
+
   async def chat(self, request: Request) -> Response:
     self.stats["requests"] += 1
     self.in_flight += 1
     self.stats["max_in_flight"] = max(self.stats["max_in_flight"], self.in_flight)
     try:
-      auth = request.headers.get("authorization", "")
-      if self.api_key is not None and auth != f"Bearer {self.api_key}":
-        self.stats["status_401"] += 1
-        return _error(401, f"Incorrect API key provided: {auth.removeprefix('Bearer ')}.",
-                      "invalid_api_key")
+      refused = self._refuse(request)
+      if refused is not None:
+        return refused
       body = json.loads(await request.body())
       if "response_format" in body:
         self.stats["response_format"] += 1
@@ -166,6 +174,8 @@ class FakeOpenAI:
   # ---- files and batches (the Batch API) -------------------------------------------------
 
   async def upload_file(self, request: Request) -> Response:
+    if (refused := self._refuse(request)) is not None:
+      return refused
     form = _parse_multipart(request.headers["content-type"], await request.body())
     file_id = f"file-{len(self.files) + 1:04d}"
     self.files[file_id] = {"id": file_id, "object": "file", "bytes": len(form["file"]),
@@ -175,19 +185,23 @@ class FakeOpenAI:
     return JSONResponse({k: v for k, v in self.files[file_id].items() if k != "content"})
 
   async def file_content(self, request: Request) -> Response:
+    if (refused := self._refuse(request)) is not None:
+      return refused
     entry = self.files.get(request.path_params["file_id"])
     if entry is None:
       return _error(404, "No such file", "not_found")
     return Response(entry["content"], media_type="application/octet-stream")
 
   async def create_batch(self, request: Request) -> Response:
+    if (refused := self._refuse(request)) is not None:
+      return refused
     body = json.loads(await request.body())
     if body.get("input_file_id") not in self.files:
       return _error(400, "input_file_id does not exist", "invalid_request_error")
     batch_id = f"batch-{len(self.batches) + 1:04d}"
     batch = {"id": batch_id, "object": "batch", "endpoint": body["endpoint"],
              "input_file_id": body["input_file_id"], "completion_window": "24h",
-             "status": "in_progress", "created_at": int(time.time()), "output_file_id": None,
+             "status": "validating", "created_at": int(time.time()), "output_file_id": None,
              "error_file_id": None, "request_counts": {"total": 0, "completed": 0, "failed": 0},
              "metadata": body.get("metadata")}
     self.batches[batch_id] = batch
@@ -228,14 +242,21 @@ class FakeOpenAI:
                                "purpose": "batch_output", "content": content}
         batch[name] = file_id
     batch["status"] = "completed"
+    batch["completed_at"] = int(time.time())
     if self.batch_hook is not None:
       self.batch_hook(batch)
 
   async def get_batch(self, request: Request) -> Response:
+    if (refused := self._refuse(request)) is not None:
+      return refused
     batch = self.batches.get(request.path_params["batch_id"])
     if batch is None:
       return _error(404, "No such batch", "not_found")
     self.stats["batch_polls"] += 1
+    batch["polls"] = batch.get("polls", 0) + 1
+    if batch["polls"] <= self.batch_polls_before_done:  # Still working, as far as you know.
+      return JSONResponse(batch | {"status": "in_progress", "output_file_id": None,
+                                   "error_file_id": None})
     return JSONResponse(batch)
 
   def app(self) -> Starlette:

@@ -17,6 +17,7 @@ from tinystories_jax.datagen import generator
 from tinystories_jax.datagen import prompts
 from tinystories_jax.datagen import quality
 from tinystories_jax.datagen import vocabulary
+from tinystories_jax.grading import batch
 from tinystories_jax.grading import client as client_lib
 from tinystories_jax.grading import pricing
 
@@ -47,6 +48,14 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature for 
 _PRICES = flags.DEFINE_string(
     "prices", "", "Extra prices MODEL=IN:OUT (USD per million tokens), comma separated.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
+_MODE = flags.DEFINE_enum(
+    "mode", "online", ["online", "batch"],
+    "online: interactive requests; batch: the OpenAI Batch API (half price, within 24 h).")
+_BATCH_POLL = flags.DEFINE_float("batch_poll_interval", 30.0, "Seconds between batch checks.")
+_BATCH_MAX_REQUESTS = flags.DEFINE_integer(
+    "batch_max_requests", 50_000, "Requests per batch (the API allows 50,000).")
+_BATCH_MAX_ROUNDS = flags.DEFINE_integer(
+    "batch_max_rounds", 3, "Submissions per request before it counts as failed.")
 
 
 def main(argv):
@@ -69,10 +78,13 @@ def main(argv):
         feature_probability=_FEATURE_PROBABILITY.value,
         limits=quality.Limits(_MIN_WORDS.value, _MAX_WORDS.value),
         temperature=_TEMPERATURE.value, prices=pricing.parse_prices(_PRICES.value),
-        progress=_PROGRESS.value)
+        progress=_PROGRESS.value, mode=_MODE.value,
+        batch=batch.BatchConfig(max_requests=_BATCH_MAX_REQUESTS.value,
+                                max_rounds=_BATCH_MAX_ROUNDS.value,
+                                poll_interval_s=_BATCH_POLL.value))
     stats = generator.generate(config)
   except (generator.GenerationError, vocabulary.VocabularyError, client_lib.ConfigError,
-          client_lib.AuthStop, ValueError) as e:
+          client_lib.AuthStop, ValueError, RuntimeError) as e:
     print(str(e), file=sys.stderr)
     sys.exit(1)
   print(generator.describe(stats))

@@ -14,6 +14,7 @@ import sys
 from absl import app
 from absl import flags
 
+from tinystories_jax.grading import batch
 from tinystories_jax.grading import client as client_lib
 from tinystories_jax.grading import completions
 from tinystories_jax.grading import grader
@@ -46,6 +47,14 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Grader temperature.")
 _PRICES = flags.DEFINE_string(
     "prices", "", "Extra prices MODEL=IN:OUT (USD per million tokens), comma separated.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
+_MODE = flags.DEFINE_enum(
+    "mode", "online", ["online", "batch"],
+    "online: interactive requests; batch: the OpenAI Batch API (half price, within 24 h).")
+_BATCH_POLL = flags.DEFINE_float("batch_poll_interval", 30.0, "Seconds between batch checks.")
+_BATCH_MAX_REQUESTS = flags.DEFINE_integer(
+    "batch_max_requests", 50_000, "Requests per batch (the API allows 50,000).")
+_BATCH_MAX_ROUNDS = flags.DEFINE_integer(
+    "batch_max_rounds", 3, "Submissions per request before it counts as failed.")
 
 
 def main(argv):
@@ -67,9 +76,13 @@ def main(argv):
         reference_stories=tuple(_REFERENCE.value), reference_count=_REFERENCE_COUNT.value,
         seed=_SEED.value, retry_failed=_RETRY_FAILED.value, max_tokens=_MAX_TOKENS.value,
         temperature=_TEMPERATURE.value, prices=pricing.parse_prices(_PRICES.value),
-        progress=_PROGRESS.value)
+        progress=_PROGRESS.value, mode=_MODE.value,
+        batch=batch.BatchConfig(max_requests=_BATCH_MAX_REQUESTS.value,
+                                max_rounds=_BATCH_MAX_ROUNDS.value,
+                                poll_interval_s=_BATCH_POLL.value))
     summary = grader.grade(config)
-  except (completions.InputError, client_lib.ConfigError, client_lib.AuthStop, ValueError) as e:
+  except (completions.InputError, client_lib.ConfigError, client_lib.AuthStop, ValueError,
+          RuntimeError) as e:
     print(str(e), file=sys.stderr)
     sys.exit(1)
   print(f"{summary['graded']} graded, {summary['failed']} failed; report in "

@@ -185,3 +185,20 @@ def test_datagen_never_imports_jax():
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=REPO_ROOT)
   assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_batch_mode_generates_instruct_stories_and_resumes_for_free(server, fake, tmp_path):
+  out = tmp_path / "stories.jsonl"
+  args = ["--num_stories=12", f"--output={out}", f"--base_url={server.base_url}", "--instruct",
+          "--mode=batch", "--batch_poll_interval=0.01", "--batch_max_requests=5"]
+  result = run_generate(args)
+  assert result.returncode == 0, result.stderr
+  rows = read_rows(out)
+  assert len(rows) == 12 and all(r["summary"] for r in rows)
+  assert fake.stats["batches_created"] == 6  # 12 stories and 12 summaries, 5 per batch.
+  assert (tmp_path / "stories.batch" / "state.json").exists()
+  stats = json.loads((tmp_path / "stories.stats.json").read_text())
+  assert stats["kept"] == 12 and stats["cost_usd"] > 0
+  created = fake.stats["batches_created"]
+  assert run_generate(args).returncode == 0
+  assert fake.stats["batches_created"] == created and len(read_rows(out)) == 12

@@ -26,6 +26,7 @@ from tinystories_jax.datagen import instruct
 from tinystories_jax.datagen import prompts as prompts_lib
 from tinystories_jax.datagen import quality
 from tinystories_jax.datagen import vocabulary as vocabulary_lib
+from tinystories_jax.grading import batch as batch_lib
 from tinystories_jax.grading import pricing
 from tinystories_jax.grading.client import ChatClient, ChatError, ClientConfig, Usage, run_bounded
 from tinystories_jax.grading.journal import Journal
@@ -56,6 +57,8 @@ class GenerateConfig:
     prices: USD per million tokens, for the cost estimate.
     progress: show a progress bar.
     max_plans_factor: stop after num_stories * this many plans (plus 20) if too few are kept.
+    mode: "online" (interactive requests) or "batch" (the OpenAI Batch API).
+    batch: batch sizes and patience, for mode "batch".
   """
   num_stories: int
   output: str
@@ -71,8 +74,12 @@ class GenerateConfig:
   prices: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
   progress: bool = True
   max_plans_factor: float = 3.0
+  mode: str = "online"
+  batch: batch_lib.BatchConfig = batch_lib.BatchConfig()
 
   def __post_init__(self):
+    if self.mode not in ("online", "batch"):
+      raise GenerationError(f"Unknown --mode {self.mode!r}; use online or batch.")
     if self.num_stories < 1:
       raise GenerationError(f"--num_stories must be at least 1, got {self.num_stories}.")
     if not self.output.endswith(".jsonl"):
@@ -120,6 +127,24 @@ class Generation:
         out.append(index)
       index += 1
     return out
+
+  def next_round(self) -> list[int]:
+    """Plan indices for the next round: as many as stories still needed (none when done).
+
+    Raises:
+      GenerationError: when so many plans were rejected that going on looks hopeless.
+    """
+    config = self.config
+    if self.kept_count >= config.num_stories:
+      return []
+    max_plans = int(config.num_stories * config.max_plans_factor) + 20
+    if len(self.done) >= max_plans:
+      raise GenerationError(
+          f"Stopped after {len(self.done)} prompts with only {self.kept_count} of "
+          f"{config.num_stories} stories kept; see the reasons in {self.rejected.path} and "
+          "fix the model or the limits.")
+    return self.next_indices(min(config.num_stories - self.kept_count,
+                                 max_plans - len(self.done)))
 
   def base_row(self, plan: prompts_lib.StoryPlan) -> dict[str, Any]:
     return {
@@ -205,17 +230,55 @@ async def _generate_online(gen: Generation, client: ChatClient, bar: tqdm.tqdm) 
     bar.update(1)
 
   try:
-    max_plans = int(config.num_stories * config.max_plans_factor) + 20
-    while gen.kept_count < config.num_stories:
-      if len(gen.done) >= max_plans:
-        raise GenerationError(
-            f"Stopped after {len(gen.done)} prompts with only {gen.kept_count} of "
-            f"{config.num_stories} stories kept; see the reasons in "
-            f"{gen.rejected.path} and fix the model or the limits.")
-      needed = min(config.num_stories - gen.kept_count, max_plans - len(gen.done))
-      await run_bounded(gen.next_indices(needed), handle, config.client.concurrency)
+    while (indices := gen.next_round()):
+      await run_bounded(indices, handle, config.client.concurrency)
   finally:
     await client.close()
+
+
+def _generate_batch(gen: Generation, bar: tqdm.tqdm) -> None:
+  """The same rounds through the Batch API: stories, then (Instruct) their summaries."""
+  config = gen.config
+  runner = batch_lib.BatchRunner(config.client, config.batch,
+                                 sibling(config.output, ".batch"), log=logging.info)
+  while (indices := gen.next_round()):
+    plans = {story_id(config.seed, i): gen.plan(i) for i in indices}
+    stories = runner.run(
+        {sid: {"model": config.client.model, "max_tokens": config.max_tokens,
+               "temperature": config.temperature,
+               "messages": [{"role": "user", "content": prompts_lib.render_prompt(plan)}]}
+         for sid, plan in plans.items()}, tag="stories")
+    waiting = {}
+    for sid, plan in plans.items():
+      row = gen.base_row(plan)
+      result = stories[sid]
+      usage = result.usage
+      if result.text is None:
+        gen.record_rejected(row | {"usage": usage.as_dict(), "error": result.error},
+                            "request_failed")
+        continue
+      story = result.text.strip()
+      reason = gen.judge(plan, story)
+      if reason is not None:
+        gen.record_rejected(row | {"story": story, "usage": usage.as_dict()}, reason)
+      elif config.instruct:
+        waiting[sid] = (plan, row, story, usage)
+      else:
+        gen.record_kept(plan, row | {"usage": usage.as_dict()}, story, None)
+        bar.update(1)
+    if not waiting:
+      continue
+    summaries = runner.run(
+        {f"{sid}:summary": {"model": config.client.model, "max_tokens": 120, "temperature": 0.0,
+                            "messages": [{"role": "user", "content": prompts_lib.SUMMARY_PROMPT
+                                          .replace("{story}", story)}]}
+         for sid, (_, _, story, _) in waiting.items()}, tag="summaries")
+    for sid, (plan, row, story, usage) in waiting.items():
+      result = summaries[f"{sid}:summary"]
+      usage.add(result.usage)
+      summary = " ".join(result.text.split()) if result.text else None
+      gen.record_kept(plan, row | {"usage": usage.as_dict()}, story, summary)
+      bar.update(1)
 
 
 def write_text_layout(rows: list[dict[str, Any]], path: str) -> None:
@@ -292,18 +355,20 @@ def generate(config: GenerateConfig) -> dict[str, Any]:
     logging.info("%d stories kept already, %d to go, with %s.", gen.kept_count,
                  max(0, config.num_stories - gen.kept_count), config.client.model)
     if gen.kept_count < config.num_stories:
-      client = ChatClient(config.client, seed=config.seed)
       bar = tqdm.tqdm(total=config.num_stories, initial=min(gen.kept_count, config.num_stories),
                       desc="stories", unit="story", disable=not config.progress)
       try:
-        asyncio.run(_generate_online(gen, client, bar))
+        if config.mode == "batch":
+          _generate_batch(gen, bar)
+        else:
+          asyncio.run(_generate_online(gen, ChatClient(config.client, seed=config.seed), bar))
       finally:
         bar.close()
     kept = sorted(gen.kept.rows, key=lambda r: r["index"])
     rejected = list(gen.rejected.rows)
   finally:
     gen.close()
-  return finish(config, vocabulary, kept, rejected)
+  return finish(config, vocabulary, kept, rejected, batch=config.mode == "batch")
 
 
 def finish(config: GenerateConfig, vocabulary: vocabulary_lib.Vocabulary,

@@ -257,7 +257,7 @@ class ChatClient:
         data = await self._post(body)
         latency = time.perf_counter() - start
         usage.requests += 1
-        text = _read_answer(data, usage)
+        text = read_answer(data, usage)
         self._auth_failures = 0
         raw_answers.append(text)
         parsed = parse(text) if parse is not None else text
@@ -309,7 +309,7 @@ def _mentions_response_format(message: str) -> bool:
   return any(word in lowered for word in ("response_format", "json_schema", "structured"))
 
 
-def _read_answer(data: Any, usage: Usage) -> str:
+def read_answer(data: Any, usage: Usage) -> str:
   """The assistant's text from a decoded chat-completions body; counts its tokens."""
   if not isinstance(data, dict):
     raise UnusableAnswer("the endpoint did not answer with a JSON chat completion")

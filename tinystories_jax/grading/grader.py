@@ -18,6 +18,7 @@ from typing import Any
 from absl import logging
 import tqdm
 
+from tinystories_jax.grading import batch as batch_lib
 from tinystories_jax.grading import completions as completions_lib
 from tinystories_jax.grading import evalsets
 from tinystories_jax.grading import report as report_lib
@@ -48,6 +49,8 @@ class GradeConfig:
     temperature: grader sampling temperature.
     prices: USD per million tokens (input, output) per grader model.
     progress: show a progress bar.
+    mode: "online" (interactive requests) or "batch" (the OpenAI Batch API, half price).
+    batch: batch sizes and patience, for mode "batch".
   """
   completions: tuple[str, ...]
   output_dir: str
@@ -62,6 +65,8 @@ class GradeConfig:
   temperature: float = 0.0
   prices: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
   progress: bool = True
+  mode: str = "online"
+  batch: batch_lib.BatchConfig = batch_lib.BatchConfig()
 
 
 def item_key(item: completions_lib.Completion, grader_model: str, rubric: Rubric) -> str:
@@ -84,7 +89,7 @@ class Grader:
     self.journal = journal
     self.config = config
 
-  def _base_row(self, key: str, item: completions_lib.Completion) -> dict[str, Any]:
+  def base_row(self, key: str, item: completions_lib.Completion) -> dict[str, Any]:
     prompt_id = item.prompt_id
     if prompt_id is None:
       found = evalsets.find_prompt(item.prompt)
@@ -98,12 +103,15 @@ class Grader:
 
   def probe_row(self, key, item, probe_set: str, probe: dict[str, Any]) -> dict[str, Any]:
     check = evalsets.check_probe(item.completion, probe["answers"])
-    return self._base_row(key, item) | {
+    return self.base_row(key, item) | {
         "kind": "probe", "probe_set": probe_set,
         "status": "ok", "check": check, "scores": None, "age_group": None, "error": None,
         "raw_answers": [], "usage": Usage().as_dict(), "attempts": 0, "latency_s": 0.0,
         "graded_at": time.time(),
     }
+
+  def first_messages(self, item: completions_lib.Completion) -> list[dict[str, str]]:
+    return self.rubric.first_messages(beginning=item.prompt, completion=item.completion)
 
   async def grade_one(self, key: str, item: completions_lib.Completion) -> dict[str, Any]:
     """Both grader turns for one item; returns the row (status ok or failed)."""
@@ -111,8 +119,8 @@ class Grader:
     raw_answers: list[dict[str, Any]] = []
     attempts = 0
     latency = 0.0
-    row = self._base_row(key, item) | {"kind": self.rubric.name}
-    first = self.rubric.first_messages(beginning=item.prompt, completion=item.completion)
+    row = self.base_row(key, item) | {"kind": self.rubric.name}
+    first = self.first_messages(item)
     stage = "assessment"
     try:
       reply = await self.client.chat(
@@ -178,6 +186,8 @@ def grade(config: GradeConfig) -> dict[str, Any]:
     client.ConfigError: a missing key or bad setting.
     client.AuthStop: the endpoint kept refusing the credentials.
   """
+  if config.mode not in ("online", "batch"):
+    raise completions_lib.InputError(f"Unknown mode {config.mode!r}; use online or batch.")
   if config.rubric not in RUBRICS:
     raise completions_lib.InputError(
         f"Unknown rubric {config.rubric!r}; choose one of {', '.join(RUBRICS)}.")
@@ -195,11 +205,14 @@ def grade(config: GradeConfig) -> dict[str, Any]:
     logging.info("%d items, %d already graded, %d to grade with %s (%s).", len(keyed),
                  len(keyed) - len(todo), len(todo), config.client.model, rubric.tag)
     grader = Grader(client, rubric, journal, config)
-    asyncio.run(_grade_all(grader, todo, config))
+    if config.mode == "batch":
+      _grade_batch(grader, todo, config)
+    else:
+      asyncio.run(_grade_all(grader, todo, config))
     rows = latest_rows(journal.rows, {key for key, _ in keyed})
   return report_lib.write_report(
       rows, output_dir=config.output_dir, rubric=rubric, grader_model=config.client.model,
-      prices=config.prices, expected_items=len(keyed))
+      prices=config.prices, expected_items=len(keyed), batch=config.mode == "batch")
 
 
 async def _grade_all(grader: Grader, todo: list, config: GradeConfig) -> None:
@@ -226,3 +239,61 @@ async def _grade_all(grader: Grader, todo: list, config: GradeConfig) -> None:
   finally:
     bar.close()
     await grader.client.close()  # On this event loop, before asyncio.run closes it.
+
+
+def _grade_batch(grader: Grader, todo: list, config: GradeConfig) -> None:
+  """Both turns through the Batch API: all first turns, then all second turns."""
+  runner = batch_lib.BatchRunner(config.client, config.batch,
+                                 os.path.join(config.output_dir, "batch"), log=logging.info)
+  rubric = grader.rubric
+  stories = []
+  for key, item in todo:
+    probe = evalsets.find_probe(item.prompt) if rubric.name == "story" else None
+    if probe is not None:
+      grader.journal.append(grader.probe_row(key, item, *probe))
+    else:
+      stories.append((key, item))
+
+  def body(messages, response_format=None):
+    out = {"model": config.client.model, "messages": messages,
+           "max_tokens": config.max_tokens, "temperature": config.temperature}
+    if response_format is not None and config.structured_output:
+      out["response_format"] = response_format
+    return out
+
+  first = {key: grader.first_messages(item) for key, item in stories}
+  turn1 = runner.run({f"{key}:1": body(first[key]) for key, _ in stories}, tag="turn1",
+                     parse=_assessment)
+  second = {}
+  for key, item in stories:
+    result = turn1[f"{key}:1"]
+    if result.text is None:
+      grader.journal.append(_batch_row(grader, key, item, [result], None, None,
+                                       f"assessment: {result.error}"))
+    else:
+      second[key] = rubric.second_messages(first[key], _assessment(result.text))
+  turn2 = runner.run(
+      {f"{key}:2": body(messages, rubric.response_format()) for key, messages in second.items()},
+      tag="turn2", parse=rubric.parse_scores)
+  for key, item in stories:
+    if key not in second:
+      continue
+    one, two = turn1[f"{key}:1"], turn2[f"{key}:2"]
+    parsed = rubric.parse_scores(two.text) if two.text is not None else None
+    grader.journal.append(_batch_row(grader, key, item, [one, two], _assessment(one.text), parsed,
+                                     None if parsed else f"scores: {two.error}"))
+
+
+def _batch_row(grader: Grader, key, item, results, assessment, parsed, error) -> dict[str, Any]:
+  usage = Usage()
+  raw_answers = []
+  for turn, result in enumerate(results, 1):
+    usage.add(result.usage)
+    raw_answers += [{"turn": turn, "text": text} for text in result.raw_answers]
+  return grader.base_row(key, item) | {
+      "kind": grader.rubric.name, "status": "ok" if parsed else "failed",
+      "scores": parsed["scores"] if parsed else None,
+      "age_group": parsed["age_group"] if parsed else None, "assessment": assessment,
+      "error": error, "raw_answers": raw_answers, "usage": usage.as_dict(),
+      "attempts": sum(r.attempts for r in results), "latency_s": None, "mode": "batch",
+      "graded_at": time.time()}

@@ -1,0 +1,245 @@
+"""The OpenAI Batch API as a resumable request runner, for grading and dataset generation.
+
+`BatchRunner.run(requests)` turns chat-completion bodies into answers: it writes the request
+JSONL, splits it under the API's limits (50,000 requests and 200 MB per file at the time of
+writing; we stay under 100 MB), uploads each part through `/v1/files`, creates the batches,
+polls them, downloads output and error files, merges, and submits the failed requests again up
+to `max_rounds` times. Every batch id goes into a state file the moment it exists and every
+downloaded file is kept, so a killed run picks up its batches instead of paying for them twice.
+Results are cached by `custom_id`: calling `run` again with the same ids costs nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import openai
+
+from tinystories_jax.grading.client import (AuthStop, ClientConfig, UnusableAnswer, Usage,
+                                            read_answer, resolve_api_key)
+
+ENDPOINT = "/v1/chat/completions"
+TERMINAL = ("completed", "failed", "expired", "cancelled")
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchConfig:
+  """Batch sizes and patience.
+
+  Attributes:
+    max_requests: requests per batch file.
+    max_bytes: bytes per batch file.
+    max_rounds: submissions per request (the first included) before it counts as failed.
+    poll_interval_s: seconds between status checks.
+    completion_window: the API's completion window.
+  """
+  max_requests: int = 50_000
+  max_bytes: int = 100 * 2**20
+  max_rounds: int = 3
+  poll_interval_s: float = 30.0
+  completion_window: str = "24h"
+
+
+@dataclasses.dataclass
+class BatchResult:
+  """The outcome for one custom_id: `text` (usable answer) or `error`."""
+  text: str | None
+  error: str | None
+  usage: Usage
+  attempts: int
+  raw_answers: list[str] = dataclasses.field(default_factory=list)
+
+
+class BatchRunner:
+  """Submits, polls and merges batches, remembering everything in `work_dir`.
+
+  Args:
+    client_config: endpoint, model and key (the same settings as online requests).
+    batch_config: sizes and patience.
+    work_dir: holds `state.json`, the request files and the downloaded results.
+    log: called with one line per event worth telling the user.
+  """
+
+  def __init__(self, client_config: ClientConfig, batch_config: BatchConfig, work_dir: str,
+               log: Callable[[str], None] = print):
+    self.config = batch_config
+    self.work_dir = work_dir
+    self.log = log
+    os.makedirs(work_dir, exist_ok=True)
+    self._key = resolve_api_key(client_config)
+    self._client = openai.OpenAI(base_url=client_config.base_url, api_key=self._key,
+                                 max_retries=3, timeout=client_config.timeout_s)
+    self.state_path = os.path.join(work_dir, "state.json")
+    self.state: dict[str, Any] = {"batches": []}
+    if os.path.exists(self.state_path):
+      with open(self.state_path, encoding="utf-8") as f:
+        self.state = json.load(f)
+
+  def _save_state(self) -> None:
+    tmp = self.state_path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump(self.state, f, indent=1)
+    os.replace(tmp, self.state_path)
+
+  def _call(self, what: str, fn, *args, **kwargs):
+    """One Files/Batches API call, with credential failures turned into a clear stop."""
+    try:
+      return fn(*args, **kwargs)
+    except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
+      raise AuthStop(f"The endpoint refused our credentials while trying to {what} "
+                     f"(HTTP {e.status_code}); check the API key and --base_url.") from None
+    except openai.APIStatusError as e:
+      message = str(e.message).replace(self._key, "[redacted key]")
+      raise RuntimeError(f"Could not {what}: HTTP {e.status_code}: {message}") from None
+
+  # ---- submission -----------------------------------------------------------------------
+
+  def _split(self, lines: list[tuple[str, bytes]]) -> list[list[tuple[str, bytes]]]:
+    parts, current, size = [], [], 0
+    for custom_id, line in lines:
+      if current and (len(current) >= self.config.max_requests
+                      or size + len(line) > self.config.max_bytes):
+        parts.append(current)
+        current, size = [], 0
+      current.append((custom_id, line))
+      size += len(line)
+    if current:
+      parts.append(current)
+    return parts
+
+  def _submit(self, requests: dict[str, dict[str, Any]], tag: str) -> None:
+    lines = [(cid, (json.dumps({"custom_id": cid, "method": "POST", "url": ENDPOINT,
+                                "body": body}, ensure_ascii=False) + "\n").encode("utf-8"))
+             for cid, body in requests.items()]
+    for part in self._split(lines):
+      number = len(self.state["batches"])
+      input_path = os.path.join(self.work_dir, f"{number:05d}-{tag}.input.jsonl")
+      with open(input_path, "wb") as f:
+        f.writelines(line for _, line in part)
+      with open(input_path, "rb") as f:
+        uploaded = self._call("upload a batch file", self._client.files.create,
+                              file=(os.path.basename(input_path), f.read()), purpose="batch")
+      batch = self._call("create a batch", self._client.batches.create,
+                         input_file_id=uploaded.id, endpoint=ENDPOINT,
+                         completion_window=self.config.completion_window,
+                         metadata={"tool": "tinystories-jax", "part": tag})
+      self.state["batches"].append({
+          "id": batch.id, "input_path": os.path.basename(input_path),
+          "input_file_id": uploaded.id, "requests": len(part), "status": batch.status,
+          "output_path": None, "error_path": None, "created_at": time.time()})
+      self._save_state()
+      self.log(f"batch {batch.id}: {len(part)} requests submitted")
+
+  # ---- waiting and merging --------------------------------------------------------------
+
+  def _download(self, file_id: str | None, name: str) -> str | None:
+    if not file_id:
+      return None
+    content = self._call("download batch results", self._client.files.content, file_id)
+    path = os.path.join(self.work_dir, name)
+    with open(path, "wb") as f:
+      f.write(content.read() if hasattr(content, "read") else content.content)
+    return os.path.basename(path)
+
+  def _wait(self) -> None:
+    """Polls every unfinished batch to a terminal status and downloads its files."""
+    while True:
+      waiting = [b for b in self.state["batches"] if b["output_path"] is None
+                 and not b.get("downloaded")]
+      if not waiting:
+        return
+      for entry in waiting:
+        batch = self._call("check a batch", self._client.batches.retrieve, entry["id"])
+        entry["status"] = batch.status
+        if batch.status in TERMINAL:
+          stem = os.path.splitext(os.path.splitext(entry["input_path"])[0])[0]
+          entry["output_path"] = self._download(batch.output_file_id, f"{stem}.output.jsonl")
+          entry["error_path"] = self._download(batch.error_file_id, f"{stem}.errors.jsonl")
+          errors = getattr(batch, "errors", None)
+          data = getattr(errors, "data", None) or []
+          entry["batch_error"] = "; ".join(str(getattr(e, "message", e)) for e in data) or None
+          entry["downloaded"] = True
+          self.log(f"batch {entry['id']}: {batch.status}")
+        self._save_state()
+      if any(b["output_path"] is None and not b.get("downloaded") for b in self.state["batches"]):
+        time.sleep(self.config.poll_interval_s)
+
+  def _outcomes(self) -> dict[str, list[tuple[dict | None, str | None]]]:
+    """Every (response body, error) received per custom_id, oldest first."""
+    outcomes: dict[str, list[tuple[dict | None, str | None]]] = {}
+    for entry in self.state["batches"]:
+      if not entry.get("downloaded"):
+        continue
+      seen = set()
+      for name in (entry.get("output_path"), entry.get("error_path")):
+        if not name:
+          continue
+        with open(os.path.join(self.work_dir, name), encoding="utf-8") as f:
+          for line in f:
+            if not line.strip():
+              continue
+            row = json.loads(line)
+            response = row.get("response") or {}
+            status = response.get("status_code")
+            if status == 200:
+              outcome = (response.get("body"), None)
+            else:
+              detail = row.get("error") or (response.get("body") or {}).get("error") or {}
+              outcome = (None, f"HTTP {status}: {detail.get('message', 'no message')}"
+                         if status else str(detail.get("message", "failed")))
+            outcomes.setdefault(row["custom_id"], []).append(outcome)
+            seen.add(row["custom_id"])
+      # Requests a batch never answered (expired, failed validation) count as failed tries.
+      with open(os.path.join(self.work_dir, entry["input_path"]), encoding="utf-8") as f:
+        for line in f:
+          custom_id = json.loads(line)["custom_id"]
+          if custom_id not in seen:
+            reason = entry.get("batch_error") or f"batch {entry['status']} without an answer"
+            outcomes.setdefault(custom_id, []).append((None, reason))
+    return outcomes
+
+  def _result(self, history, parse) -> BatchResult:
+    usage = Usage()
+    error = "never submitted"
+    raw_answers = []
+    for body, error in history:
+      usage.requests += 1
+      if body is None:
+        continue
+      try:
+        text = read_answer(body, usage)
+        raw_answers.append(text)
+        if parse is not None:
+          parse(text)
+        return BatchResult(text, None, usage, len(history), raw_answers)
+      except UnusableAnswer as e:
+        error = f"unusable answer: {e}"
+    return BatchResult(None, error, usage, len(history), raw_answers)
+
+  def run(self, requests: dict[str, dict[str, Any]], *, tag: str = "requests",
+          parse: Callable[[str], Any] | None = None) -> dict[str, BatchResult]:
+    """Answers for every request, submitting only what no earlier batch answered usably.
+
+    Args:
+      requests: custom_id -> chat-completions body.
+      tag: names the request files (e.g. "turn1").
+      parse: raises `UnusableAnswer` for an answer to submit again.
+
+    Returns:
+      custom_id -> result; after `max_rounds` submissions a request's last error is kept.
+    """
+    self._wait()  # Batches a killed run left behind.
+    while True:
+      outcomes = self._outcomes()
+      results = {cid: self._result(outcomes.get(cid, []), parse) for cid in requests}
+      again = {cid: body for cid, body in requests.items()
+               if results[cid].text is None and results[cid].attempts < self.config.max_rounds}
+      if not again:
+        return results
+      self._submit(again, tag)
+      self._wait()
