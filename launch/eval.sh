@@ -7,6 +7,8 @@
 #   GRADER_MODEL   grader model (default gpt-4o)
 #   BASE_URL       OpenAI-compatible endpoint for the grader (default: OpenAI)
 #   CONCURRENCY    grader requests in flight (default 16)
+#   RUBRIC         story (default: story beginnings and probes) or instruct (the
+#                  instruction-following set, for a model trained on the Instruct layout)
 #   SAMPLE_FLAGS   extra flags for `python -m tinystories_jax.sample`
 #   GRADE_FLAGS    extra flags for `python -m tinystories_jax.grade`, e.g.
 #                  "--reference_stories=data/valid.jsonl --reference_count=100"
@@ -18,9 +20,12 @@ OUT="${2:-${WORKDIR%/}/eval}"
 PYTHON="${PYTHON:-python}"
 mkdir -p "$OUT"
 
-# 1. The packaged eval prompts (story beginnings and the three probe sets) as one file.
+RUBRIC="${RUBRIC:-story}"
+
+# 1. The packaged eval prompts for the rubric (story: beginnings and the three probe sets).
 "$PYTHON" -c "import sys; from tinystories_jax.grading import evalsets; \
-print(evalsets.write_prompts(sys.argv[1]), 'prompts')" "$OUT/prompts.jsonl"
+print(evalsets.write_prompts(sys.argv[1], evalsets.SETS_FOR_RUBRIC[sys.argv[2]]), 'prompts')" \
+    "$OUT/prompts.jsonl" "$RUBRIC"
 
 # 2. Completions from the trained model; rows carry id, prompt, completion, model, sampler.
 if [[ ! -s "$OUT/completions.jsonl" ]]; then
@@ -32,7 +37,7 @@ fi
 # 3. Grade and report (summary.json, report.md, charts).
 # shellcheck disable=SC2086
 "$PYTHON" -m tinystories_jax.grade --completions="$OUT/completions.jsonl" \
-    --output_dir="$OUT/grades" --model="${GRADER_MODEL:-gpt-4o}" \
+    --output_dir="$OUT/grades" --model="${GRADER_MODEL:-gpt-4o}" --rubric="$RUBRIC" \
     --concurrency="${CONCURRENCY:-16}" ${BASE_URL:+--base_url="$BASE_URL"} ${GRADE_FLAGS:-}
 
 echo "Report: $OUT/grades/report.md"

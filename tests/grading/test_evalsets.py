@@ -52,5 +52,8 @@ def test_write_prompts_holds_every_set(tmp_path):
   path = tmp_path / "prompts.jsonl"
   count = evalsets.write_prompts(str(path))
   rows = [__import__("json").loads(line) for line in path.read_text().splitlines()]
-  assert count == len(rows) == sum(len(evalsets.load_eval_set(n)) for n in evalsets.EVAL_SETS)
-  assert {r["set"] for r in rows} == set(evalsets.EVAL_SETS)
+  story_sets = evalsets.SETS_FOR_RUBRIC["story"]
+  assert count == len(rows) == sum(len(evalsets.load_eval_set(n)) for n in story_sets)
+  assert {r["set"] for r in rows} == set(story_sets)
+  evalsets.write_prompts(str(path), evalsets.SETS_FOR_RUBRIC["instruct"])
+  assert all(line.count("Story: ") == 1 for line in path.read_text().splitlines())

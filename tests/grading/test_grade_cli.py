@@ -12,11 +12,11 @@ from tinystories_jax.grading import evalsets
 
 from .conftest import REPO_ROOT, read_rows, run_grade, story_rows, write_jsonl
 
-FAST = ["--backoff=0.01", "--max_retries=3", "--timeout=1", "--concurrency=8"]
+FAST = ["--backoff=0.01", "--max_retries=3", "--timeout=2", "--concurrency=8"]
 
 
 def test_every_item_ends_graded_or_failed_with_its_reason(server, fake, tmp_path):
-  fake.slow_s = 3.0
+  fake.slow_s = 5.0
   markers = ["[prose]", "[429]", "[500]", "[slow]", "[truncated]", "[range]", "[down]",
              "[score=3]"]
   rows = story_rows(20, markers=markers)

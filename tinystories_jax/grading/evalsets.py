@@ -4,7 +4,9 @@ Sets, one JSONL file each under `grading/data/`, rows `{"id", "prompt"}` plus `a
   stories    story beginnings cut mid-sentence, graded by the LLM teacher;
   factual    probes of world knowledge (the paper's "factual knowledge" prompts);
   reasoning  probes of simple cause and effect;
-  context    probes that need a name or object mentioned earlier (context tracking).
+  context    probes that need a name or object mentioned earlier (context tracking);
+  instruct   TinyStoriesInstruct prefixes (words, a sentence, features, a summary; random
+             subsets) for the instruction-following evaluation with the `instruct` rubric.
 Each probe has one right continuation, so it is checked without a grader: the continuation's
 first words must contain one of the accepted answers.
 """
@@ -22,7 +24,11 @@ EVAL_SETS = {
     "factual": "probes_factual.jsonl",
     "reasoning": "probes_reasoning.jsonl",
     "context": "probes_context.jsonl",
+    "instruct": "instruct_eval.jsonl",
 }
+# What `launch/eval.sh` samples for each rubric.
+SETS_FOR_RUBRIC = {"story": ("stories", "factual", "reasoning", "context"),
+                   "instruct": ("instruct",)}
 PROBE_SETS = ("factual", "reasoning", "context")
 # How far into the continuation the answer may appear ("went straight to his bed").
 PROBE_WINDOW_WORDS = 6
@@ -85,7 +91,7 @@ def check_probe(completion: str, answers: list[str]) -> dict[str, Any]:
   return {"correct": False, "matched": None, "answers": list(answers)}
 
 
-def write_prompts(path: str, names: tuple[str, ...] = tuple(EVAL_SETS)) -> int:
+def write_prompts(path: str, names: tuple[str, ...] = SETS_FOR_RUBRIC["story"]) -> int:
   """Writes the named sets as one prompts file for `sample --prompts_file`; returns rows.
 
   Rows are `{"id", "prompt", "set"}`; the grader recognises probes again by their prompt.

@@ -21,11 +21,12 @@ import tqdm
 from tinystories_jax.grading import batch as batch_lib
 from tinystories_jax.grading import completions as completions_lib
 from tinystories_jax.grading import evalsets
+from tinystories_jax.grading import instruct_eval
 from tinystories_jax.grading import report as report_lib
 from tinystories_jax.grading.client import (ChatClient, ChatError, ClientConfig, Usage,
                                             UnusableAnswer, run_bounded)
 from tinystories_jax.grading.journal import Journal, content_key
-from tinystories_jax.grading.rubric import RUBRICS, Rubric
+from tinystories_jax.grading.rubric import INSTRUCT, RUBRICS, Rubric
 
 GRADES_FILE = "grades.jsonl"
 RUBRIC_FILE = "rubric.json"
@@ -94,12 +95,16 @@ class Grader:
     if prompt_id is None:
       found = evalsets.find_prompt(item.prompt)
       prompt_id = found[1]["id"] if found else None
-    return {
+    row = {
         "key": key, "id": item.id, "model": item.model, "prompt_id": prompt_id,
         "prompt": item.prompt, "completion": item.completion, "source": item.source,
         "grader_model": self.client.config.model, "rubric": self.rubric.name,
         "rubric_version": self.rubric.version,
     }
+    if self.rubric.name == INSTRUCT.name:
+      row["auto_checks"] = instruct_eval.automatic_checks(
+          instruct_eval.instructions_of(item.prompt), item.completion)
+    return row
 
   def probe_row(self, key, item, probe_set: str, probe: dict[str, Any]) -> dict[str, Any]:
     check = evalsets.check_probe(item.completion, probe["answers"])
@@ -111,6 +116,10 @@ class Grader:
     }
 
   def first_messages(self, item: completions_lib.Completion) -> list[dict[str, str]]:
+    if self.rubric.name == INSTRUCT.name:
+      instructions = instruct_eval.instructions_of(item.prompt)
+      return self.rubric.first_messages(instructions=instruct_eval.describe(instructions),
+                                        completion=item.completion.strip())
     return self.rubric.first_messages(beginning=item.prompt, completion=item.completion)
 
   async def grade_one(self, key: str, item: completions_lib.Completion) -> dict[str, Any]:

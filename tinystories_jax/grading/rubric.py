@@ -207,4 +207,25 @@ STORY = Rubric(
     score_names=("grammar", "creativity", "consistency", "plot"),
 )
 
-RUBRICS = {STORY.name: STORY}
+INSTRUCT = Rubric(
+    name="instruct",
+    version="1",
+    system=STORY.system,
+    first_turn=(
+        "A pupil was asked to write a short story for young children that follows these "
+        "instructions:\n\n{instructions}\n\nThis is the pupil's story:\n\n{completion}\n\n"
+        "Write a short overall assessment of the story, in a few sentences. Go through the "
+        "instructions one by one and say whether the story follows each of them; then say how "
+        "good the grammar is and whether the story makes sense."),
+    second_turn=(
+        "Now mark the pupil's work. Give a whole-number score from 1 (very poor) to 10 "
+        "(excellent) for each of: instructions (how well the story follows all of the "
+        "instructions); grammar; consistency (the story does not contradict itself); plot (the "
+        "story hangs together and makes sense).\n"
+        "Answer with one JSON object and nothing else, for example: "
+        '{"instructions": 6, "grammar": 8, "consistency": 7, "plot": 6}'),
+    score_names=("instructions", "grammar", "consistency", "plot"),
+    age_group=False,
+)
+
+RUBRICS = {STORY.name: STORY, INSTRUCT.name: INSTRUCT}
