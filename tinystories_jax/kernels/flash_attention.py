@@ -211,17 +211,15 @@ def flash_attention(q_bthd, k_bskd, v_bskd, *, causal=True, window=None, q_segme
                       block_k_bwd=_fit_to_length(blocks.block_k_bwd, s))
   t_pad = _round_up(t, blocks.q_multiple)
   s_pad = _round_up(s, blocks.k_multiple)
-  # Triton tiles must be powers of two; Mosaic takes the full head dim as one tile.
-  d_pad = max(MIN_HEAD_DIM, 1 << (d - 1).bit_length()) if family == "gpu" else d
   if window is not None and window >= s:
     window = None  # Wider than the sequence: plain causal, and no block is wasted on it.
   cfg = _Config(family=family, scale=float(d**-0.5 if scale is None else scale),
                 causal=bool(causal), window=None if window is None else int(window),
                 kv_len=s, q_offset=s - t, block_sizes=blocks, interpret=interpret)
 
-  q_p = _pad_axis(_pad_axis(q_bthd, 1, t_pad), 3, d_pad)
-  k_p = _pad_axis(_pad_axis(k_bskd, 1, s_pad), 3, d_pad)
-  v_p = _pad_axis(_pad_axis(v_bskd, 1, s_pad), 3, d_pad)
+  q_p = _pad_axis(q_bthd, 1, t_pad)
+  k_p = _pad_axis(k_bskd, 1, s_pad)
+  v_p = _pad_axis(v_bskd, 1, s_pad)
   q_seg = kv_seg = None
   if q_segment_ids_bt is not None:
     # Padding queries (id 0, and the tile padding) get an id no key has, so their rows see
@@ -230,4 +228,4 @@ def flash_attention(q_bthd, k_bskd, v_bskd, *, causal=True, window=None, q_segme
     q_seg = _pad_axis(jnp.where(q_seg == 0, _Q_PAD_ID, q_seg), 1, t_pad, value=_Q_PAD_ID)
     kv_seg = _pad_axis(kv_segment_ids_bs.astype(jnp.int32), 1, s_pad, value=_KV_PAD_ID)
   o_p = _flash_padded(q_p, k_p, v_p, q_seg, kv_seg, cfg)
-  return o_p[:, :t, :, :d]
+  return o_p[:, :t]

@@ -5,9 +5,11 @@ key blocks with an online softmax), dQ (one program per query block) and dK/dV (
 key block, looping over query blocks). Each loop is split into the partial / full ranges of
 `flash_tiling`, so empty blocks are never loaded and full blocks never build a mask.
 
-Inputs arrive padded by `flash_attention`: the sequence lengths to the block multiples and the head
-dim to a power of two (Triton's tiles must be powers of two). Exponentials are base 2 with log2(e)
-folded into the scale; the log-sum-exp residual is kept in that base between the passes.
+Inputs arrive with the sequence lengths padded to the block multiples by `flash_attention`. The
+head dim is not padded in memory: Triton tiles must be powers of two, so a head dim such as 48 is
+read through 64-wide tiles with masked loads (the extra columns read as zeros) and masked stores.
+Exponentials are base 2 with log2(e) folded into the scale; the log-sum-exp residual is kept in
+that base between the passes.
 """
 
 from __future__ import annotations
@@ -39,6 +41,28 @@ def _spec(block_shape, index_map):
   return pl.BlockSpec(block_shape=block_shape, index_map=index_map)
 
 
+def _head_mask(head_dim: int, block_d: int):
+  """[1, block_d] mask of the real head dims, or None when the tile has no padding columns."""
+  if head_dim == block_d:
+    return None
+  return (jnp.arange(block_d, dtype=jnp.int32) < head_dim)[None, :]
+
+
+def _load(ref, head_mask, index=None):
+  """Loads a tile; columns past the real head dim read as zeros (the array has none there)."""
+  view = ref if index is None else ref.at[index, :]
+  if head_mask is None:
+    return view[...]
+  return plgpu.load(view, mask=head_mask, other=0.0)
+
+
+def _store(ref, value, head_mask):
+  if head_mask is None:
+    ref[...] = value
+  else:
+    plgpu.store(ref, value, mask=head_mask)
+
+
 def _reversed_program_id(num_q_blocks: int):
   # Causal query blocks get more work the later they are; launching them last-first keeps the
   # tail of the grid made of short programs.
@@ -57,13 +81,14 @@ def _precision(dtype):
 
 
 def _fwd_kernel(*refs, has_segments, scale_log2, mask_kw, block_q, block_k, num_q_blocks,
-                precision):
+                head_dim, precision):
   if has_segments:
     q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref = refs
   else:
     q_ref, k_ref, v_ref, o_ref, lse_ref = refs
   q_first = _reversed_program_id(num_q_blocks) * block_q
-  q = q_ref[...]
+  head_mask = _head_mask(head_dim, q_ref.shape[-1])
+  q = _load(q_ref, head_mask)
   q_pos = q_first + jnp.arange(block_q, dtype=jnp.int32)[:, None]
   q_seg = q_seg_ref[...][:, None] if has_segments else None
   lo, full_lo, full_hi, hi = flash_tiling.kv_block_range(
@@ -73,7 +98,7 @@ def _fwd_kernel(*refs, has_segments, scale_log2, mask_kw, block_q, block_k, num_
     acc, m, l = carry
     k_first = pl.multiple_of(j * block_k, block_k)
     k_slice = pl.ds(k_first, block_k)
-    s = _dot(q, k_ref[k_slice, :], contract_b=1, precision=precision) * scale_log2
+    s = _dot(q, _load(k_ref, head_mask, k_slice), contract_b=1, precision=precision) * scale_log2
     if masked:
       k_pos = k_first + jnp.arange(block_k, dtype=jnp.int32)[None, :]
       kv_seg = kv_seg_ref[k_slice][None, :] if has_segments else None
@@ -85,7 +110,7 @@ def _fwd_kernel(*refs, has_segments, scale_log2, mask_kw, block_q, block_k, num_
     if masked:
       # A fully masked row has m_new == MASK_VALUE, so exp2 gave 1s that must not count.
       p = jnp.where(mask, p, 0.0)
-    v = v_ref[k_slice, :]
+    v = _load(v_ref, head_mask, k_slice)
     l = alpha * l + jnp.sum(p, axis=1)
     acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, contract_b=0, precision=precision)
     return acc, m_new, l
@@ -97,19 +122,20 @@ def _fwd_kernel(*refs, has_segments, scale_log2, mask_kw, block_q, block_k, num_
   acc, m, l = lax.fori_loop(full_hi, hi, functools.partial(step, masked=True), carry)
   empty = l == 0.0
   l_safe = jnp.where(empty, 1.0, l)
-  o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
+  _store(o_ref, (acc / l_safe[:, None]).astype(o_ref.dtype), head_mask)
   lse_ref[...] = jnp.where(empty, LSE_EMPTY, m + jnp.log2(l_safe))
 
 
 def _dq_kernel(*refs, has_segments, scale, scale_log2, mask_kw, block_q, block_k, num_q_blocks,
-               precision):
+               head_dim, precision):
   if has_segments:
     (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_seg_ref, dq_ref) = refs
   else:
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
   q_first = _reversed_program_id(num_q_blocks) * block_q
-  q = q_ref[...]
-  do = do_ref[...]
+  head_mask = _head_mask(head_dim, q_ref.shape[-1])
+  q = _load(q_ref, head_mask)
+  do = _load(do_ref, head_mask)
   lse = lse_ref[...][:, None]
   delta = delta_ref[...][:, None]
   q_pos = q_first + jnp.arange(block_q, dtype=jnp.int32)[:, None]
@@ -120,14 +146,14 @@ def _dq_kernel(*refs, has_segments, scale, scale_log2, mask_kw, block_q, block_k
   def step(j, dq, masked):
     k_first = pl.multiple_of(j * block_k, block_k)
     k_slice = pl.ds(k_first, block_k)
-    k = k_ref[k_slice, :]
+    k = _load(k_ref, head_mask, k_slice)
     p = jnp.exp2(_dot(q, k, contract_b=1, precision=precision) * scale_log2 - lse)
     if masked:
       k_pos = k_first + jnp.arange(block_k, dtype=jnp.int32)[None, :]
       kv_seg = kv_seg_ref[k_slice][None, :] if has_segments else None
       mask = flash_tiling.block_mask(q_pos, k_pos, q_seg=q_seg, kv_seg=kv_seg, **mask_kw)
       p = jnp.where(mask, p, 0.0)
-    dp = _dot(do, v_ref[k_slice, :], contract_b=1, precision=precision)
+    dp = _dot(do, _load(v_ref, head_mask, k_slice), contract_b=1, precision=precision)
     ds = p * (dp - delta)
     return dq + _dot(ds.astype(k.dtype), k, contract_b=0, precision=precision)
 
@@ -135,19 +161,20 @@ def _dq_kernel(*refs, has_segments, scale, scale_log2, mask_kw, block_q, block_k
   dq = lax.fori_loop(lo, full_lo, functools.partial(step, masked=True), dq)
   dq = lax.fori_loop(full_lo, full_hi, functools.partial(step, masked=False), dq)
   dq = lax.fori_loop(full_hi, hi, functools.partial(step, masked=True), dq)
-  dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+  _store(dq_ref, (dq * scale).astype(dq_ref.dtype), head_mask)
 
 
 def _dkv_kernel(*refs, has_segments, scale, scale_log2, mask_kw, block_q, block_k, num_q_blocks,
-                precision):
+                head_dim, precision):
   if has_segments:
     (k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, kv_seg_ref, q_seg_ref, dk_ref,
      dv_ref) = refs
   else:
     k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref = refs
   k_first = pl.program_id(0) * block_k
-  k = k_ref[...]
-  v = v_ref[...]
+  head_mask = _head_mask(head_dim, k_ref.shape[-1])
+  k = _load(k_ref, head_mask)
+  v = _load(v_ref, head_mask)
   k_pos = k_first + jnp.arange(block_k, dtype=jnp.int32)[:, None]
   kv_seg = kv_seg_ref[...][:, None] if has_segments else None
   lo, full_lo, full_hi, hi = flash_tiling.q_block_range(
@@ -158,8 +185,8 @@ def _dkv_kernel(*refs, has_segments, scale, scale_log2, mask_kw, block_q, block_
     dk, dv = carry
     q_first = pl.multiple_of(i * block_q, block_q)
     q_slice = pl.ds(q_first, block_q)
-    q = q_ref[q_slice, :]
-    do = do_ref[q_slice, :]
+    q = _load(q_ref, head_mask, q_slice)
+    do = _load(do_ref, head_mask, q_slice)
     # Transposed tiles [block_k, block_q]: rows are keys, so the sums run over queries.
     p_t = jnp.exp2(_dot(k, q, contract_b=1, precision=precision) * scale_log2
                    - lse_ref[q_slice][None, :])
@@ -178,8 +205,8 @@ def _dkv_kernel(*refs, has_segments, scale, scale_log2, mask_kw, block_q, block_
   carry = lax.fori_loop(lo, full_lo, functools.partial(step, masked=True), carry)
   carry = lax.fori_loop(full_lo, full_hi, functools.partial(step, masked=False), carry)
   dk, dv = lax.fori_loop(full_hi, hi, functools.partial(step, masked=True), carry)
-  dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
-  dv_ref[...] = dv.astype(dv_ref.dtype)
+  _store(dk_ref, (dk * scale).astype(dk_ref.dtype), head_mask)
+  _store(dv_ref, dv.astype(dv_ref.dtype), head_mask)
 
 
 def _range_kw(mask_kw):
@@ -191,6 +218,11 @@ def _mask_kw(causal, window, kv_len, s, q_offset):
               q_offset=q_offset)
 
 
+def _block_d(head_dim: int) -> int:
+  """Tile width along the head dim: Triton tiles are powers of two (48 runs as 64)."""
+  return max(16, 1 << (head_dim - 1).bit_length())
+
+
 def _warps(head_dim: int) -> int:
   return 4 if head_dim <= 64 else 8
 
@@ -200,9 +232,9 @@ def forward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, *, scale, causal, windo
   """Runs the forward kernel on padded inputs.
 
   Args:
-    q_bthd: [B, Tp, H, Dp], Tp a multiple of the query blocks, Dp a power of two.
-    k_bskd: [B, Sp, K, Dp].
-    v_bskd: [B, Sp, K, Dp].
+    q_bthd: [B, Tp, H, D], Tp a multiple of the query blocks.
+    k_bskd: [B, Sp, K, D].
+    v_bskd: [B, Sp, K, D].
     q_seg_bt: int32 [B, Tp] or None.
     kv_seg_bs: int32 [B, Sp] or None.
     scale: softmax scale (already resolved from None).
@@ -214,9 +246,10 @@ def forward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, *, scale, causal, windo
     interpret: run the Pallas interpreter instead of compiling.
 
   Returns:
-    (o_bthd [B, Tp, H, Dp] in q's dtype, lse_bht float32 [B, H, Tp] in base 2).
+    (o_bthd [B, Tp, H, D] in q's dtype, lse_bht float32 [B, H, Tp] in base 2).
   """
-  b, t, h, d = q_bthd.shape
+  b, t, h, head_dim = q_bthd.shape
+  d = _block_d(head_dim)
   s, kv_heads = k_bskd.shape[1], k_bskd.shape[2]
   group = h // kv_heads
   bq, bk = min(block_sizes.block_q, t), min(block_sizes.block_k, s)
@@ -224,7 +257,7 @@ def forward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, *, scale, causal, windo
   kernel = functools.partial(
       _fwd_kernel, has_segments=has_segments, scale_log2=scale * math.log2(math.e),
       mask_kw=_mask_kw(causal, window, kv_len, s, q_offset), block_q=bq, block_k=bk,
-      num_q_blocks=t // bq, precision=_precision(q_bthd.dtype))
+      num_q_blocks=t // bq, head_dim=head_dim, precision=_precision(q_bthd.dtype))
   last = t // bq - 1  # grid axis 0 runs over query blocks in reverse, see _reversed_program_id
   in_specs = [
       _spec((None, bq, None, d), lambda i, bi, hi: (bi, last - i, hi, 0)),
@@ -253,7 +286,8 @@ def forward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, *, scale, causal, windo
 def backward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, o_bthd, lse_bht, do_bthd, *, scale,
              causal, window, kv_len, q_offset, block_sizes, interpret):
   """Runs the dQ and dK/dV kernels on padded inputs; returns (dq, dk, dv) in the input dtypes."""
-  b, t, h, d = q_bthd.shape
+  b, t, h, head_dim = q_bthd.shape
+  d = _block_d(head_dim)
   s, kv_heads = k_bskd.shape[1], k_bskd.shape[2]
   group = h // kv_heads
   bq, bk = min(block_sizes.block_q_bwd, t), min(block_sizes.block_k_bwd, s)
@@ -262,7 +296,7 @@ def backward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, o_bthd, lse_bht, do_bt
   delta_bht = jnp.einsum("bthd,bthd->bht", o_bthd.astype(_F32), do_bthd.astype(_F32))
   common = dict(has_segments=has_segments, scale=scale, scale_log2=scale * math.log2(math.e),
                 mask_kw=_mask_kw(causal, window, kv_len, s, q_offset), block_q=bq, block_k=bk,
-                precision=_precision(q_bthd.dtype))
+                head_dim=head_dim, precision=_precision(q_bthd.dtype))
   params = _compiler_params(_warps(d), 2)
 
   last = t // bq - 1  # dQ's grid axis 0 runs over query blocks in reverse
@@ -316,12 +350,12 @@ def backward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, o_bthd, lse_bht, do_bt
       grid=(s // bk, b, h),
       in_specs=in_specs,
       out_specs=[_spec((None, bk, None, d), lambda j, bi, hi: (bi, j, hi, 0))] * 2,
-      out_shape=[jax.ShapeDtypeStruct((b, s, h, d), out_dtype)] * 2,
+      out_shape=[jax.ShapeDtypeStruct((b, s, h, head_dim), out_dtype)] * 2,
       compiler_params=params,
       interpret=interpret,
       name="flash_attention_dkv",
   )(*args)
   if group > 1:
-    dk_bshd = dk_bshd.reshape(b, s, kv_heads, group, d).sum(axis=3).astype(k_bskd.dtype)
-    dv_bshd = dv_bshd.reshape(b, s, kv_heads, group, d).sum(axis=3).astype(v_bskd.dtype)
+    dk_bshd = dk_bshd.reshape(b, s, kv_heads, group, head_dim).sum(axis=3).astype(k_bskd.dtype)
+    dv_bshd = dv_bshd.reshape(b, s, kv_heads, group, head_dim).sum(axis=3).astype(v_bskd.dtype)
   return dq_bthd, dk_bshd, dv_bshd
