@@ -21,6 +21,7 @@ def tiny_overrides(data_dir, **extra) -> list[str]:
       "data.dir": str(data_dir), "train.steps": 24, "train.batch_size": 8, "train.seq_len": 32,
       "train.log_every": 4, "train.eval_every": 12, "train.eval_batches": 2,
       "train.checkpoint_every": 6, "train.progress_bar": False, "optimizer.warmup_steps": 4,
+      "optimizer.lr": 1e-2,
   }
   flags.update(extra)
   return [f"--config.{k}={v}" for k, v in flags.items()]
@@ -36,3 +37,19 @@ def tiny_config(data_dir, **extra):
     c[section][name] = type(current)(value) if not isinstance(current, bool) else (
         value.lower() == "true")
   return c
+
+
+def cli_env(**extra) -> dict:
+  """Environment for a `python -m tinystories_jax.train` subprocess: CPU only, quiet."""
+  import os  # pylint: disable=import-outside-toplevel
+  env = dict(os.environ)
+  env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(REPO))
+  env.pop("XLA_FLAGS", None)
+  env.update(extra)
+  return env
+
+
+def train_cmd(workdir, overrides, config="configs/quickstart.py") -> list[str]:
+  import sys  # pylint: disable=import-outside-toplevel
+  return [sys.executable, "-m", "tinystories_jax.train", f"--config={REPO / config}",
+          f"--workdir={workdir}", *overrides]

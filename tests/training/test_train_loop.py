@@ -1,0 +1,74 @@
+"""End to end on a tiny synthetic corpus: learning, checkpoints, metrics, resume, divergence."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from tinystories_jax.training import config as config_lib
+from tinystories_jax.training import loop
+from train_helpers import tiny_config
+
+
+def _rows(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_train_learns_logs_checkpoints_and_resumes(tiny_data, tmp_path):
+  workdir = str(tmp_path / "run")
+  run = config_lib.run_config(tiny_config(tiny_data, **{"train.steps": 36}))
+  last = loop.train(run, workdir)
+  rows = _rows(workdir)
+  assert [r["step"] for r in rows] == list(range(4, 37, 4))
+  first, final = rows[0], rows[-1]
+  assert final is not None and last["step"] == 36
+  # Starts near ln(512) = 6.24 and falls well below it (36 tiny steps reach the unigram level).
+  assert first["train_loss"] > 5.5
+  assert final["train_loss"] < first["train_loss"] - 0.8
+  for key in ("learning_rate", "grad_norm", "tokens_per_s", "model_tflops"):
+    assert key in rows[1], key
+  evals = [r for r in rows if "eval_loss" in r]
+  assert [r["step"] for r in evals] == [12, 24, 36]
+  assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+  assert 0 < evals[-1]["eval_bpb"] < evals[0]["eval_bpb"]
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["24", "30", "36"]
+  saved = json.load(open(os.path.join(workdir, "config.json")))
+  assert saved["model"]["family"] == "llama" and saved["model"]["vocab_size"] == 512
+  assert saved["train"]["steps"] == 36
+  assert os.path.isfile(os.path.join(workdir, "tokenizer.model"))
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(
+      os.path.join(workdir, "tensorboard")))
+
+  # Extending the run resumes from step 36 instead of starting over.
+  run = config_lib.run_config(tiny_config(tiny_data, **{"train.steps": 40}))
+  loop.train(run, workdir)
+  rows = _rows(workdir)
+  assert [r["step"] for r in rows][-2:] == [36, 40]
+  assert rows[-1]["train_loss"] < first["train_loss"] - 0.8
+  # A finished run is left alone.
+  assert loop.train(run, workdir) == {"step": 40}
+
+
+def test_nan_loss_stops_with_the_last_good_checkpoint(tiny_data, tmp_path):
+  workdir = str(tmp_path / "nan")
+  run = config_lib.run_config(tiny_config(tiny_data, **{
+      "optimizer.lr": 1e30, "optimizer.warmup_steps": 0, "optimizer.clip_norm": 0.0,
+      "train.checkpoint_every": 1, "train.log_every": 1, "train.steps": 8}))
+  with pytest.raises(loop.TrainingDiverged, match="last good checkpoint intact") as e:
+    loop.train(run, workdir)
+  steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")))
+  assert steps and f"step {steps[-1]}" in str(e.value)
+  rows = _rows(workdir)
+  assert all(np.isfinite(r["train_loss"]) for r in rows)
+
+
+def test_nan_loss_can_skip_the_update(tiny_data, tmp_path):
+  workdir = str(tmp_path / "skip")
+  run = config_lib.run_config(tiny_config(tiny_data, **{
+      "optimizer.lr": 1e30, "optimizer.warmup_steps": 0, "optimizer.clip_norm": 0.0,
+      "train.on_nonfinite": "skip", "train.steps": 8, "train.eval_every": 0}))
+  loop.train(run, workdir)
+  rows = _rows(workdir)
+  assert rows[-1]["step"] == 8 and rows[-1]["skipped_steps"] >= 1
