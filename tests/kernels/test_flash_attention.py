@@ -208,3 +208,21 @@ def test_kernels_lower_for_their_platform(platform, backend, marker):
   except ImportError as e:  # a jaxlib built without that backend's lowering support
     pytest.skip(f"cannot lower for {platform} here: {e}")
   assert text.count(marker) >= 3, "expected the forward, dQ and dK/dV kernels"
+
+
+def test_sharded_over_batch_and_heads_under_a_mesh():
+  """Under jax.set_mesh the kernel runs per (batch, head) shard and still matches the reference."""
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 (fake CPU) devices")
+  auto = (jax.sharding.AxisType.Auto,) * 3
+  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=auto)
+  seed = secrets.randbits(32)
+  q, k, v, do, seg = _inputs(seed, 4, 32, 32, 4, 2, 16, jnp.float32, True)
+  kwargs = dict(window=16, **seg)
+  want = _run(fa.flash_attention_reference, q, k, v, do, kwargs)
+  with jax.set_mesh(mesh):
+    got = jax.jit(lambda *a: _run(
+        lambda *x, **kw: fa.flash_attention(*x, interpret=True, block_sizes=SMALL_BLOCKS, **kw),
+        *a, kwargs))(q, k, v, do)
+  for name, g, w in zip(("o", "dq", "dk", "dv"), got, want):
+    assert _rel_err(g, w) < 2e-5, (name, seed)

@@ -37,6 +37,11 @@ SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
 _GPU_PLATFORMS = ("gpu", "cuda", "rocm")
 _BACKENDS = {"gpu": flash_attention_gpu, "tpu": flash_attention_tpu}
 
+# Mesh axes (tinystories_jax.parallel's names) that attention may be split over: every batch row
+# and every head is independent, so the kernels run per shard without communication.
+_BATCH_AXES = ("data", "fsdp")
+_HEAD_AXIS = "tensor"
+
 # Segment ids that no real token carries (ids are non-negative; 0 is padding).
 _Q_PAD_ID = -(2**31)
 _KV_PAD_ID = -(2**31) + 1
@@ -159,6 +164,33 @@ def _round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
 
 
+def _shard_specs(batch: int, heads: int, kv_heads: int):
+  """(mesh, spec of [B, T, H, D], spec of [B, T]) for the current mesh, or None if unsharded.
+
+  A Pallas call is opaque to XLA's partitioner, which would gather its operands onto every device;
+  under `jax.set_mesh` the call is instead wrapped in `jax.shard_map` over the batch axes (and the
+  head axis where it divides both head counts), so each device runs the kernel on its own shard.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return None
+  # Axes already manual (inside a caller's shard_map) are not ours to split again.
+  sizes = {name: size for (name, size), kind in zip(mesh.shape.items(), mesh.axis_types)
+           if kind != jax.sharding.AxisType.Manual}
+  batch_axes, split = [], 1
+  for axis in _BATCH_AXES:
+    if sizes.get(axis, 1) > 1 and batch % (split * sizes[axis]) == 0:
+      batch_axes.append(axis)
+      split *= sizes[axis]
+  n_head = sizes.get(_HEAD_AXIS, 1)
+  head_axis = _HEAD_AXIS if n_head > 1 and heads % n_head == 0 and kv_heads % n_head == 0 else None
+  if not batch_axes and head_axis is None:
+    return None
+  batch_spec = tuple(batch_axes) if batch_axes else None
+  P = jax.sharding.PartitionSpec  # noqa: N806
+  return mesh, P(batch_spec, None, head_axis, None), P(batch_spec, None)
+
+
 def flash_attention(q_bthd, k_bskd, v_bskd, *, causal=True, window=None, q_segment_ids_bt=None,
                     kv_segment_ids_bs=None, scale=None, block_sizes=None, interpret=None,
                     backend=None):
@@ -227,5 +259,16 @@ def flash_attention(q_bthd, k_bskd, v_bskd, *, causal=True, window=None, q_segme
     q_seg = q_segment_ids_bt.astype(jnp.int32)
     q_seg = _pad_axis(jnp.where(q_seg == 0, _Q_PAD_ID, q_seg), 1, t_pad, value=_Q_PAD_ID)
     kv_seg = _pad_axis(kv_segment_ids_bs.astype(jnp.int32), 1, s_pad, value=_KV_PAD_ID)
-  o_p = _flash_padded(q_p, k_p, v_p, q_seg, kv_seg, cfg)
+  sharding = _shard_specs(b, h, k_bskd.shape[2])
+  if sharding is None:
+    o_p = _flash_padded(q_p, k_p, v_p, q_seg, kv_seg, cfg)
+  elif q_seg is None:
+    mesh, x_spec, _ = sharding
+    o_p = jax.shard_map(lambda q, k, v: _flash_padded(q, k, v, None, None, cfg), mesh=mesh,
+                        in_specs=(x_spec,) * 3, out_specs=x_spec, check_vma=False)(q_p, k_p, v_p)
+  else:
+    mesh, x_spec, seg_spec = sharding
+    o_p = jax.shard_map(functools.partial(_flash_padded, cfg=cfg), mesh=mesh,
+                        in_specs=(x_spec,) * 3 + (seg_spec,) * 2, out_specs=x_spec,
+                        check_vma=False)(q_p, k_p, v_p, q_seg, kv_seg)
   return o_p[:, :t]
