@@ -1,0 +1,73 @@
+"""Choosing the next token from logits: greedy, temperature, top-k, top-p, and the EOS floor.
+
+Everything here runs inside the jitted decode loop. Randomness is per row: row b draws with
+`fold_in(key_b, n)` for its n-th new token, so a row's text depends on its own key only, never on
+which other rows share the batch.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = float("-inf")
+
+
+def forbid_early_eos(logits_bv: jax.Array, count_b: jax.Array, *, eos_id: int,
+                     min_new_tokens: int) -> jax.Array:
+  """Masks the end-of-story token for rows that have fewer than `min_new_tokens` new tokens."""
+  if min_new_tokens <= 0:
+    return logits_bv
+  early_b = count_b < min_new_tokens
+  return logits_bv.at[:, eos_id].set(jnp.where(early_b, NEG_INF, logits_bv[:, eos_id]))
+
+
+def choose(logits_bv: jax.Array, keys_b: jax.Array, count_b: jax.Array, *, mode: tuple,
+           eos_id: int) -> jax.Array:
+  """int32 [B]: the next token of every row.
+
+  Args:
+    logits_bv: float32 logits.
+    keys_b: typed PRNG keys, one per row.
+    count_b: new tokens each row has so far (folds into its key; gates EOS).
+    mode: `SamplerConfig.decode_key()` of a non-beam config.
+    eos_id: the end-of-story token.
+  """
+  kind, min_new = mode[0], mode[-1]
+  logits_bv = forbid_early_eos(logits_bv, count_b, eos_id=eos_id, min_new_tokens=min_new)
+  if kind == "greedy":
+    return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+  _, temperature, top_k, top_p, _ = mode
+  scaled = logits_bv / temperature
+  if top_k:
+    # top_k sorts descending and breaks ties towards the lower id, as argmax does.
+    vals_bk, ids_bk = jax.lax.top_k(scaled, min(top_k, scaled.shape[-1]))
+  elif top_p < 1.0:
+    vals_bk, ids_bk = jax.lax.top_k(scaled, scaled.shape[-1])
+  else:
+    vals_bk, ids_bk = scaled, None
+  if top_p < 1.0:
+    probs = jax.nn.softmax(vals_bk, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    # The most likely token always stays, so the set is never empty.
+    vals_bk = jnp.where(mass_before < top_p, vals_bk, NEG_INF)
+  step_keys = jax.vmap(jax.random.fold_in)(keys_b, count_b)
+  pick_b = jax.vmap(jax.random.categorical)(step_keys, vals_bk)
+  if ids_bk is None:
+    return pick_b.astype(jnp.int32)
+  return jnp.take_along_axis(ids_bk, pick_b[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+def row_keys(seeds: list[int], streams: list[int]) -> jax.Array:
+  """Typed PRNG keys [B]: row b is `fold_in(key(seeds[b]), streams[b])`.
+
+  Seeds are taken modulo 2**32 so any integer a user passes is valid.
+  """
+  seeds_u = jnp.asarray([s % (1 << 32) for s in seeds], dtype=jnp.uint32)
+  streams_u = jnp.asarray([s % (1 << 32) for s in streams], dtype=jnp.uint32)
+  return _row_keys(seeds_u, streams_u)
+
+
+@jax.jit
+def _row_keys(seeds_u, streams_u):
+  return jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(seeds_u, streams_u)
