@@ -23,16 +23,29 @@ def requests(count):
           for i in range(count)}
 
 
+def collect(runner, wanted, **kwargs):
+  """Runs the batches and checks every request got exactly one result."""
+  results = {}
+
+  def on_result(custom_id, result):
+    assert custom_id not in results, f"{custom_id} delivered twice"
+    results[custom_id] = result
+
+  runner.run(wanted.items, on_result, **kwargs)
+  assert set(results) == set(wanted)
+  return results
+
+
 def test_answers_every_request_in_parts_under_the_limits(server, fake, tmp_path):
   fake.chat_handler = lambda body, attempt: Reply(text="answer " + body["messages"][0]["content"])
   runner = make_runner(server, tmp_path, max_requests=4)
-  results = runner.run(requests(10))
+  results = collect(runner, requests(10))
   assert {cid: r.text for cid, r in results.items()} == {f"r{i}": f"answer Hi {i}"
                                                          for i in range(10)}
   assert fake.stats["batches_created"] == 3  # 4 + 4 + 2.
   assert fake.stats["batch_polls"] >= 6  # Each batch was seen in progress first.
   by_size = make_runner(server, tmp_path / "b", max_bytes=400)
-  by_size.run(requests(10))
+  collect(by_size, requests(10))
   assert fake.stats["batches_created"] > 3 + 1
   for entry in by_size.state["batches"]:
     assert (tmp_path / "b" / "batch" / entry["input_path"]).stat().st_size <= 400
@@ -54,7 +67,7 @@ def test_failed_and_unusable_requests_are_submitted_again(server, fake, tmp_path
       raise UnusableAnswer("not ok")
 
   fake.chat_handler = handler
-  results = make_runner(server, tmp_path).run(requests(4), parse=parse)
+  results = collect(make_runner(server, tmp_path), requests(4), parse=parse)
   assert results["r0"].text == "ok" and results["r0"].attempts == 1
   assert results["r1"].text == "ok" and results["r1"].attempts == 2
   assert results["r2"].text == "ok" and results["r2"].attempts == 3
@@ -66,16 +79,16 @@ def test_failed_and_unusable_requests_are_submitted_again(server, fake, tmp_path
 def test_a_new_runner_resumes_from_the_state_file_without_resubmitting(server, fake, tmp_path):
   fake.chat_handler = lambda body, attempt: Reply(text="fine answer")
   first = make_runner(server, tmp_path, max_requests=3)
-  first._submit(requests(6), "turn1")  # pylint: disable=protected-access
+  first._submit(requests(6).items(), "turn1")  # pylint: disable=protected-access
   created = fake.stats["batches_created"]
   assert created == 2 and not any(b.get("downloaded") for b in first.state["batches"])
   # As if the process died here: a new runner reads the state and only polls and downloads.
-  results = make_runner(server, tmp_path, max_requests=3).run(requests(6))
+  results = collect(make_runner(server, tmp_path, max_requests=3), requests(6))
   assert all(r.text == "fine answer" for r in results.values())
   assert fake.stats["batches_created"] == created
   # And asking again costs nothing at all.
   uploads = fake.stats["files_uploaded"]
-  make_runner(server, tmp_path).run(requests(6))
+  collect(make_runner(server, tmp_path), requests(6))
   assert fake.stats["files_uploaded"] == uploads
 
 
@@ -84,7 +97,7 @@ def test_refused_credentials_stop_clearly(server, fake, tmp_path, monkeypatch):
   fake.api_key = "right"
   runner = make_runner(server, tmp_path)
   with pytest.raises(AuthStop, match="refused our credentials") as info:
-    runner.run(requests(2))
+    collect(runner, requests(2))
   assert "sk-wrong-key-999" not in str(info.value)
 
 

@@ -17,6 +17,7 @@ import collections
 import dataclasses
 import json
 import os
+from collections.abc import Iterable
 from typing import Any
 
 from absl import logging
@@ -29,7 +30,7 @@ from tinystories_jax.datagen import vocabulary as vocabulary_lib
 from tinystories_jax.grading import batch as batch_lib
 from tinystories_jax.grading import pricing
 from tinystories_jax.grading.client import ChatClient, ChatError, ClientConfig, Usage, run_bounded
-from tinystories_jax.grading.journal import Journal
+from tinystories_jax.grading.journal import Journal, read_rows
 
 END_OF_TEXT = "<|endoftext|>"
 
@@ -101,11 +102,17 @@ class Generation:
   def __init__(self, config: GenerateConfig, vocabulary: vocabulary_lib.Vocabulary):
     self.config = config
     self.vocabulary = vocabulary
-    self.kept = Journal(config.output, key_field="id")
-    self.rejected = Journal(sibling(config.output, ".rejected.jsonl"), key_field="id")
-    self.seen = {quality.fingerprint(r["story"]) for r in self.kept.rows}
-    self.done = {r["index"] for r in self.kept.rows} | {r["index"] for r in self.rejected.rows}
-    self.in_flight = 0
+    # Only keys in memory: at the paper's scale the rows themselves are gigabytes.
+    self.kept = Journal(config.output, key_field="id", keep_rows=False)
+    self.rejected = Journal(sibling(config.output, ".rejected.jsonl"), key_field="id",
+                            keep_rows=False)
+    self.seen: set[str] = set()
+    self.done: set[int] = set()
+    for row in read_rows(self.kept.path):
+      self.seen.add(quality.fingerprint(row["story"]))
+      self.done.add(row["index"])
+    for row in read_rows(self.rejected.path):
+      self.done.add(row["index"])
 
   def close(self) -> None:
     self.kept.close()
@@ -237,51 +244,63 @@ async def _generate_online(gen: Generation, client: ChatClient, bar: tqdm.tqdm) 
 
 
 def _generate_batch(gen: Generation, bar: tqdm.tqdm) -> None:
-  """The same rounds through the Batch API: stories, then (Instruct) their summaries."""
+  """The same rounds through the Batch API: stories, then (Instruct) their summaries.
+
+  Answers are judged and recorded as they stream out of the downloaded files; only Instruct
+  stories waiting for their summary are held in memory, one round at a time.
+  """
   config = gen.config
   runner = batch_lib.BatchRunner(config.client, config.batch,
                                  sibling(config.output, ".batch"), log=logging.info)
   while (indices := gen.next_round()):
-    plans = {story_id(config.seed, i): gen.plan(i) for i in indices}
-    stories = runner.run(
-        {sid: {"model": config.client.model, "max_tokens": config.max_tokens,
-               "temperature": config.temperature,
-               "messages": [{"role": "user", "content": prompts_lib.render_prompt(plan)}]}
-         for sid, plan in plans.items()}, tag="stories")
-    waiting = {}
-    for sid, plan in plans.items():
+    waiting: dict[str, tuple] = {}
+
+    def story_requests():
+      for index in indices:
+        plan = gen.plan(index)
+        yield story_id(config.seed, index), {
+            "model": config.client.model, "max_tokens": config.max_tokens,
+            "temperature": config.temperature,
+            "messages": [{"role": "user", "content": prompts_lib.render_prompt(plan)}]}
+
+    def judge(sid: str, result: batch_lib.BatchResult) -> None:
+      plan = gen.plan(int(sid.rsplit("-", 1)[1]))
       row = gen.base_row(plan)
-      result = stories[sid]
-      usage = result.usage
       if result.text is None:
-        gen.record_rejected(row | {"usage": usage.as_dict(), "error": result.error},
+        gen.record_rejected(row | {"usage": result.usage.as_dict(), "error": result.error},
                             "request_failed")
-        continue
+        return
       story = result.text.strip()
       reason = gen.judge(plan, story)
       if reason is not None:
-        gen.record_rejected(row | {"story": story, "usage": usage.as_dict()}, reason)
+        gen.record_rejected(row | {"story": story, "usage": result.usage.as_dict()}, reason)
       elif config.instruct:
-        waiting[sid] = (plan, row, story, usage)
+        waiting[sid] = (plan, row, story, result.usage)
       else:
-        gen.record_kept(plan, row | {"usage": usage.as_dict()}, story, None)
+        gen.record_kept(plan, row | {"usage": result.usage.as_dict()}, story, None)
         bar.update(1)
+
+    runner.run(story_requests, judge, tag="stories")
     if not waiting:
       continue
-    summaries = runner.run(
-        {f"{sid}:summary": {"model": config.client.model, "max_tokens": 120, "temperature": 0.0,
-                            "messages": [{"role": "user", "content": prompts_lib.SUMMARY_PROMPT
-                                          .replace("{story}", story)}]}
-         for sid, (_, _, story, _) in waiting.items()}, tag="summaries")
-    for sid, (plan, row, story, usage) in waiting.items():
-      result = summaries[f"{sid}:summary"]
+
+    def summary_requests():
+      for sid, (_, _, story, _) in waiting.items():
+        yield f"{sid}:summary", {
+            "model": config.client.model, "max_tokens": 120, "temperature": 0.0,
+            "messages": [{"role": "user",
+                          "content": prompts_lib.SUMMARY_PROMPT.replace("{story}", story)}]}
+
+    def keep(custom_id: str, result: batch_lib.BatchResult) -> None:
+      plan, row, story, usage = waiting.pop(custom_id[:-len(":summary")])
       usage.add(result.usage)
       summary = " ".join(result.text.split()) if result.text else None
       gen.record_kept(plan, row | {"usage": usage.as_dict()}, story, summary)
       bar.update(1)
 
+    runner.run(summary_requests, keep, tag="summaries")
 
-def write_text_layout(rows: list[dict[str, Any]], path: str) -> None:
+def write_text_layout(rows: Iterable[dict[str, Any]], path: str) -> None:
   """The `.txt` layout: each story (or Instruct text) followed by an `<|endoftext|>` line."""
   tmp = path + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:
@@ -314,19 +333,24 @@ def _check_settings(config: GenerateConfig, settings: dict) -> None:
 
 
 def summarize(config: GenerateConfig, vocabulary: vocabulary_lib.Vocabulary,
-              kept: list[dict[str, Any]], rejected: list[dict[str, Any]],
               batch: bool = False) -> dict[str, Any]:
-  """Rejection rates, vocabulary share, n-gram diversity, tokens and estimated cost."""
-  reasons = collections.Counter(r["reason"] for r in rejected)
-  attempts = len(kept) + len(rejected)
-  usage = collections.Counter()
-  for row in kept + rejected:
+  """Rejection rates, vocabulary share, n-gram diversity, tokens and cost, read from the files."""
+  reasons: collections.Counter = collections.Counter()
+  usage: collections.Counter = collections.Counter()
+  kept = 0
+  for row in read_rows(config.output):
+    kept += 1
     usage.update(row.get("usage") or {})
-  stats = quality.corpus_stats((r["story"] for r in kept), vocabulary)
+  for row in read_rows(sibling(config.output, ".rejected.jsonl")):
+    reasons[row["reason"]] += 1
+    usage.update(row.get("usage") or {})
+  rejected = sum(reasons.values())
+  attempts = kept + rejected
+  stats = quality.corpus_stats((r["story"] for r in read_rows(config.output)), vocabulary)
   prices = config.prices or pricing.DEFAULT_PRICES
   return {
-      "output": config.output, "model": config.client.model, "kept": len(kept),
-      "attempts": attempts, "rejected": len(rejected),
+      "output": config.output, "model": config.client.model, "kept": kept,
+      "attempts": attempts, "rejected": rejected,
       "rejection_rates": {reason: reasons.get(reason, 0) / attempts if attempts else 0.0
                           for reason in quality.REASONS + ("request_failed",)},
       "rejected_by_reason": dict(reasons),
@@ -364,19 +388,16 @@ def generate(config: GenerateConfig) -> dict[str, Any]:
           asyncio.run(_generate_online(gen, ChatClient(config.client, seed=config.seed), bar))
       finally:
         bar.close()
-    kept = sorted(gen.kept.rows, key=lambda r: r["index"])
-    rejected = list(gen.rejected.rows)
   finally:
     gen.close()
-  return finish(config, vocabulary, kept, rejected, batch=config.mode == "batch")
+  return finish(config, vocabulary, batch=config.mode == "batch")
 
 
 def finish(config: GenerateConfig, vocabulary: vocabulary_lib.Vocabulary,
-           kept: list[dict[str, Any]], rejected: list[dict[str, Any]],
            batch: bool = False) -> dict[str, Any]:
-  """Writes the .txt layout and the stats file; returns the stats."""
-  write_text_layout(kept, sibling(config.output, ".txt"))
-  stats = summarize(config, vocabulary, kept, rejected, batch=batch)
+  """Writes the .txt layout (in the JSONL's order) and the stats file; returns the stats."""
+  write_text_layout(read_rows(config.output), sibling(config.output, ".txt"))
+  stats = summarize(config, vocabulary, batch=batch)
   with open(sibling(config.output, ".stats.json"), "w", encoding="utf-8") as f:
     json.dump(stats, f, indent=2)
   return stats

@@ -1,21 +1,23 @@
 """The OpenAI Batch API as a resumable request runner, for grading and dataset generation.
 
-`BatchRunner.run(requests)` turns chat-completion bodies into answers: it writes the request
-JSONL, splits it under the API's limits (50,000 requests and 200 MB per file at the time of
+`BatchRunner.run(requests, on_result)` turns chat-completion bodies into answers: it writes the
+request JSONL, splits it under the API's limits (50,000 requests and 200 MB per file at the time of
 writing; we stay under 100 MB), uploads each part through `/v1/files`, creates the batches,
 polls them, downloads output and error files, merges, and submits the failed requests again up
 to `max_rounds` times. Every batch id goes into a state file the moment it exists and every
 downloaded file is kept, so a killed run picks up its batches instead of paying for them twice.
 Results are cached by `custom_id`: calling `run` again with the same ids costs nothing.
+Requests and results stream through files, so memory stays flat at two million stories.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import openai
@@ -99,41 +101,46 @@ class BatchRunner:
 
   # ---- submission -----------------------------------------------------------------------
 
-  def _split(self, lines: list[tuple[str, bytes]]) -> list[list[tuple[str, bytes]]]:
-    parts, current, size = [], [], 0
-    for custom_id, line in lines:
-      if current and (len(current) >= self.config.max_requests
-                      or size + len(line) > self.config.max_bytes):
-        parts.append(current)
-        current, size = [], 0
-      current.append((custom_id, line))
-      size += len(line)
-    if current:
-      parts.append(current)
-    return parts
+  def _create(self, input_path: str, count: int, tag: str) -> None:
+    with open(input_path, "rb") as f:
+      uploaded = self._call("upload a batch file", self._client.files.create,
+                            file=(os.path.basename(input_path), f), purpose="batch")
+    batch = self._call("create a batch", self._client.batches.create,
+                       input_file_id=uploaded.id, endpoint=ENDPOINT,
+                       completion_window=self.config.completion_window,
+                       metadata={"tool": "tinystories-jax", "part": tag})
+    self.state["batches"].append({
+        "id": batch.id, "input_path": os.path.basename(input_path),
+        "input_file_id": uploaded.id, "requests": count, "status": batch.status,
+        "output_path": None, "error_path": None, "created_at": time.time()})
+    self._save_state()
+    self.log(f"batch {batch.id}: {count} requests submitted")
 
-  def _submit(self, requests: dict[str, dict[str, Any]], tag: str) -> None:
-    lines = [(cid, (json.dumps({"custom_id": cid, "method": "POST", "url": ENDPOINT,
-                                "body": body}, ensure_ascii=False) + "\n").encode("utf-8"))
-             for cid, body in requests.items()]
-    for part in self._split(lines):
-      number = len(self.state["batches"])
-      input_path = os.path.join(self.work_dir, f"{number:05d}-{tag}.input.jsonl")
-      with open(input_path, "wb") as f:
-        f.writelines(line for _, line in part)
-      with open(input_path, "rb") as f:
-        uploaded = self._call("upload a batch file", self._client.files.create,
-                              file=(os.path.basename(input_path), f.read()), purpose="batch")
-      batch = self._call("create a batch", self._client.batches.create,
-                         input_file_id=uploaded.id, endpoint=ENDPOINT,
-                         completion_window=self.config.completion_window,
-                         metadata={"tool": "tinystories-jax", "part": tag})
-      self.state["batches"].append({
-          "id": batch.id, "input_path": os.path.basename(input_path),
-          "input_file_id": uploaded.id, "requests": len(part), "status": batch.status,
-          "output_path": None, "error_path": None, "created_at": time.time()})
-      self._save_state()
-      self.log(f"batch {batch.id}: {len(part)} requests submitted")
+  def _submit(self, requests: Iterable[tuple[str, dict[str, Any]]], tag: str) -> int:
+    """Streams requests into files under the size limits and starts a batch per file."""
+    total = count = size = 0
+    f = path = None
+    for custom_id, body in requests:
+      line = (json.dumps({"custom_id": custom_id, "method": "POST", "url": ENDPOINT,
+                          "body": body}, ensure_ascii=False) + "\n").encode("utf-8")
+      if f is not None and (count >= self.config.max_requests
+                            or size + len(line) > self.config.max_bytes):
+        f.close()
+        self._create(path, count, tag)
+        f = None
+      if f is None:
+        number = len(self.state["batches"])
+        path = os.path.join(self.work_dir, f"{number:05d}-{tag}.input.jsonl")
+        f = open(path, "wb")  # pylint: disable=consider-using-with
+        count = size = 0
+      f.write(line)
+      count += 1
+      size += len(line)
+      total += 1
+    if f is not None:
+      f.close()
+      self._create(path, count, tag)
+    return total
 
   # ---- waiting and merging --------------------------------------------------------------
 
@@ -149,15 +156,14 @@ class BatchRunner:
   def _wait(self) -> None:
     """Polls every unfinished batch to a terminal status and downloads its files."""
     while True:
-      waiting = [b for b in self.state["batches"] if b["output_path"] is None
-                 and not b.get("downloaded")]
+      waiting = [b for b in self.state["batches"] if not b.get("downloaded")]
       if not waiting:
         return
       for entry in waiting:
         batch = self._call("check a batch", self._client.batches.retrieve, entry["id"])
         entry["status"] = batch.status
         if batch.status in TERMINAL:
-          stem = os.path.splitext(os.path.splitext(entry["input_path"])[0])[0]
+          stem = entry["input_path"][:-len(".input.jsonl")]
           entry["output_path"] = self._download(batch.output_file_id, f"{stem}.output.jsonl")
           entry["error_path"] = self._download(batch.error_file_id, f"{stem}.errors.jsonl")
           errors = getattr(batch, "errors", None)
@@ -166,80 +172,113 @@ class BatchRunner:
           entry["downloaded"] = True
           self.log(f"batch {entry['id']}: {batch.status}")
         self._save_state()
-      if any(b["output_path"] is None and not b.get("downloaded") for b in self.state["batches"]):
+      if any(not b.get("downloaded") for b in self.state["batches"]):
         time.sleep(self.config.poll_interval_s)
 
-  def _outcomes(self) -> dict[str, list[tuple[dict | None, str | None]]]:
-    """Every (response body, error) received per custom_id, oldest first."""
-    outcomes: dict[str, list[tuple[dict | None, str | None]]] = {}
-    for entry in self.state["batches"]:
-      if not entry.get("downloaded"):
+  def _answers(self, entry: dict[str, Any]) -> Iterator[tuple[str, dict | None, str | None]]:
+    """(custom_id, response body or None, error or None) for every request of one batch."""
+    answered = set()
+    for name in (entry.get("output_path"), entry.get("error_path")):
+      if not name:
         continue
-      seen = set()
-      for name in (entry.get("output_path"), entry.get("error_path")):
-        if not name:
-          continue
-        with open(os.path.join(self.work_dir, name), encoding="utf-8") as f:
-          for line in f:
-            if not line.strip():
-              continue
-            row = json.loads(line)
-            response = row.get("response") or {}
-            status = response.get("status_code")
-            if status == 200:
-              outcome = (response.get("body"), None)
-            else:
-              detail = row.get("error") or (response.get("body") or {}).get("error") or {}
-              outcome = (None, f"HTTP {status}: {detail.get('message', 'no message')}"
-                         if status else str(detail.get("message", "failed")))
-            outcomes.setdefault(row["custom_id"], []).append(outcome)
-            seen.add(row["custom_id"])
-      # Requests a batch never answered (expired, failed validation) count as failed tries.
-      with open(os.path.join(self.work_dir, entry["input_path"]), encoding="utf-8") as f:
+      with open(os.path.join(self.work_dir, name), encoding="utf-8") as f:
         for line in f:
-          custom_id = json.loads(line)["custom_id"]
-          if custom_id not in seen:
-            reason = entry.get("batch_error") or f"batch {entry['status']} without an answer"
-            outcomes.setdefault(custom_id, []).append((None, reason))
-    return outcomes
+          if not line.strip():
+            continue
+          row = json.loads(line)
+          response = row.get("response") or {}
+          status = response.get("status_code")
+          answered.add(row["custom_id"])
+          if status == 200:
+            yield row["custom_id"], response.get("body"), None
+          else:
+            detail = row.get("error") or (response.get("body") or {}).get("error") or {}
+            yield row["custom_id"], None, (
+                f"HTTP {status}: {detail.get('message', 'no message')}" if status
+                else str(detail.get("message", "failed")))
+    # Requests a batch never answered (expired, failed validation) count as failed tries.
+    with open(os.path.join(self.work_dir, entry["input_path"]), encoding="utf-8") as f:
+      for line in f:
+        custom_id = json.loads(line)["custom_id"]
+        if custom_id not in answered:
+          yield custom_id, None, (entry.get("batch_error")
+                                  or f"batch {entry['status']} without an answer")
 
-  def _result(self, history, parse) -> BatchResult:
-    usage = Usage()
-    error = "never submitted"
-    raw_answers = []
-    for body, error in history:
-      usage.requests += 1
-      if body is None:
-        continue
-      try:
-        text = read_answer(body, usage)
-        raw_answers.append(text)
-        if parse is not None:
-          parse(text)
-        return BatchResult(text, None, usage, len(history), raw_answers)
-      except UnusableAnswer as e:
-        error = f"unusable answer: {e}"
-    return BatchResult(None, error, usage, len(history), raw_answers)
+  def run(self, requests: Callable[[], Iterable[tuple[str, dict[str, Any]]]],
+          on_result: Callable[[str, BatchResult], None], *, tag: str = "requests",
+          parse: Callable[[str], Any] | None = None) -> None:
+    """Delivers one result per request, submitting only what no earlier batch answered usably.
 
-  def run(self, requests: dict[str, dict[str, Any]], *, tag: str = "requests",
-          parse: Callable[[str], Any] | None = None) -> dict[str, BatchResult]:
-    """Answers for every request, submitting only what no earlier batch answered usably.
+    Results stream from the downloaded files to `on_result` as they are merged, so memory does
+    not grow with the answers (two million stories fit).
 
     Args:
-      requests: custom_id -> chat-completions body.
+      requests: returns (custom_id, chat-completions body) pairs afresh on each call.
+      on_result: called exactly once per custom_id; after `max_rounds` submissions without a
+        usable answer the result carries the last error.
       tag: names the request files (e.g. "turn1").
       parse: raises `UnusableAnswer` for an answer to submit again.
-
-    Returns:
-      custom_id -> result; after `max_rounds` submissions a request's last error is kept.
     """
     self._wait()  # Batches a killed run left behind.
+    wanted = {custom_id for custom_id, _ in requests()}
+    tally = _Tally(wanted, parse, on_result)
+    for entry in self.state["batches"]:
+      tally.merge(self._answers(entry))
     while True:
-      outcomes = self._outcomes()
-      results = {cid: self._result(outcomes.get(cid, []), parse) for cid in requests}
-      again = {cid: body for cid, body in requests.items()
-               if results[cid].text is None and results[cid].attempts < self.config.max_rounds}
-      if not again:
-        return results
-      self._submit(again, tag)
+      first_new = len(self.state["batches"])
+      again = ((cid, body) for cid, body in requests()
+               if cid not in tally.settled and tally.attempts[cid] < self.config.max_rounds)
+      if not self._submit(again, tag):
+        break
       self._wait()
+      for entry in self.state["batches"][first_new:]:
+        tally.merge(self._answers(entry))
+    tally.give_up()
+
+
+class _Tally:
+  """Per-request bookkeeping while merging; only unsettled requests keep their history."""
+
+  def __init__(self, wanted: set[str], parse, on_result):
+    self.wanted = wanted
+    self.parse = parse
+    self.on_result = on_result
+    self.settled: set[str] = set()
+    self.attempts: collections.Counter = collections.Counter()
+    self.usage: dict[str, Usage] = {}
+    self.raw: dict[str, list[str]] = {}
+    self.error: dict[str, str] = {}
+
+  def merge(self, answers: Iterable[tuple[str, dict | None, str | None]]) -> None:
+    for custom_id, body, error in answers:
+      if custom_id not in self.wanted or custom_id in self.settled:
+        continue
+      self.attempts[custom_id] += 1
+      usage = self.usage.setdefault(custom_id, Usage())
+      usage.requests += 1
+      if body is not None:
+        try:
+          text = read_answer(body, usage)
+          self.raw.setdefault(custom_id, []).append(text)
+          if self.parse is not None:
+            self.parse(text)
+          self._settle(custom_id, BatchResult(text, None, usage, self.attempts[custom_id],
+                                              self.raw.pop(custom_id)))
+          continue
+        except UnusableAnswer as e:
+          error = f"unusable answer: {e}"
+      self.error[custom_id] = error or "no answer"
+
+  def _settle(self, custom_id: str, result: BatchResult) -> None:
+    self.settled.add(custom_id)
+    for table in (self.usage, self.error, self.raw):
+      table.pop(custom_id, None)
+    self.attempts.pop(custom_id, None)
+    self.on_result(custom_id, result)
+
+  def give_up(self) -> None:
+    for custom_id in sorted(self.wanted - self.settled):
+      self._settle(custom_id, BatchResult(
+          None, self.error.get(custom_id, "never answered"),
+          self.usage.get(custom_id, Usage()), self.attempts[custom_id],
+          self.raw.get(custom_id, [])))

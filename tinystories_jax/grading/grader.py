@@ -271,8 +271,9 @@ def _grade_batch(grader: Grader, todo: list, config: GradeConfig) -> None:
     return out
 
   first = {key: grader.first_messages(item) for key, item in stories}
-  turn1 = runner.run({f"{key}:1": body(first[key]) for key, _ in stories}, tag="turn1",
-                     parse=_assessment)
+  turn1: dict[str, batch_lib.BatchResult] = {}
+  runner.run(lambda: ((f"{key}:1", body(first[key])) for key, _ in stories),
+             turn1.__setitem__, tag="turn1", parse=_assessment)
   second = {}
   for key, item in stories:
     result = turn1[f"{key}:1"]
@@ -281,9 +282,10 @@ def _grade_batch(grader: Grader, todo: list, config: GradeConfig) -> None:
                                        f"assessment: {result.error}"))
     else:
       second[key] = rubric.second_messages(first[key], _assessment(result.text))
-  turn2 = runner.run(
-      {f"{key}:2": body(messages, rubric.response_format()) for key, messages in second.items()},
-      tag="turn2", parse=rubric.parse_scores)
+  turn2: dict[str, batch_lib.BatchResult] = {}
+  runner.run(lambda: ((f"{key}:2", body(messages, rubric.response_format()))
+                      for key, messages in second.items()),
+             turn2.__setitem__, tag="turn2", parse=rubric.parse_scores)
   for key, item in stories:
     if key not in second:
       continue

@@ -45,15 +45,23 @@ class Journal:
   Args:
     path: the JSONL file; created if missing.
     key_field: the row field that identifies a result.
+    keep_rows: hold every row in `rows` (small files); False keeps only the keys, for files
+      of millions of rows that callers stream with `read_rows`.
   """
 
-  def __init__(self, path: str, key_field: str = "key"):
+  def __init__(self, path: str, key_field: str = "key", keep_rows: bool = True):
     self.path = path
     self.key_field = key_field
+    self.keep_rows = keep_rows
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     self._truncate_torn_tail()
-    self.rows: list[dict[str, Any]] = list(read_rows(path))
-    self.keys: set[str] = {row[key_field] for row in self.rows if key_field in row}
+    self.rows: list[dict[str, Any]] = []
+    self.keys: set[str] = set()
+    for row in read_rows(path):
+      if key_field in row:
+        self.keys.add(row[key_field])
+      if keep_rows:
+        self.rows.append(row)
     self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
   def _truncate_torn_tail(self) -> None:
@@ -86,7 +94,8 @@ class Journal:
     written = os.write(self._fd, data)
     while written < len(data):  # Regular files write fully; this only guards odd filesystems.
       written += os.write(self._fd, data[written:])
-    self.rows.append(row)
+    if self.keep_rows:
+      self.rows.append(row)
     if self.key_field in row:
       self.keys.add(row[self.key_field])
 
