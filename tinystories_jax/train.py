@@ -58,7 +58,9 @@ def _parse_flags(argv):
     # AttributeError, with a did-you-mean hint) or a value of the wrong type.
     detail = " ".join(str(e).replace("\\n", " ").replace("\\'", "").strip("'\"").split())
     overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
-    culprit = next((o for o in overrides if o.rsplit(".", 1)[-1] in detail), None)
+    first = detail.split()[0] if detail else ""
+    culprit = next((o for o in overrides if o.rsplit(".", 1)[-1] == first), None) or next(
+        (o for o in overrides if o.rsplit(".", 1)[-1] in detail), None)
     where = f"{culprit}: " if culprit else ""
     print(f"error: {where}invalid config override ({detail}); the valid keys and their types "
           "are in configs/base.py.", file=sys.stderr)

@@ -1,0 +1,58 @@
+"""User mistakes end in one clear sentence and a non-zero exit, before anything compiles."""
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from tinystories_jax.training import config as config_lib
+from train_helpers import cli_env, tiny_config, tiny_overrides, train_cmd
+
+
+def _fail(workdir, overrides, config="configs/quickstart.py"):
+  proc = subprocess.run(train_cmd(workdir, overrides, config), env=cli_env(), text=True,
+                        capture_output=True, timeout=300)
+  assert proc.returncode != 0
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
+  assert len(errors) == 1, proc.stderr[-3000:]
+  # Nothing was compiled or trained: no checkpoints, no metrics.
+  assert not os.path.exists(os.path.join(workdir, "checkpoints"))
+  assert not os.path.exists(os.path.join(workdir, "metrics.jsonl"))
+  return errors[0]
+
+
+@pytest.mark.parametrize("extra, expected", [
+    ({"mesh.cpu_devices": 4, "mesh.data": 3, "mesh.fsdp": -1},
+     "does not divide the 4 available devices"),
+    ({"mesh.cpu_devices": 4, "mesh.data": 4, "train.batch_size": 6},
+     "train.batch_size=6 does not divide over the mesh's data axes"),
+    ({"train.stepz": 3}, "--config.train.stepz: invalid config override"),
+    ({"model.name": "7b"}, "model.name='7b'"),
+    ({"train.loss": "fused"}, "train.loss='fused' is not one of"),
+])
+def test_bad_input_is_one_sentence(tiny_data, tmp_path, extra, expected):
+  line = _fail(str(tmp_path / "w"), tiny_overrides(tiny_data, **extra))
+  assert expected in line, line
+
+
+def test_missing_data_directory(tmp_path):
+  line = _fail(str(tmp_path / "w"), tiny_overrides(tmp_path / "nowhere"))
+  assert "not a prepared data directory" in line and "prepare" in line
+
+
+def test_workdir_from_another_run_is_refused(tiny_data, tmp_path):
+  workdir = tmp_path / "w"
+  workdir.mkdir()
+  run = config_lib.run_config(tiny_config(tiny_data))
+  from tinystories_jax.training import loop  # pylint: disable=import-outside-toplevel
+  r = loop.prepare_run(run, str(workdir))
+  (workdir / "config.json").write_text(json.dumps(r.config_json))
+  line = _fail(str(workdir), tiny_overrides(tiny_data, **{"optimizer.lr": 0.5}))
+  assert "holds a run with a different configuration (optimizer.lr was 0.01, now 0.5)" in line
+  # Changing only how the run is run (length, logging, mesh) is a resume, not a conflict.
+  saved = json.loads((workdir / "config.json").read_text())
+  run2 = config_lib.run_config(tiny_config(tiny_data, **{"train.steps": 99, "mesh.data": 8}))
+  config_lib.check_workdir_config(saved, loop.prepare_run(run2, str(tmp_path / "x")).config_json,
+                                  str(workdir))
