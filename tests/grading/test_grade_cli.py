@@ -188,7 +188,8 @@ def test_grading_never_imports_jax():
           "import pkgutil, importlib; "
           "[importlib.import_module('tinystories_jax.grading.' + m.name) "
           " for m in pkgutil.iter_modules(g.__path__)]; "
-          "bad = [m for m in sys.modules if m == 'jax' or m.startswith(('jax.', 'jaxlib', 'flax'))];"
+          "bad = [m for m in sys.modules "
+          "       if m == 'jax' or m.startswith(('jax.', 'jaxlib', 'flax'))]; "
           "print(bad); sys.exit(1 if bad else 0)")
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=REPO_ROOT)

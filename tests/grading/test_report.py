@@ -16,10 +16,11 @@ def test_bootstrap_interval_brackets_the_mean_and_shrinks_with_data():
 
 def row(model, grammar, status="ok", age="C", prompt_id="story-001", usage=10):
   scores = {"grammar": grammar, "creativity": 5, "consistency": 6, "plot": 7}
+  ok = status == "ok"
   return {"key": f"{model}{grammar}{status}{prompt_id}", "id": prompt_id, "model": model,
           "prompt_id": prompt_id, "prompt": "Once", "status": status,
-          "scores": scores if status == "ok" else None, "age_group": age if status == "ok" else None,
-          "error": None if status == "ok" else "scores: gave up after 3 attempts; last: HTTP 500: x",
+          "scores": scores if ok else None, "age_group": age if ok else None,
+          "error": None if ok else "scores: gave up after 3 attempts; last: HTTP 500: x",
           "usage": {"prompt_tokens": usage * 100, "completion_tokens": usage, "requests": 2}}
 
 

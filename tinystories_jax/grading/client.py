@@ -282,7 +282,8 @@ class ChatClient:
           if self._auth_failures >= self.config.max_auth_failures:
             self._stopped = (
                 f"The endpoint refused our credentials {self._auth_failures} times in a row "
-                f"(last: HTTP {status}: {message}); check {self.config.api_key_env} and --base_url.")
+                f"(last: HTTP {status}: {message}); check {self.config.api_key_env} and "
+                "--base_url.")
             raise AuthStop(self._stopped) from None
         elif status == 429:
           delay = retry_after_s(e.response.headers if e.response is not None else None)

@@ -76,7 +76,8 @@ def read_completions(paths: list[str]) -> list[Completion]:
         try:
           row = json.loads(line)
         except json.JSONDecodeError as e:
-          raise InputError(f"{where} is not valid JSON ({e.msg}); fix or remove that line.") from None
+          raise InputError(
+              f"{where} is not valid JSON ({e.msg}); fix or remove that line.") from None
         if not isinstance(row, dict):
           raise InputError(f"{where} is not a JSON object; each line must be one completion row.")
         for field in ("id", "prompt", "completion"):
