@@ -28,7 +28,12 @@ print(evalsets.write_prompts(sys.argv[1], evalsets.SETS_FOR_RUBRIC[sys.argv[2]])
     "$OUT/prompts.jsonl" "$RUBRIC"
 
 # 2. Completions from the trained model; rows carry id, prompt, completion, model, sampler.
-if [[ ! -s "$OUT/completions.jsonl" ]]; then
+#    `sample` skips rows already in the file, so a rerun finishes what is missing; with one
+#    completion per prompt already there (and default SAMPLE_FLAGS) there is nothing to do.
+prompts=$(wc -l < "$OUT/prompts.jsonl")
+done_rows=0
+[[ -f "$OUT/completions.jsonl" ]] && done_rows=$(wc -l < "$OUT/completions.jsonl")
+if [[ -n "${SAMPLE_FLAGS:-}" || "$done_rows" -lt "$prompts" ]]; then
   # shellcheck disable=SC2086
   "$PYTHON" -m tinystories_jax.sample --workdir="$WORKDIR" \
       --prompts_file="$OUT/prompts.jsonl" --output="$OUT/completions.jsonl" ${SAMPLE_FLAGS:-}

@@ -3,10 +3,13 @@
 import collections
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+
+import pytest
 
 from tinystories_jax.grading import evalsets
 
@@ -200,9 +203,11 @@ def test_eval_script_grades_existing_completions(server, fake, tmp_path):
   del fake
   out = tmp_path / "eval"
   out.mkdir()
-  prompts = evalsets.load_eval_set("stories")[:3] + evalsets.load_eval_set("context")[:2]
+  # One completion per prompt already there: the script goes straight to grading.
+  prompts = [row for name in evalsets.SETS_FOR_RUBRIC["story"]
+             for row in evalsets.load_eval_set(name)]
   write_jsonl(out / "completions.jsonl", [
-      {"id": p["id"], "prompt": p["prompt"], "completion": " the box and smiled.",
+      {"id": p["id"], "prompt": p["prompt"], "completion": " the box and smiled. [score=8]",
        "model": "runs/x@step10", "sampler": {}} for p in prompts])
   env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
   env.update(PYTHON=sys.executable, BASE_URL=server.base_url, GRADE_FLAGS="--progress=false")
@@ -212,5 +217,16 @@ def test_eval_script_grades_existing_completions(server, fake, tmp_path):
   assert result.returncode == 0, result.stderr
   assert (out / "prompts.jsonl").exists()
   summary = json.loads((out / "grades" / "summary.json").read_text())
-  assert summary["graded"] == 3
-  assert summary["models"]["runs/x@step10"]["probes"]["context"]["total"] == 2
+  model = summary["models"]["runs/x@step10"]
+  assert model["graded"] == len(evalsets.load_eval_set("stories"))
+  assert model["probes"]["context"]["total"] == len(evalsets.load_eval_set("context"))
+  assert model["scores"]["grammar"]["mean"] == 8
+
+
+def test_eval_script_passes_shellcheck():
+  shellcheck = shutil.which("shellcheck")
+  if shellcheck is None:
+    pytest.skip("shellcheck is not installed (it comes with the [test] extra)")
+  result = subprocess.run([shellcheck, os.path.join(REPO_ROOT, "launch", "eval.sh")],
+                          capture_output=True, text=True)
+  assert result.returncode == 0, result.stdout
