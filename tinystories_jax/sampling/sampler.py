@@ -86,8 +86,8 @@ class Sampler:
 
   def generate(self, prompts: Sequence[Sequence[int]], config: SamplerConfig, *,
                streams: Sequence[int] | None = None, limits: Sequence[int] | None = None,
-               on_update: OnUpdate | None = None, num_return: int = 1
-               ) -> list[list[Completion]]:
+               seeds: Sequence[int] | None = None, on_update: OnUpdate | None = None,
+               num_return: int = 1) -> list[list[Completion]]:
     """Continues every prompt.
 
     Args:
@@ -95,6 +95,7 @@ class Sampler:
       config: decoding settings; `config.seed` with `streams[b]` keys row b's randomness.
       streams: per-row stream numbers (default 0, 1, 2, ...): equal seed and stream give equal text.
       limits: per-row new-token budgets (default `config.max_new_tokens`; none may exceed it).
+      seeds: per-row seeds (default `config.seed` for every row).
       on_update: see `OnUpdate`; called between chunks (sampling and greedy only).
       num_return: continuations per prompt: beam search returns its best `num_return` beams;
         otherwise must be 1 (pass the prompt several times with different streams instead).
@@ -108,6 +109,7 @@ class Sampler:
     n = len(prompts)
     streams = list(range(n)) if streams is None else list(streams)
     limits = [config.max_new_tokens] * n if limits is None else [int(x) for x in limits]
+    seeds = [config.seed] * n if seeds is None else [int(x) for x in seeds]
     self.check(prompts, config, limits)
     if config.num_beams > 1:
       if not 1 <= num_return <= config.num_beams:
@@ -117,7 +119,7 @@ class Sampler:
     if num_return != 1:
       raise SamplerError("sampling returns one continuation per prompt; repeat the prompt with "
                          "different streams for more.")
-    return [[c] for c in self._sample(prompts, config, streams, limits, on_update)]
+    return [[c] for c in self._sample(prompts, config, streams, limits, seeds, on_update)]
 
   def check(self, prompts, config: SamplerConfig, limits) -> None:
     """Raises SamplerError for an empty prompt, a bad budget, or a sequence past the model."""
@@ -138,7 +140,8 @@ class Sampler:
   # ----------------------------------------------------------------------------------------------
 
   def pad_batch(self, prompts, limits, streams):
-    """Left-padded int32 tokens [B', P], pad_b, limits and streams, B' a power of two."""
+    """Left-padded int32 tokens [B', P], pad_b, limits and streams (or seeds), B' a power of
+    two."""
     n = len(prompts)
     b = _batch_bucket(n)
     p = _round_up(max(len(x) for x in prompts), self.prompt_bucket)
@@ -152,14 +155,15 @@ class Sampler:
     strm = list(streams) + [0] * (b - n)
     return tokens, pad, lim, strm
 
-  def _sample(self, prompts, config: SamplerConfig, streams, limits, on_update):
+  def _sample(self, prompts, config: SamplerConfig, streams, limits, seeds, on_update):
     n = len(prompts)
     tokens, pad, lim, strm = self.pad_batch(prompts, limits, streams)
+    seeds = list(seeds) + [0] * (len(strm) - n)
     max_new = max(limits)
     budget = _round_up(max(max_new, 1), 32)
     seq_len = tokens.shape[1] + budget
     mode = config.decode_key()
-    keys = select.row_keys([config.seed] * len(strm), strm)
+    keys = select.row_keys(seeds, strm)
     state = _prefill(self.graphdef, self.params, jnp.asarray(tokens), jnp.asarray(pad),
                      jnp.asarray(lim), keys, seq_len=seq_len, budget=budget, mode=mode,
                      eos_id=self.eos_id)
