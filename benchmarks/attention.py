@@ -39,8 +39,7 @@ SMOKE_SHAPES = ((1, 128, 2, 64), (1, 128, 2, 48))
 WINDOWS = {"causal": None, "window256": 256}
 SMOKE_WINDOWS = {"causal": None, "window64": 64}
 # Tile sizes tried for our kernel in the sweep (block_q, block_k, block_q_bwd, block_k_bwd).
-SWEEP = ((128, 64, 64, 64), (64, 64, 64, 64), (128, 128, 64, 64), (64, 32, 32, 64),
-         (128, 64, 64, 128))
+SWEEP = ((128, 64, 64, 64), (64, 64, 64, 64), (128, 128, 64, 64), (128, 64, 64, 128))
 SWEEP_SHAPES = ((16, 2048, 12, 64), (64, 512, 16, 48))
 
 
@@ -201,6 +200,47 @@ def sweep(*, interpret: bool, emit: Callable[[dict], None], smoke: bool, iters: 
           row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         rows.append(row)
         emit(row)
+  return rows
+
+
+# Compiled-kernel checks of what the timed shapes leave out: (B, T, H, K, D, dtype, window,
+# segments). Tolerances are relative to the largest reference value.
+FEATURE_CASES = ((2, 1000, 8, 2, 48, "bfloat16", 256, True), (2, 300, 4, 1, 128, "float32", None,
+                                                               False),
+                 (1, 777, 6, 3, 64, "bfloat16", 100, False))
+SMOKE_FEATURE_CASES = ((2, 100, 4, 2, 48, "bfloat16", 40, True), (1, 70, 2, 1, 32, "float32", None,
+                                                                  False))
+
+
+def check_features(*, smoke: bool, interpret: bool, emit: Callable[[dict], None]) -> list[dict]:
+  """Forward and gradients of our kernel against the reference: GQA, MQA, segments, padding."""
+  rows = []
+  for b, t, h, kv, d, dtype, window, segments in SMOKE_FEATURE_CASES if smoke else FEATURE_CASES:
+    row = {"kind": "kernel_check", "B": b, "T": t, "H": h, "K": kv, "D": d, "dtype": dtype,
+           "window": window, "segments": segments}
+    try:
+      keys = jax.random.split(jax.random.key(t), 4)
+      q, do = (jax.random.normal(x, (b, t, h, d), jnp.float32).astype(dtype) for x in keys[:2])
+      k, v = (jax.random.normal(x, (b, t, kv, d), jnp.float32).astype(dtype) for x in keys[2:])
+      kwargs = {"causal": True, "window": window}
+      if segments:  # three packed stories then padding (id 0) per row
+        ids = jnp.minimum(jnp.arange(t) * 4 // t + 1, 3).at[-t // 8:].set(0)
+        ids = jnp.broadcast_to(ids, (b, t)).astype(jnp.int32)
+        kwargs.update(q_segment_ids_bt=ids, kv_segment_ids_bs=ids)
+      ours = functools.partial(fa.flash_attention, interpret=interpret, **kwargs)
+      ref = functools.partial(fa.flash_attention_reference, **kwargs)
+      got = jax.jit(_fwd_bwd(ours))(q, k, v, do)
+      f32 = [x.astype(jnp.float32) for x in (q, k, v, do)]
+      want = jax.jit(_fwd_bwd(ref))(*f32)
+      got_flat, want_flat = jax.tree.leaves(got), jax.tree.leaves(want)
+      errors = [_rel_err(g, w) for g, w in zip(got_flat, want_flat)]
+      tol = 3e-2 if dtype == "bfloat16" else 1e-4
+      finite = all(bool(np.isfinite(np.asarray(g, np.float32)).all()) for g in got_flat)
+      row.update(max_rel_err=max(errors), ok=bool(finite and max(errors) < tol), finite=finite)
+    except Exception as e:  # noqa: BLE001
+      row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
+    rows.append(row)
+    emit(row)
   return rows
 
 

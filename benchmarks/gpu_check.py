@@ -6,13 +6,16 @@
 
 Sections, each guarded so one failure does not end the run, in this order:
   versions   library versions and the device
+  kernel_check  our kernel compiled, forward and gradients against the float32 reference, on
+             the features the timed shapes leave out (GQA, MQA, segments, padding, float32)
   matmul     bf16 matmul ceiling, 8192^3, median of timed calls after warm-up
   attention  forward and forward+backward at four shapes, causal and window 256: our Pallas kernel,
              cuDNN, XLA, jax's stock Pallas (Triton) `mha` and its Mosaic GPU kernel (forward)
-  train      our train step (tinystories_jax.training.benchmark) per model shape and attention
-  peers      transformers' LlamaForCausalLM + torch.compile and GPTNeoForCausalLM eager and
-             compiled at the same shapes (bf16 autocast, AdamW, grad clip, random tokens), in a
-             child process so that the two frameworks do not share the GPU's memory pool
+  train      per model shape: our train step (tinystories_jax.training.benchmark) with each
+             attention implementation, then the transformers peer at the same shape
+             (LlamaForCausalLM + torch.compile; GPTNeoForCausalLM eager and compiled; bf16
+             autocast, AdamW, grad clip, random tokens) in a child process, so the two frameworks
+             do not share the GPU's memory pool and a run cut short still pairs what it measured
   sweep      our kernel's tile sizes
   pipeline   benchmarks/input_pipeline.py (needs grain), in a child process
 Every row goes to $OUT/gpu_check.jsonl as it is measured; the tables go to $OUT/gpu_check.md and,
@@ -39,7 +42,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-SECTIONS = ("versions", "matmul", "attention", "train", "peers", "sweep", "pipeline")
+SECTIONS = ("versions", "kernel_check", "matmul", "attention", "train", "sweep", "pipeline")
 # (family, preset, vocab, batch, seq, overrides): the shapes of the baselines.
 TRAIN_SHAPES = (("llama", "15m", 4096, 128, 256, {}), ("llama", "15m", 32000, 128, 256, {}),
                 ("llama", "42m", 32000, 32, 1024, {}), ("gpt_neo", "33m", 50257, 64, 512, {}))
@@ -103,6 +106,12 @@ def section_matmul(run: Run, args) -> None:
             "tflops": 2 * n**3 / ms / 1e9})
 
 
+def section_kernel_check(run: Run, args) -> None:
+  import attention as attention_bench  # noqa: PLC0415
+  attention_bench.check_features(smoke=args.smoke, interpret=args.smoke or not args.on_accelerator,
+                                 emit=run.emit)
+
+
 def section_attention(run: Run, args) -> None:
   import attention as attention_bench  # noqa: PLC0415
   interpret = args.smoke or not args.on_accelerator
@@ -116,32 +125,56 @@ def section_sweep(run: Run, args) -> None:
                         smoke=args.smoke, iters=3 if args.smoke else 20, deadline=run.deadline)
 
 
-def section_train(run: Run, args) -> None:
+def _train_ours(run: Run, args, shape) -> None:
   try:
     from tinystories_jax.kernels import flash_attention as fa  # noqa: PLC0415
     from tinystories_jax.models import presets  # noqa: PLC0415
     from tinystories_jax.training import benchmark  # noqa: PLC0415
   except ImportError as e:
-    run.emit({"kind": "train", "skipped": f"tinystories_jax.training not importable: {e}"})
+    run.emit({"kind": "train", "system": "ours",
+              "skipped": f"tinystories_jax.training not importable: {e}"})
     return
-  shapes = SMOKE_TRAIN_SHAPES if args.smoke else TRAIN_SHAPES
-  for family, name, vocab, batch, seq, overrides in shapes:
-    for impl in TRAIN_IMPLS if not args.smoke else ("pallas", "xla"):
-      row = {"kind": "train", "system": "ours", "model": f"{family}:{name}", "vocab": vocab,
-             "batch": batch, "seq": seq, "attention": impl}
-      if run.out_of_time():
-        run.emit({**row, "skipped": "time budget spent"})
-        continue
-      try:
-        cfg = presets.get(family, name, vocab_size=vocab, dtype="bfloat16", attention_impl=impl,
-                          **overrides)
-        with fa.force_interpret(args.smoke or not args.on_accelerator):
-          result = benchmark.measure_train_throughput(cfg, batch_size=batch, seq_len=seq,
-                                                      steps=3 if args.smoke else 15, warmup=3)
-        row.update(result)
-      except Exception as e:  # noqa: BLE001
-        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-      run.emit(row)
+  family, name, vocab, batch, seq, overrides = shape
+  for impl in TRAIN_IMPLS if not args.smoke else ("pallas", "xla"):
+    row = {"kind": "train", "system": "ours", "model": f"{family}:{name}", "vocab": vocab,
+           "batch": batch, "seq": seq, "attention": impl}
+    if run.out_of_time():
+      run.emit({**row, "skipped": "time budget spent"})
+      continue
+    try:
+      cfg = presets.get(family, name, vocab_size=vocab, dtype="bfloat16", attention_impl=impl,
+                        **overrides)
+      with fa.force_interpret(args.smoke or not args.on_accelerator):
+        result = benchmark.measure_train_throughput(cfg, batch_size=batch, seq_len=seq,
+                                                    steps=3 if args.smoke else 15, warmup=3)
+      row.update(result)
+    except Exception as e:  # noqa: BLE001
+      row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    run.emit(row)
+
+
+def _train_peers(run: Run, args, index: int) -> None:
+  argv = [str(pathlib.Path(__file__).resolve()), "--peers_child", f"--peer_shape={index}",
+          f"--out={args.out}", f"--budget_s={max(30.0, run.deadline - time.time()):.0f}"]
+  if args.smoke:
+    argv.append("--smoke")
+  if args.smoke_compile:
+    argv.append("--smoke_compile")
+  before = run.path.stat().st_size if run.path.exists() else 0
+  # A compile that starts just before the deadline may overrun it: give the child some grace.
+  _child(run, argv, "peers", timeout=max(60.0, run.deadline - time.time()) + 120)
+  with run.path.open() as f:  # the child appended its rows to the same file
+    f.seek(before)
+    run.rows += [json.loads(line) for line in f if line.strip()]
+
+
+def section_train(run: Run, args) -> None:
+  systems = {x.strip() for x in args.train_systems.split(",")}
+  for index, shape in enumerate(SMOKE_TRAIN_SHAPES if args.smoke else TRAIN_SHAPES):
+    if "ours" in systems:
+      _train_ours(run, args, shape)
+    if "peers" in systems:
+      _train_peers(run, args, index)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -216,13 +249,12 @@ def peers_child(run: Run, args) -> None:
   import torch  # noqa: PLC0415
   torch.backends.cuda.matmul.allow_tf32 = True
   torch.backends.cudnn.allow_tf32 = True
-  specs = []
-  for family, name, vocab, batch, seq, _ in (SMOKE_TRAIN_SHAPES if args.smoke else TRAIN_SHAPES):
-    modes = ("eager", "compile") if family == "gpt_neo" else ("compile",)
-    if args.smoke:
-      modes = ("eager",) + (("compile",) if args.smoke_compile else ())
-    specs += [(family, name, vocab, batch, seq, mode) for mode in modes]
-  for family, name, vocab, batch, seq, mode in specs:
+  family, name, vocab, batch, seq, _ = (SMOKE_TRAIN_SHAPES if args.smoke
+                                        else TRAIN_SHAPES)[args.peer_shape]
+  modes = ("eager", "compile") if family == "gpt_neo" else ("compile",)
+  if args.smoke:
+    modes = ("eager",) + (("compile",) if args.smoke_compile else ())
+  for mode in modes:
     cls = "LlamaForCausalLM" if family == "llama" else "GPTNeoForCausalLM"
     row = {"kind": "train", "system": f"transformers {cls} {mode}", "model": f"{family}:{name}",
            "vocab": vocab, "batch": batch, "seq": seq}
@@ -248,8 +280,7 @@ def peers_child(run: Run, args) -> None:
     run.emit(row)
 
 
-def _child(run: Run, args, argv: list[str], name: str, timeout: float) -> None:
-  timeout = max(30.0, min(timeout, run.deadline - time.time()))
+def _child(run: Run, argv: list[str], name: str, timeout: float) -> None:
   try:
     proc = subprocess.run([sys.executable, *argv], cwd=REPO, timeout=timeout,
                           capture_output=True, text=True)
@@ -258,20 +289,6 @@ def _child(run: Run, args, argv: list[str], name: str, timeout: float) -> None:
       run.emit({"kind": name, "error": f"exit {proc.returncode}", "tail": tail})
   except subprocess.TimeoutExpired:
     run.emit({"kind": name, "error": f"timed out after {timeout:.0f} s"})
-
-
-def section_peers(run: Run, args) -> None:
-  argv = [str(pathlib.Path(__file__).resolve()), "--peers_child", f"--out={args.out}",
-          f"--budget_s={max(30.0, run.deadline - time.time()):.0f}"]
-  if args.smoke:
-    argv.append("--smoke")
-  if args.smoke_compile:
-    argv.append("--smoke_compile")
-  before = run.path.stat().st_size if run.path.exists() else 0
-  _child(run, args, argv, "peers", timeout=run.deadline - time.time() + 60)
-  with run.path.open() as f:  # the child appended its rows to the same file
-    f.seek(before)
-    run.rows += [json.loads(line) for line in f if line.strip()]
 
 
 def section_pipeline(run: Run, args) -> None:
@@ -283,7 +300,7 @@ def section_pipeline(run: Run, args) -> None:
     return
   out = pathlib.Path(args.out) / "input_pipeline.jsonl"
   argv = [str(script), f"--out={out}", "--batches=50" if args.smoke else "--batches=200"]
-  _child(run, args, argv, "pipeline", timeout=150)
+  _child(run, argv, "pipeline", timeout=max(30.0, min(150.0, run.deadline - time.time())))
   if out.exists():
     for line in out.read_text().splitlines():
       if line.strip():
@@ -354,7 +371,12 @@ def write_tables(run: Run) -> None:
                  f"versions: {json.dumps(versions['mods'])}")
   for r in run.rows:
     if r.get("kind") == "ceiling":
-      parts.append(f"bf16 matmul {r['n']}^3: {r['tflops']:.0f} TFLOP/s")
+      parts.append(f"bf16 matmul {r['n']}^3: {r['tflops']:.1f} TFLOP/s")
+    if r.get("kind") == "kernel_check":
+      parts.append(f"kernel check B{r['B']} T{r['T']} H{r['H']} K{r['K']} D{r['D']} {r['dtype']} "
+                   f"window {r['window']} segments {r['segments']}: "
+                   f"{'ok' if r.get('ok') else 'FAILED'} "
+                   f"(max rel err {r.get('max_rel_err', float('nan')):.1e}) {r.get('error', '')}")
   parts += ["", attention_bench.table(run.rows), "", _train_table(run.rows), "",
             *(f"- {line}" for line in _ratios(run.rows))]
   sweep = [r for r in run.rows if r.get("kind") == "attention_sweep" and "fwdbwd_ms" in r]
@@ -376,7 +398,10 @@ def main() -> None:
   parser.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
   parser.add_argument("--budget_s", type=float, default=450.0)
   parser.add_argument("--sections", default=",".join(SECTIONS))
+  parser.add_argument("--train_systems", default="ours,peers",
+                      help="in the train section: ours, peers or both")
   parser.add_argument("--peers_child", action="store_true", help=argparse.SUPPRESS)
+  parser.add_argument("--peer_shape", type=int, default=0, help=argparse.SUPPRESS)
   args = parser.parse_args()
   run = Run(pathlib.Path(args.out), args.budget_s)
   if args.peers_child:
