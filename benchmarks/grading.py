@@ -97,8 +97,11 @@ def main():
       "ideal_grades_per_s": ideal,
       "share_of_ideal": round(args.items / grading_s / ideal, 3),
       "total_with_report_s": round(total, 2),
-      # CPU per request, load-independent: the single-process ceiling is 1000 / client_ms.
+      # CPU per request, nearly load-independent: one grading process can never exceed
+      # 1000 / (2 x client_ms) grades/s, however idle the machine.
       "client_cpu_ms_per_request": round(1000 * client_cpu / summary["usage"]["requests"], 3),
+      "client_cpu_bound_grades_per_s": round(
+          summary["usage"]["requests"] / client_cpu / 2, 1),
       "server_cpu_ms_per_request": round(1000 * server_cpu / summary["usage"]["requests"], 3),
       "load_average_1m": round(os.getloadavg()[0], 2),
       "cpus": os.cpu_count(), "python": platform.python_version(),
