@@ -17,7 +17,33 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Run configuration fil
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config.json, metrics and "
                                "checkpoints; an existing one resumes.")
+# Multi-process jobs (docs/multihost.md). SLURM, Open MPI and TPU pods need none of these: JAX
+# reads the job's layout from the environment.
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, which "
+                                   "hosts the coordinator (default: $JAX_COORDINATOR_ADDRESS).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's rank, 0 .. "
+                                   "num_processes - 1.")
+_LOCAL_DEVICES = flags.DEFINE_list("local_device_ids", None, "Accelerator ids this process "
+                                   "drives, e.g. 0 for one process per GPU (default: all).")
+_INIT_TIMEOUT = flags.DEFINE_integer("distributed_init_timeout", 300, "Seconds processes wait "
+                                     "for each other at start-up before giving up.")
+_HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout", 100, "Seconds a silent process is "
+                                  "tolerated before the others stop with an error.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _distributed_options():
+  from tinystories_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
+  local = _LOCAL_DEVICES.value
+  if local is not None and not all(x.strip().isdigit() for x in local):
+    raise distributed.DistributedError(f"--local_device_ids={','.join(local)} must be "
+                                       "comma-separated device numbers, e.g. 0 or 0,1.")
+  return distributed.DistributedOptions(
+      coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+      process_id=_PROCESS_ID.value,
+      local_device_ids=tuple(int(x) for x in local) if local else None,
+      init_timeout_s=_INIT_TIMEOUT.value, heartbeat_timeout_s=_HEARTBEAT.value)
 
 
 def main(argv):
@@ -27,6 +53,7 @@ def main(argv):
   from tinystories_jax.data.errors import DataError  # pylint: disable=g-import-not-at-top
   from tinystories_jax.training import config as config_lib  # pylint: disable=g-import-not-at-top
   from tinystories_jax.training import loop  # pylint: disable=g-import-not-at-top
+  from tinystories_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
   try:
     config = _CONFIG.value.to_dict()
   except (OSError, ValueError) as e:  # config_flags defers a file's load errors to first use
@@ -36,9 +63,10 @@ def main(argv):
     sys.exit(2)
   try:
     run = config_lib.run_config(config)
-    loop.setup_runtime(run)
+    loop.setup_runtime(run, _distributed_options())
     loop.train(run, _WORKDIR.value)
-  except (config_lib.ConfigError, DataError, loop.TrainingDiverged) as e:
+  except (config_lib.ConfigError, DataError, distributed.DistributedError,
+          loop.TrainingDiverged) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
 

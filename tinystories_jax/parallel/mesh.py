@@ -67,9 +67,45 @@ def make_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
   # (jax.make_mesh would default to Explicit axes, which type-check every intermediate).
   auto = (jax.sharding.AxisType.Auto,) * len(AXES)
   if len(devices) == len(jax.devices()):
-    # jax.make_mesh orders devices for the physical topology (ICI rings on TPU, NVLink on GPU).
+    slices = {getattr(d, "slice_index", 0) for d in devices}
+    if len(slices) > 1:
+      # Several TPU slices joined over the data-centre network: jax.make_mesh refuses them.
+      return jax.sharding.Mesh(hybrid_device_grid(shape, devices), AXES, axis_types=auto)
+    # jax.make_mesh orders devices for the physical topology (ICI rings on TPU, NVLink on GPU);
+    # devices come in process order, so the outermost axis, `data`, is the one spanning hosts.
     return jax.make_mesh(shape, AXES, axis_types=auto, devices=devices)
   return jax.sharding.Mesh(np.asarray(devices).reshape(shape), AXES, axis_types=auto)
+
+
+def hybrid_device_grid(shape: tuple[int, int, int], devices, *,
+                       process_is_granule: bool = False) -> np.ndarray:
+  """Devices laid out so that only a batch axis crosses the slow links between granules.
+
+  A granule is a TPU slice (devices sharing `slice_index`) or, with `process_is_granule`, a
+  process. Inside a granule devices talk over ICI / NVLink; between granules over DCN, which is
+  an order of magnitude slower. The granules are split along `data` (one gradient all-reduce per
+  step crosses DCN), or along `fsdp` when `data` does not divide by their number; `tensor`, which
+  communicates inside every layer, never crosses.
+
+  Raises:
+    MeshError: neither batch axis divides by the number of granules.
+  """
+  attr = "process_index" if process_is_granule else "slice_index"
+  granules = len({getattr(d, attr) for d in devices})
+  ici, dcn = list(shape), [1, 1, 1]
+  for axis in range(len(BATCH_AXES)):
+    if ici[axis] % granules == 0:
+      ici[axis] //= granules
+      dcn[axis] = granules
+      break
+  else:
+    kind = "processes" if process_is_granule else "TPU slices"
+    raise MeshError(f"The mesh (data={shape[0]}, fsdp={shape[1]}, tensor={shape[2]}) cannot "
+                    f"split over {granules} {kind}: make mesh.data (or mesh.fsdp) a multiple of "
+                    f"{granules} so that only a batch axis crosses the network between them.")
+  from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
+  return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices,
+                                              process_is_granule=process_is_granule)
 
 
 def batch_divisor(mesh: jax.sharding.Mesh) -> int:

@@ -24,7 +24,7 @@ from tinystories_jax.data import pipeline
 from tinystories_jax.models import presets
 from tinystories_jax.models.config import ModelConfig, count_flops_per_token
 from tinystories_jax.parallel import mesh as mesh_lib
-from tinystories_jax.parallel import placement, rules
+from tinystories_jax.parallel import distributed, placement, rules
 from tinystories_jax.training import checkpoint as ckpt_lib
 from tinystories_jax.training import evaluate as eval_lib
 from tinystories_jax.training import metrics as metrics_lib
@@ -40,12 +40,16 @@ class TrainingDiverged(RuntimeError):
   """The loss became NaN or Inf and the run was configured to stop."""
 
 
-def setup_runtime(run: RunConfig) -> None:
-  """Settings that must precede JAX's backend start (fake CPU devices, multi-host init)."""
+def setup_runtime(run: RunConfig, dist: distributed.DistributedOptions | None = None) -> None:
+  """Settings that must precede JAX's backend start (fake CPU devices, multi-host init).
+
+  Joins a multi-process job when `dist`, the cluster's environment or `mesh.distributed` says
+  there is one (see `parallel.distributed`); a no-op on one process.
+  """
   if run.mesh.cpu_devices:
     jax.config.update("jax_num_cpu_devices", run.mesh.cpu_devices)
-  if run.mesh.distributed:
-    jax.distributed.initialize()
+  dist = dist or distributed.DistributedOptions()
+  distributed.initialize(dataclasses.replace(dist, force=dist.force or run.mesh.distributed))
 
 
 def resolve_model(run: RunConfig, vocab_size: int) -> ModelConfig:

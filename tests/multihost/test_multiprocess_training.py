@@ -1,0 +1,76 @@
+"""Real processes on loopback train the same run as one process, and trade checkpoints with it.
+
+One process with 4 CPU devices is the reference. Two processes with 2 devices each, and four with
+2 each, train the same global batch of 8 rows through `jax.distributed`; their loss must match
+the reference. Checkpoints written by two processes resume in one, and the other way round, and
+continue exactly where one uninterrupted process goes.
+"""
+
+import json
+import shutil
+
+import pytest
+
+from .conftest import Group, loss_at, metrics, tiny_overrides
+
+# Same global batch and same arithmetic; only the reduction order of the all-reduce differs.
+TOL = 2e-4
+
+
+@pytest.fixture(scope="module")
+def reference(mh_data, tmp_path_factory):
+  """One process, 4 devices, 5 steps; checkpoints at 3 and 5, losses logged at 3 and 5."""
+  workdir = tmp_path_factory.mktemp("mh") / "one"
+  Group(workdir, 1, 4, tiny_overrides(mh_data, **{"train.steps": 5})).check()
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def two_processes(mh_data, tmp_path_factory):
+  """Two processes, 2 devices each, 3 steps (a checkpoint at 3)."""
+  workdir = tmp_path_factory.mktemp("mh") / "two"
+  group = Group(workdir, 2, 2, tiny_overrides(mh_data))
+  group.check()
+  return workdir, group
+
+
+def test_two_processes_reach_the_loss_of_one(reference, two_processes):
+  workdir, group = two_processes
+  assert loss_at(workdir, 3) == pytest.approx(loss_at(reference, 3), abs=TOL)
+  # Process 0 alone writes the metrics (one row per logged step) and reports progress.
+  assert [r["step"] for r in metrics(workdir)] == [3]
+  assert "step 3: train_loss" in group.log(0)
+  assert "step 3: train_loss" not in group.log(1)
+  assert json.loads((workdir / "config.json").read_text())["train"]["batch_size"] == 8
+  assert (workdir / "checkpoints" / "3" / "params").is_dir()
+
+
+@pytest.mark.slow
+def test_four_processes_reach_the_loss_of_one(reference, mh_data, tmp_path):
+  workdir = tmp_path / "four"
+  Group(workdir, 4, 2, tiny_overrides(mh_data)).check()
+  assert loss_at(workdir, 3) == pytest.approx(loss_at(reference, 3), abs=TOL)
+  assert [r["step"] for r in metrics(workdir)] == [3]
+
+
+def test_checkpoint_of_two_processes_resumes_in_one(reference, two_processes, mh_data, tmp_path):
+  workdir = tmp_path / "two-then-one"
+  shutil.copytree(two_processes[0], workdir)
+  Group(workdir, 1, 4, tiny_overrides(mh_data, **{"train.steps": 5})).check()
+  assert "Resumed from step 3" in (workdir.with_name(workdir.name + "-logs") /
+                                   "process0.log").read_text()
+  assert loss_at(workdir, 5) == pytest.approx(loss_at(reference, 5), abs=TOL)
+
+
+def test_checkpoint_of_one_process_resumes_in_two(reference, mh_data, tmp_path):
+  workdir = tmp_path / "one-then-two"
+  shutil.copytree(reference, workdir)
+  # Roll the copy back to its step-3 checkpoint: drop step 5 and the rows logged after step 3.
+  shutil.rmtree(workdir / "checkpoints" / "5")
+  rows = [r for r in metrics(workdir) if r["step"] <= 3]
+  (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  group = Group(workdir, 2, 2, tiny_overrides(mh_data, **{"train.steps": 5}))
+  group.check()
+  assert "Resumed from step 3" in group.log(0)
+  assert loss_at(workdir, 5) == pytest.approx(loss_at(reference, 5), abs=TOL)
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["3", "5"]
