@@ -1,5 +1,6 @@
 """The Batch API runner and `grade --mode=batch` against the loopback /v1/files + /v1/batches."""
 
+import collections
 import json
 
 import pytest
@@ -66,8 +67,17 @@ def test_failed_and_unusable_requests_are_submitted_again(server, fake, tmp_path
     if text != "ok":
       raise UnusableAnswer("not ok")
 
-  fake.chat_handler = handler
-  results = collect(make_runner(server, tmp_path), requests(4), parse=parse)
+  temperatures = collections.defaultdict(list)
+
+  def recording(body, attempt):
+    temperatures[body["messages"][0]["content"]].append(body.get("temperature"))
+    return handler(body, attempt)
+
+  fake.chat_handler = recording
+  results = collect(make_runner(server, tmp_path), requests(4), parse=parse,
+                    retry_temperature=0.7)
+  assert temperatures["Hi 2"] == [None, 0.7, 0.7]  # Unusable answers are asked again warmer.
+  assert temperatures["Hi 1"] == [None, None]  # A server error is simply repeated.
   assert results["r0"].text == "ok" and results["r0"].attempts == 1
   assert results["r1"].text == "ok" and results["r1"].attempts == 2
   assert results["r2"].text == "ok" and results["r2"].attempts == 3

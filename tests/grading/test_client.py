@@ -154,3 +154,20 @@ def test_run_bounded_respects_the_bound(server, fake):
   asyncio.run(go())
   assert len(seen) == 30
   assert fake.stats["max_in_flight"] <= 5
+
+
+def test_retry_after_unusable_answer_samples_at_the_retry_temperature(server, fake):
+  seen = []
+
+  def handler(body, attempt):
+    seen.append(body.get("temperature"))
+    return Reply(text="bad" if attempt == 1 else "good")
+
+  def parse(text):
+    if text != "good":
+      raise UnusableAnswer("bad")
+    return text
+
+  fake.chat_handler = handler
+  chat(make_client(server), parse=parse, temperature=0.0, retry_temperature=0.7)
+  assert seen == [0.0, 0.7]

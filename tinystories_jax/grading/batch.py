@@ -206,7 +206,8 @@ class BatchRunner:
 
   def run(self, requests: Callable[[], Iterable[tuple[str, dict[str, Any]]]],
           on_result: Callable[[str, BatchResult], None], *, tag: str = "requests",
-          parse: Callable[[str], Any] | None = None) -> None:
+          parse: Callable[[str], Any] | None = None,
+          retry_temperature: float | None = None) -> None:
     """Delivers one result per request, submitting only what no earlier batch answered usably.
 
     Results stream from the downloaded files to `on_result` as they are merged, so memory does
@@ -218,6 +219,7 @@ class BatchRunner:
         usable answer the result carries the last error.
       tag: names the request files (e.g. "turn1").
       parse: raises `UnusableAnswer` for an answer to submit again.
+      retry_temperature: temperature for resubmitting a request whose answer was unusable.
     """
     self._wait()  # Batches a killed run left behind.
     wanted = {custom_id for custom_id, _ in requests()}
@@ -226,7 +228,9 @@ class BatchRunner:
       tally.merge(self._answers(entry))
     while True:
       first_new = len(self.state["batches"])
-      again = ((cid, body) for cid, body in requests()
+      again = ((cid, body if retry_temperature is None or cid not in tally.raw
+                else body | {"temperature": retry_temperature})
+               for cid, body in requests()
                if cid not in tally.settled and tally.attempts[cid] < self.config.max_rounds)
       if not self._submit(again, tag):
         break

@@ -214,6 +214,7 @@ class ChatClient:
       response_format: dict[str, Any] | None = None,
       max_tokens: int | None = None,
       temperature: float | None = None,
+      retry_temperature: float | None = None,
       seed: int | None = None,
   ) -> ChatReply:
     """One chat completion, retried until usable.
@@ -224,6 +225,8 @@ class ChatClient:
       response_format: a JSON-schema response format, dropped if the endpoint rejects it.
       max_tokens: answer length cap.
       temperature: sampling temperature.
+      retry_temperature: temperature for attempts after an unusable answer (a grader at
+        temperature 0 would otherwise give the same unusable answer again).
       seed: sampling seed, for endpoints that honour it.
 
     Returns:
@@ -246,6 +249,8 @@ class ChatClient:
         body["max_tokens"] = max_tokens
       if temperature is not None:
         body["temperature"] = temperature
+      if retry_temperature is not None and raw_answers:
+        body["temperature"] = retry_temperature
       if seed is not None:
         body["seed"] = seed
       if response_format is not None and self.structured_output_supported is not False:

@@ -30,6 +30,8 @@ from tinystories_jax.grading.rubric import INSTRUCT, RUBRICS, Rubric
 
 GRADES_FILE = "grades.jsonl"
 RUBRIC_FILE = "rubric.json"
+# After an unusable answer the same request at temperature 0 would likely get the same answer.
+RETRY_TEMPERATURE = 0.7
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +140,7 @@ class Grader:
     try:
       reply = await self.client.chat(
           first, parse=_assessment, max_tokens=self.config.max_tokens,
-          temperature=self.config.temperature)
+          temperature=self.config.temperature, retry_temperature=RETRY_TEMPERATURE)
       usage.add(reply.usage)
       attempts += reply.attempts
       latency += reply.latency_s
@@ -148,7 +150,8 @@ class Grader:
       reply = await self.client.chat(
           self.rubric.second_messages(first, assessment), parse=self.rubric.parse_scores,
           response_format=self.rubric.response_format() if self.config.structured_output else None,
-          max_tokens=self.config.max_tokens, temperature=self.config.temperature)
+          max_tokens=self.config.max_tokens, temperature=self.config.temperature,
+          retry_temperature=RETRY_TEMPERATURE)
       usage.add(reply.usage)
       attempts += reply.attempts
       latency += reply.latency_s
@@ -278,7 +281,8 @@ def _grade_batch(grader: Grader, todo: list, config: GradeConfig) -> None:
   first = {key: grader.first_messages(item) for key, item in stories}
   turn1: dict[str, batch_lib.BatchResult] = {}
   runner.run(lambda: ((f"{key}:1", body(first[key])) for key, _ in stories),
-             turn1.__setitem__, tag="turn1", parse=_assessment)
+             turn1.__setitem__, tag="turn1", parse=_assessment,
+             retry_temperature=RETRY_TEMPERATURE)
   second = {}
   for key, item in stories:
     result = turn1[f"{key}:1"]
@@ -290,7 +294,8 @@ def _grade_batch(grader: Grader, todo: list, config: GradeConfig) -> None:
   turn2: dict[str, batch_lib.BatchResult] = {}
   runner.run(lambda: ((f"{key}:2", body(messages, rubric.response_format()))
                       for key, messages in second.items()),
-             turn2.__setitem__, tag="turn2", parse=rubric.parse_scores)
+             turn2.__setitem__, tag="turn2", parse=rubric.parse_scores,
+             retry_temperature=RETRY_TEMPERATURE)
   for key, item in stories:
     if key not in second:
       continue
