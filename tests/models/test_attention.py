@@ -1,5 +1,7 @@
 """Attention implementations against the float32 reference: masks, GQA, gradients, sharding."""
 
+import importlib.util
+
 import numpy as np
 import pytest
 
@@ -198,8 +200,14 @@ def test_unknown_implementation_lists_the_known_ones():
     attn.attention(q, k, v, impl="nope")
 
 
-def test_auto_on_cpu_picks_the_cpu_formulation():
-  assert attn.choose_auto(jnp.float32, 8, None) == "cpu"
+def test_auto_picks_per_platform():
+  assert attn.choose_auto(jnp.float32, 8, None) == "cpu"  # this machine
+  assert attn.choose_auto(jnp.bfloat16, 64, 256, backend="gpu") == "cudnn"
+  assert attn.choose_auto(jnp.float32, 8, None, backend="gpu") == "xla"  # neither kernel
+  if importlib.util.find_spec("tinystories_jax.kernels.flash_attention"):
+    assert attn.choose_auto(jnp.float32, 64, None, backend="gpu") == "pallas"
+    assert attn.choose_auto(jnp.bfloat16, 64, None, backend="tpu") == "pallas"
+  assert attn.choose_auto(jnp.bfloat16, 8, None, backend="tpu") == "xla"
   assert {"reference", "xla", "cudnn", "pallas", "cpu", "auto"} <= set(attn.implementations())
 
 

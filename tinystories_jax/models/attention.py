@@ -95,15 +95,34 @@ def attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, *, impl: 
             q_segment_ids_bt=q_segment_ids_bt, kv_segment_ids_bs=kv_segment_ids_bs, scale=scale)
 
 
-def choose_auto(dtype, head_dim: int, window: int | None) -> str:
-  """`auto`: cuDNN on a GPU when it can serve the request, else XLA; on CPU the `cpu` formulation."""
-  del window
-  backend = jax.default_backend()
-  if backend == "gpu" and _cudnn_problem(dtype, head_dim) is None:
-    return "cudnn"
+def choose_auto(dtype, head_dim: int, window: int | None, backend: str | None = None) -> str:
+  """What `auto` runs, per platform (the rule docs/kernels.md proposes, cuDNN first on GPUs
+  until a measurement shows the Pallas kernel ahead of it):
+
+  - GPU: `cudnn` where it can serve the request, else `pallas` where the kernel supports it,
+    else `xla`;
+  - TPU: `pallas` where the kernel supports it, else `xla`;
+  - CPU: `cpu` (the block-skipping formulation, measured fastest there; docs/models.md).
+  """
+  del window  # every implementation serves every window
+  backend = backend or jax.default_backend()
   if backend == "cpu":
     return "cpu"
+  if backend == "gpu" and _cudnn_problem(dtype, head_dim, backend) is None:
+    return "cudnn"
+  if backend in ("gpu", "tpu") and _pallas_supports(head_dim, dtype, backend):
+    return "pallas"
   return "xla"
+
+
+def _pallas_supports(head_dim: int, dtype, backend: str) -> bool:
+  try:
+    import importlib  # noqa: PLC0415
+
+    module = importlib.import_module(_PALLAS_MODULE)
+  except ImportError:
+    return False
+  return bool(module.supports(head_dim, dtype, backend)[0])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -205,9 +224,9 @@ def xla_attention(q_bthd, k_bskd, v_bskd, *, causal, window, q_segment_ids_bt, k
               scale=scale, implementation="xla")
 
 
-def _cudnn_problem(dtype, head_dim: int) -> str | None:
+def _cudnn_problem(dtype, head_dim: int, backend: str | None = None) -> str | None:
   """Why cuDNN cannot serve a request, or None when it can."""
-  backend = jax.default_backend()
+  backend = backend or jax.default_backend()
   if backend != "gpu":
     return (f"cuDNN attention needs an NVIDIA GPU but JAX is running on {backend}; "
             "use attention impl 'xla' (or 'auto').")
