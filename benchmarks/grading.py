@@ -1,6 +1,6 @@
 r"""Grading throughput against the loopback OpenAI-compatible server.
 
-  python benchmarks/grading.py [--items=1000 --concurrency=32 --latency=0.05]
+  python benchmarks/grading.py [--items=1000 --concurrency=32 --latency=0.05 --workers=1]
 
 Starts `tests/openai_server.py` in its own process (answering every request after --latency
 seconds), grades --items completions with the two-turn rubric (two requests per item), and
@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -26,6 +27,13 @@ from tinystories_jax.grading import grader  # pylint: disable=g-import-not-at-to
 from tinystories_jax.grading import journal as journal_lib  # pylint: disable=g-import-not-at-top
 from tinystories_jax.grading import report as report_lib  # pylint: disable=g-import-not-at-top
 from tinystories_jax.grading import rubric as rubric_lib  # pylint: disable=g-import-not-at-top
+
+
+def _self_and_children_cpu_s() -> float:
+  """CPU seconds of this process and its finished children (the grading workers)."""
+  own, children = os.times(), resource.getrusage(resource.RUSAGE_CHILDREN)
+  # RUSAGE_CHILDREN also holds the server once it exits; it is still running here.
+  return own.user + own.system + children.ru_utime + children.ru_stime
 
 
 def _all_keys(tmp: str) -> set[str]:
@@ -45,6 +53,8 @@ def main():
   parser.add_argument("--items", type=int, default=1000)
   parser.add_argument("--concurrency", type=int, default=32)
   parser.add_argument("--latency", type=float, default=0.05)
+  parser.add_argument("--workers", type=int, default=1,
+                      help="grading processes (see tinystories_jax/grading/workers.py)")
   args = parser.parse_args()
   client_lib.quiet_http_logs()
   server = subprocess.Popen(
@@ -65,13 +75,13 @@ def main():
           completions=(path,), output_dir=os.path.join(tmp, "out"),
           client=client_lib.ClientConfig(model="gpt-4o", base_url=f"http://127.0.0.1:{port}/v1",
                                          concurrency=args.concurrency),
-          progress=False)
+          progress=False, workers=args.workers)
       start = time.perf_counter()
-      cpu_start = time.process_time()
+      cpu_start = _self_and_children_cpu_s()
       server_cpu_start = _process_cpu_s(server.pid)
       summary = grader.grade(config)
       total = time.perf_counter() - start
-      client_cpu = time.process_time() - cpu_start
+      client_cpu = _self_and_children_cpu_s() - cpu_start
       server_cpu = _process_cpu_s(server.pid) - server_cpu_start
       # The report (bootstrap, charts) is part of `grade`; time it again alone to take it out.
       report_cpu_start = time.process_time()
@@ -91,17 +101,17 @@ def main():
   ideal = args.concurrency / (2 * args.latency)
   result = {
       "benchmark": "grading", "items": args.items, "concurrency": args.concurrency,
-      "latency_s": args.latency, "graded": summary["graded"], "failed": summary["failed"],
+      "latency_s": args.latency, "workers": args.workers, "graded": summary["graded"], "failed": summary["failed"],
       "grades_per_s": round(args.items / grading_s, 1),
       "requests_per_s": round(summary["usage"]["requests"] / grading_s, 1),
       "ideal_grades_per_s": ideal,
       "share_of_ideal": round(args.items / grading_s / ideal, 3),
       "total_with_report_s": round(total, 2),
-      # CPU per request, nearly load-independent: one grading process can never exceed
-      # 1000 / (2 x client_ms) grades/s, however idle the machine.
+      # CPU per request, nearly load-independent: grading processes can never exceed
+      # workers x 1000 / (2 x client_ms) grades/s, however idle the machine.
       "client_cpu_ms_per_request": round(1000 * client_cpu / summary["usage"]["requests"], 3),
       "client_cpu_bound_grades_per_s": round(
-          summary["usage"]["requests"] / client_cpu / 2, 1),
+          args.workers * summary["usage"]["requests"] / client_cpu / 2, 1),
       "server_cpu_ms_per_request": round(1000 * server_cpu / summary["usage"]["requests"], 3),
       "load_average_1m": round(os.getloadavg()[0], 2),
       "cpus": os.cpu_count(), "python": platform.python_version(),

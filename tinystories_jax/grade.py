@@ -50,6 +50,9 @@ _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
 _MODE = flags.DEFINE_enum(
     "mode", "online", ["online", "batch"],
     "online: interactive requests; batch: the OpenAI Batch API (half price, within 24 h).")
+_WORKERS = flags.DEFINE_integer(
+    "workers", 1, "Processes for online grading; more than 1 only helps when one process's "
+    "CPU is the limit (a fast local endpoint). --concurrency is shared among them.")
 _BATCH_POLL = flags.DEFINE_float("batch_poll_interval", 30.0, "Seconds between batch checks.")
 _BATCH_MAX_REQUESTS = flags.DEFINE_integer(
     "batch_max_requests", 50_000, "Requests per batch (the API allows 50,000).")
@@ -76,7 +79,7 @@ def main(argv):
         reference_stories=tuple(_REFERENCE.value), reference_count=_REFERENCE_COUNT.value,
         seed=_SEED.value, retry_failed=_RETRY_FAILED.value, max_tokens=_MAX_TOKENS.value,
         temperature=_TEMPERATURE.value, prices=pricing.parse_prices(_PRICES.value),
-        progress=_PROGRESS.value, mode=_MODE.value,
+        progress=_PROGRESS.value, mode=_MODE.value, workers=_WORKERS.value,
         batch=batch.BatchConfig(max_requests=_BATCH_MAX_REQUESTS.value,
                                 max_rounds=_BATCH_MAX_ROUNDS.value,
                                 poll_interval_s=_BATCH_POLL.value))

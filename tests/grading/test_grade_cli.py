@@ -230,3 +230,49 @@ def test_eval_script_passes_shellcheck():
   result = subprocess.run([shellcheck, os.path.join(REPO_ROOT, "launch", "eval.sh")],
                           capture_output=True, text=True)
   assert result.returncode == 0, result.stdout
+
+
+def test_workers_share_the_items_and_resume_after_a_kill(server, fake, tmp_path):
+  fake.latency_s = 0.03
+  rows = story_rows(240, markers=["[prose]", "[500]", "[down]"])
+  path = write_jsonl(tmp_path / "c.jsonl", rows)
+  out = tmp_path / "out"
+  grades = out / "grades.jsonl"
+  args = [sys.executable, "-m", "tinystories_jax.grade", "--progress=false",
+          f"--completions={path}", f"--output_dir={out}", f"--base_url={server.base_url}",
+          "--workers=2", *FAST]
+  env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
+  process = subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+  deadline = time.monotonic() + 90
+  while time.monotonic() < deadline:
+    if grades.exists() and grades.read_bytes().count(b"\n") >= 40:
+      break
+    time.sleep(0.02)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  time.sleep(1.0)  # The orphaned workers notice within 0.1 s and stop writing.
+  settled = grades.read_bytes().count(b"\n")
+  time.sleep(0.5)
+  assert grades.read_bytes().count(b"\n") == settled, "workers kept writing after the kill"
+  assert 40 <= settled < len(rows), "the kill must land mid-run"
+  result = run_grade(args[4:], env=env)
+  assert result.returncode == 0, result.stderr
+  written = read_rows(grades)
+  counts = collections.Counter(r["id"] for r in written)
+  assert set(counts) == {r["id"] for r in rows} and max(counts.values()) == 1
+  assert fake.stats["max_in_flight"] <= 8
+  by_id = {r["id"]: r for r in written}
+  assert by_id[rows[0]["id"]]["status"] == "ok" and by_id[rows[1]["id"]]["status"] == "ok"
+  assert by_id[rows[2]["id"]]["status"] == "failed"
+
+
+def test_workers_stop_on_refused_credentials(server, fake, tmp_path):
+  fake.api_key = "right"
+  path = write_jsonl(tmp_path / "c.jsonl", story_rows(20))
+  result = run_grade([f"--completions={path}", f"--output_dir={tmp_path / 'out'}",
+                      f"--base_url={server.base_url}", "--workers=2", *FAST],
+                     env={"OPENAI_API_KEY": "sk-wrong"})
+  assert result.returncode != 0 and "Traceback" not in result.stderr
+  assert "refused our credentials" in result.stderr
+  assert fake.stats["status_401"] <= 2 * (3 + 4)

@@ -25,7 +25,7 @@ from tinystories_jax.grading import instruct_eval
 from tinystories_jax.grading import report as report_lib
 from tinystories_jax.grading.client import (ChatClient, ChatError, ClientConfig, Usage,
                                             UnusableAnswer, run_bounded)
-from tinystories_jax.grading.journal import Journal, content_key
+from tinystories_jax.grading.journal import Journal, content_key, read_rows
 from tinystories_jax.grading.rubric import INSTRUCT, RUBRICS, Rubric
 
 GRADES_FILE = "grades.jsonl"
@@ -54,6 +54,7 @@ class GradeConfig:
     progress: show a progress bar.
     mode: "online" (interactive requests) or "batch" (the OpenAI Batch API, half price).
     batch: batch sizes and patience, for mode "batch".
+    workers: processes for online grading (see `workers.py`); concurrency is split among them.
   """
   completions: tuple[str, ...]
   output_dir: str
@@ -70,6 +71,7 @@ class GradeConfig:
   progress: bool = True
   mode: str = "online"
   batch: batch_lib.BatchConfig = batch_lib.BatchConfig()
+  workers: int = 1
 
 
 def item_key(item: completions_lib.Completion, grader_model: str, rubric: Rubric) -> str:
@@ -202,6 +204,8 @@ def grade(config: GradeConfig) -> dict[str, Any]:
     client.ConfigError: a missing key or bad setting.
     client.AuthStop: the endpoint kept refusing the credentials.
   """
+  if config.workers < 1:
+    raise completions_lib.InputError(f"--workers must be at least 1, got {config.workers}.")
   if config.mode not in ("online", "batch"):
     raise completions_lib.InputError(f"Unknown mode {config.mode!r}; use online or batch.")
   if config.rubric not in RUBRICS:
@@ -224,15 +228,20 @@ def grade(config: GradeConfig) -> dict[str, Any]:
     grader = Grader(client, rubric, journal, config)
     if config.mode == "batch":
       _grade_batch(grader, todo, config)
+    elif config.workers > 1 and len(todo) > 1:
+      # Imported here: workers.py builds on this module.
+      from tinystories_jax.grading import workers  # pylint: disable=g-import-not-at-top
+      workers.grade_in_workers(todo, config, journal.path, config.workers)
     else:
-      asyncio.run(_grade_all(grader, todo, config))
-    rows = latest_rows(journal.rows, {key for key, _ in keyed})
+      asyncio.run(grade_online(grader, todo, config))
+    rows = latest_rows(list(read_rows(journal.path)), {key for key, _ in keyed})
   return report_lib.write_report(
       rows, output_dir=config.output_dir, rubric=rubric, grader_model=config.client.model,
       prices=config.prices, expected_items=len(keyed), batch=config.mode == "batch")
 
 
-async def _grade_all(grader: Grader, todo: list, config: GradeConfig) -> None:
+async def grade_online(grader: Grader, todo: list, config: GradeConfig) -> None:
+  """Grades `todo` with bounded concurrency in this process, appending each row as it comes."""
   bar = tqdm.tqdm(total=len(todo), desc="grading", unit="item", disable=not config.progress)
   failed = 0
 

@@ -47,14 +47,18 @@ class Journal:
     key_field: the row field that identifies a result.
     keep_rows: hold every row in `rows` (small files); False keeps only the keys, for files
       of millions of rows that callers stream with `read_rows`.
+    repair: cut a torn last line off. Only the process that opens the journal first may do
+      this; processes that join it to write alongside pass False.
   """
 
-  def __init__(self, path: str, key_field: str = "key", keep_rows: bool = True):
+  def __init__(self, path: str, key_field: str = "key", keep_rows: bool = True,
+               repair: bool = True):
     self.path = path
     self.key_field = key_field
     self.keep_rows = keep_rows
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    self._truncate_torn_tail()
+    if repair:
+      self._truncate_torn_tail()
     self.rows: list[dict[str, Any]] = []
     self.keys: set[str] = set()
     for row in read_rows(path):
