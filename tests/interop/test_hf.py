@@ -1,5 +1,6 @@
 """Hugging Face interop against transformers models built locally from random configs."""
 
+import dataclasses
 import json
 import pathlib
 import subprocess
@@ -265,3 +266,14 @@ def test_a_directory_without_weights_or_config_is_refused(tmp_path):
   (tmp_path / "hf" / "model.safetensors").unlink()
   with pytest.raises(HFError, match="no model.safetensors or pytorch_model.bin"):
     hf.import_hf(tmp_path / "hf", tmp_path / "wd")
+
+
+def test_llama2c_shaped_import_equals_our_preset(tmp_path):
+  """An HF copy of llama2.c's 260K shape imports as exactly our `260k` preset (so the trainer
+  can continue training it)."""
+  from tinystories_jax.models import presets  # noqa: PLC0415
+
+  preset = presets.llama("260k")
+  hf_cfg = hf.hf_config_from_model(preset, bos_id=1, eos_id=2)
+  got = hf.model_config_from_hf(hf_cfg)
+  assert dataclasses.replace(got, attention_impl=preset.attention_impl) == preset

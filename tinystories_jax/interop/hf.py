@@ -19,7 +19,7 @@ from tinystories_jax.interop import workdir as wd
 from tinystories_jax.interop.hf_weights import (
     HFError, SUPPORTED, hf_to_params, params_to_hf, read_hf_config, read_hf_tensors)
 from tinystories_jax.interop.safetensors_io import write_safetensors
-from tinystories_jax.models.config import ModelConfig
+from tinystories_jax.models.config import ModelConfig, llama_hidden_dim
 
 # ------------------------------------------------------------------------------------------------
 # config.json <-> ModelConfig
@@ -69,12 +69,17 @@ def model_config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
          f"it uses rope scaling {scaling or rope}")
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
     heads = hf["num_attention_heads"]
+    # d_ff is explicit; record the llama2.c rounding that yields it (so an imported llama2.c
+    # shape equals our preset of that shape), or our default when none does.
+    multiple_of = next((m for m in (32, 4, 8, 16, 64, 128, 256)
+                        if llama_hidden_dim(hf["hidden_size"], m) == hf["intermediate_size"]), 32)
     return ModelConfig(
         family="llama", vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
         num_layers=hf["num_hidden_layers"], num_heads=heads,
         num_kv_heads=hf.get("num_key_value_heads") or heads,
         head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-        d_ff=hf["intermediate_size"], max_positions=hf.get("max_position_embeddings", 2048),
+        d_ff=hf["intermediate_size"], multiple_of=multiple_of,
+        max_positions=hf.get("max_position_embeddings", 2048),
         norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
         tie_embeddings=hf.get("tie_word_embeddings", False))
   except KeyError as e:
