@@ -38,8 +38,10 @@ SHAPES = ((64, 512, 12, 64), (16, 2048, 12, 64), (64, 512, 16, 48), (16, 2048, 8
 SMOKE_SHAPES = ((1, 128, 2, 64), (1, 128, 2, 48))
 WINDOWS = {"causal": None, "window256": 256}
 SMOKE_WINDOWS = {"causal": None, "window64": 64}
-# Tile sizes tried for our kernel in the sweep (block_q, block_k, block_q_bwd, block_k_bwd).
-SWEEP = ((128, 64, 64, 64), (64, 64, 64, 64), (128, 128, 64, 64), (128, 64, 64, 128))
+# Tile sizes tried for our kernel in the sweep: (block_q, block_k) of the forward, of dQ and of
+# dK/dV (see BlockSizes). The last is the resident-big / streamed-small shape of the backward.
+SWEEP = ((128, 64, 64, 64, 64, 64), (64, 64, 64, 64, 64, 64), (128, 128, 64, 64, 64, 64),
+         (128, 64, 128, 32, 32, 128))
 SWEEP_SHAPES = ((16, 2048, 12, 64), (64, 512, 16, 48))
 
 

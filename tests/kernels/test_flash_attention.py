@@ -15,7 +15,10 @@ import pytest
 
 from tinystories_jax.kernels import flash_attention as fa
 
-SMALL_BLOCKS = fa.BlockSizes(block_q=32, block_k=32, block_q_bwd=32, block_k_bwd=32)
+SMALL_BLOCKS = fa.BlockSizes(*(32,) * 6)
+# Every kernel with its own tile shape: exercises the padding to the largest of them.
+MIXED_BLOCKS = fa.BlockSizes(block_q=32, block_k=16, block_q_dq=16, block_k_dq=32, block_q_dkv=32,
+                             block_k_dkv=16)
 
 
 def _inputs(seed, b, t, s, h, k, d, dtype, segments):
@@ -79,7 +82,8 @@ CASES = {
                                         segments=True),
     "noncausal_pad_mqa": dict(b=1, t=70, s=70, h=3, k=1, d=32, causal=False, scale=1.0),
     "bf16_window": dict(b=1, t=96, s=96, h=2, k=2, d=64, dtype=jnp.bfloat16, window=33),
-    "cross_lengths_d128": dict(b=1, t=40, s=72, h=2, k=1, d=128, window=20),
+    "cross_lengths_d128_mixed_blocks": dict(b=1, t=40, s=72, h=2, k=1, d=128, window=20,
+                                            block_sizes=MIXED_BLOCKS),
     "more_queries_than_keys": dict(b=1, t=72, s=40, h=2, k=2, d=16),
 }
 TPU_CASES = ("causal", "pad_window_segments_gqa_d48", "noncausal_pad_mqa")
@@ -98,7 +102,7 @@ def test_tpu_kernels_interpreted(case):
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_gpu_kernels_compiled(case):
-  _check(None, False, **CASES[case], block_sizes=None)
+  _check(None, False, **{"block_sizes": None, **CASES[case]})
 
 
 @pytest.mark.gpu

@@ -96,10 +96,10 @@ def supports(head_dim: int, dtype, platform: str) -> tuple[bool, str]:
 def default_block_sizes(family: str, head_dim: int) -> BlockSizes:
   """Tile sizes per kernel family; see docs/kernels.md for how they were chosen."""
   if family == "tpu":
-    return BlockSizes(block_q=128, block_k=128, block_q_bwd=128, block_k_bwd=128)
+    return BlockSizes(*(128,) * 6)
   if head_dim > 64:
-    return BlockSizes(block_q=64, block_k=64, block_q_bwd=64, block_k_bwd=64)
-  return BlockSizes(block_q=128, block_k=64, block_q_bwd=64, block_k_bwd=64)
+    return BlockSizes(*(64,) * 6)
+  return BlockSizes(128, 64, 64, 64, 64, 64)
 
 
 def _fit_to_length(block: int, length: int) -> int:
@@ -237,10 +237,8 @@ def flash_attention(q_bthd, k_bskd, v_bskd, *, causal=True, window=None, q_segme
     k_bskd, v_bskd = k_bskd.astype(q_bthd.dtype), v_bskd.astype(q_bthd.dtype)
 
   blocks = block_sizes or default_block_sizes(family, d)
-  blocks = BlockSizes(block_q=_fit_to_length(blocks.block_q, t),
-                      block_k=_fit_to_length(blocks.block_k, s),
-                      block_q_bwd=_fit_to_length(blocks.block_q_bwd, t),
-                      block_k_bwd=_fit_to_length(blocks.block_k_bwd, s))
+  blocks = BlockSizes(**{name: _fit_to_length(getattr(blocks, name), t if "_q" in name else s)
+                        for name in BlockSizes.names()})
   t_pad = _round_up(t, blocks.q_multiple)
   s_pad = _round_up(s, blocks.k_multiple)
   if window is not None and window >= s:

@@ -290,14 +290,17 @@ def backward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, o_bthd, lse_bht, do_bt
   d = _block_d(head_dim)
   s, kv_heads = k_bskd.shape[1], k_bskd.shape[2]
   group = h // kv_heads
-  bq, bk = min(block_sizes.block_q_bwd, t), min(block_sizes.block_k_bwd, s)
   has_segments = q_seg_bt is not None
   # delta_i = sum_d o_id * do_id, the softmax-gradient correction; XLA fuses this well.
   delta_bht = jnp.einsum("bthd,bthd->bht", o_bthd.astype(_F32), do_bthd.astype(_F32))
-  common = dict(has_segments=has_segments, scale=scale, scale_log2=scale * math.log2(math.e),
-                mask_kw=_mask_kw(causal, window, kv_len, s, q_offset), block_q=bq, block_k=bk,
-                head_dim=head_dim, precision=_precision(q_bthd.dtype))
   params = _compiler_params(_warps(d), 2)
+
+  def common(bq, bk):
+    return dict(has_segments=has_segments, scale=scale, scale_log2=scale * math.log2(math.e),
+                mask_kw=_mask_kw(causal, window, kv_len, s, q_offset), block_q=bq, block_k=bk,
+                head_dim=head_dim, precision=_precision(q_bthd.dtype), num_q_blocks=t // bq)
+
+  bq, bk = min(block_sizes.block_q_dq, t), min(block_sizes.block_k_dq, s)
 
   last = t // bq - 1  # dQ's grid axis 0 runs over query blocks in reverse
   q_blk = lambda i, bi, hi: (bi, last - i, hi, 0)  # noqa: E731
@@ -317,7 +320,7 @@ def backward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, o_bthd, lse_bht, do_bt
                  _spec((None, s), lambda i, bi, hi: (bi, 0))]
     args += [q_seg_bt, kv_seg_bs]
   dq_bthd = pl.pallas_call(
-      functools.partial(_dq_kernel, num_q_blocks=t // bq, **common),
+      functools.partial(_dq_kernel, **common(bq, bk)),
       grid=(t // bq, b, h),
       in_specs=in_specs,
       out_specs=_spec((None, bq, None, d), q_blk),
@@ -329,6 +332,7 @@ def backward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, o_bthd, lse_bht, do_bt
 
   # One program per (key block, query head): with grouped heads each query head writes its own
   # partial dK/dV (float32) and the group is summed afterwards, which needs no atomics.
+  bq, bk = min(block_sizes.block_q_dkv, t), min(block_sizes.block_k_dkv, s)
   kv_blk = lambda j, bi, hi: (bi, j, lax.div(hi, jnp.int32(group)), 0)  # noqa: E731
   q_all = lambda j, bi, hi: (bi, 0, hi, 0)  # noqa: E731
   in_specs = [
@@ -346,7 +350,7 @@ def backward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, o_bthd, lse_bht, do_bt
     args += [kv_seg_bs, q_seg_bt]
   out_dtype = k_bskd.dtype if group == 1 else _F32
   dk_bshd, dv_bshd = pl.pallas_call(
-      functools.partial(_dkv_kernel, num_q_blocks=t // bq, **common),
+      functools.partial(_dkv_kernel, **common(bq, bk)),
       grid=(s // bk, b, h),
       in_specs=in_specs,
       out_specs=[_spec((None, bk, None, d), lambda j, bi, hi: (bi, j, hi, 0))] * 2,

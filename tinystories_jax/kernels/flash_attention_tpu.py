@@ -237,8 +237,8 @@ def backward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, o_bthd, lse_bht, do_bt
              causal, window, kv_len, q_offset, block_sizes, interpret):
   """dQ and dK/dV kernels on padded inputs; returns (dq, dk, dv) in the input dtypes."""
   (b, t, h, d, s, kv_heads, group, bq, bk, has_segments, mask_kw, kv_range,
-   q_range) = _setup(q_bthd, k_bskd, q_seg_bt, block_sizes.block_q_bwd, block_sizes.block_k_bwd,
-                     causal, window, kv_len, q_offset)
+   _) = _setup(q_bthd, k_bskd, q_seg_bt, block_sizes.block_q_dq, block_sizes.block_k_dq, causal,
+               window, kv_len, q_offset)
   delta_bht = jnp.einsum("bthd,bthd->bht", o_bthd.astype(_F32), do_bthd.astype(_F32))
   q_bhtd, do_bhtd = q_bthd.transpose(0, 2, 1, 3), do_bthd.transpose(0, 2, 1, 3)
   k_bksd, v_bksd = k_bskd.transpose(0, 2, 1, 3), v_bskd.transpose(0, 2, 1, 3)
@@ -268,6 +268,9 @@ def backward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, o_bthd, lse_bht, do_bt
   )(*args)
 
   # Grid (B, H, key blocks, query blocks): per query head, partial dK/dV summed over the group.
+  *_, bq, bk, _, _, _, q_range = _setup(q_bthd, k_bskd, q_seg_bt, block_sizes.block_q_dkv,
+                                        block_sizes.block_k_dkv, causal, window, kv_len, q_offset)
+  common.update(block_q=bq, block_k=bk)
   kv_own = lambda bi, hi, j, i: (bi, lax.div(hi, jnp.int32(group)), j, 0)  # noqa: E731
   q_idx = lambda bi, hi, j, i: (bi, hi, _clamped(j * bk, i, q_range), 0)  # noqa: E731
   row_idx = lambda bi, hi, j, i: (bi, hi, 0, _clamped(j * bk, i, q_range))  # noqa: E731

@@ -27,29 +27,37 @@ class BlockSizes:
   Attributes:
     block_q: query rows per forward program.
     block_k: keys per inner step of the forward loop.
-    block_q_bwd: query rows per step of both backward kernels.
-    block_k_bwd: keys per step of both backward kernels.
+    block_q_dq: query rows per dQ program.
+    block_k_dq: keys per inner step of the dQ loop.
+    block_q_dkv: query rows per inner step of the dK/dV loop.
+    block_k_dkv: keys per dK/dV program.
   """
   block_q: int = 128
   block_k: int = 64
-  block_q_bwd: int = 64
-  block_k_bwd: int = 64
+  block_q_dq: int = 64
+  block_k_dq: int = 64
+  block_q_dkv: int = 64
+  block_k_dkv: int = 64
 
   def __post_init__(self):
-    for name in ("block_q", "block_k", "block_q_bwd", "block_k_bwd"):
+    for name in self.names():
       value = getattr(self, name)
       if value < 16 or value & (value - 1):
         raise ValueError(f"BlockSizes.{name} must be a power of two >= 16, got {value}.")
 
+  @staticmethod
+  def names() -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(BlockSizes))
+
   @property
   def q_multiple(self) -> int:
-    """Queries are padded to a multiple of this (both are powers of two)."""
-    return max(self.block_q, self.block_q_bwd)
+    """Queries are padded to a multiple of this (all are powers of two)."""
+    return max(self.block_q, self.block_q_dq, self.block_q_dkv)
 
   @property
   def k_multiple(self) -> int:
     """Keys are padded to a multiple of this."""
-    return max(self.block_k, self.block_k_bwd)
+    return max(self.block_k, self.block_k_dq, self.block_k_dkv)
 
 
 def _i32(x):
