@@ -4,6 +4,8 @@ Every process is a real `python -m tinystories_jax.train` with its own fake CPU 
 to the others through `jax.distributed` on 127.0.0.1 (CPU collectives over gloo).
 """
 
+import contextlib
+import fcntl
 import json
 import os
 import pathlib
@@ -18,7 +20,9 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 # The train step compiles once per device layout; reruns (resumes, the failure test) load it.
-CACHE_DIR = tempfile.mkdtemp(prefix="tinystories-multihost-xla-cache-")
+# pytest-xdist workers of one run share the directory (and so the compilations).
+CACHE_DIR = os.path.join(tempfile.gettempdir(), "tinystories-multihost-xla-cache-" +
+                         os.environ.get("PYTEST_XDIST_TESTRUNUID", str(os.getpid())))
 # Generous: on two shared cores, four processes compile at once. A process that hangs ends here.
 PROCESS_TIMEOUT_S = 420
 
@@ -115,11 +119,33 @@ def loss_at(workdir, step: int) -> float:
   return rows[0]["train_loss"]
 
 
+@contextlib.contextmanager
+def shared_dir(tmp_path_factory, name: str):
+  """A directory built once per test run, even when several pytest-xdist workers ask for it.
+
+  Yields `(path, build)`: when `build` is True the caller fills `path`, under a lock the other
+  workers wait on; afterwards they reuse it.
+  """
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent  # shared by all workers of this run
+  path = root / name
+  with open(root / f"{name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      done = root / f"{name}.done"
+      yield path, not done.exists()
+      done.touch()
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="session")
 def mh_data(tmp_path_factory) -> pathlib.Path:
   """A prepared synthetic corpus: vocab 512, 600 stories (a second or two to make)."""
-  out = tmp_path_factory.mktemp("multihost-data") / "synthetic"
-  subprocess.run([sys.executable, "-m", "tinystories_jax.prepare", "--input=synthetic",
-                  "--synthetic_stories=600", "--vocab_size=512", f"--output_dir={out}"],
-                 cwd=REPO, env=env(), check=True, capture_output=True, timeout=300)
+  with shared_dir(tmp_path_factory, "multihost-data") as (out, build):
+    if build:
+      subprocess.run([sys.executable, "-m", "tinystories_jax.prepare", "--input=synthetic",
+                      "--synthetic_stories=600", "--vocab_size=512", f"--output_dir={out}"],
+                     cwd=REPO, env=env(), check=True, capture_output=True, timeout=300)
   return out

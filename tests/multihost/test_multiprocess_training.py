@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 
-from .conftest import Group, loss_at, metrics, tiny_overrides
+from .conftest import Group, loss_at, metrics, shared_dir, tiny_overrides
 
 # Same global batch and same arithmetic; only the reduction order of the all-reduce differs.
 TOL = 2e-4
@@ -20,27 +20,29 @@ TOL = 2e-4
 @pytest.fixture(scope="module")
 def reference(mh_data, tmp_path_factory):
   """One process, 4 devices, 5 steps; checkpoints at 3 and 5, losses logged at 3 and 5."""
-  workdir = tmp_path_factory.mktemp("mh") / "one"
-  Group(workdir, 1, 4, tiny_overrides(mh_data, **{"train.steps": 5})).check()
+  with shared_dir(tmp_path_factory, "multihost-one") as (workdir, build):
+    if build:
+      Group(workdir, 1, 4, tiny_overrides(mh_data, **{"train.steps": 5})).check()
   return workdir
 
 
 @pytest.fixture(scope="module")
 def two_processes(mh_data, tmp_path_factory):
   """Two processes, 2 devices each, 3 steps (a checkpoint at 3)."""
-  workdir = tmp_path_factory.mktemp("mh") / "two"
-  group = Group(workdir, 2, 2, tiny_overrides(mh_data))
-  group.check()
-  return workdir, group
+  with shared_dir(tmp_path_factory, "multihost-two") as (workdir, build):
+    if build:
+      Group(workdir, 2, 2, tiny_overrides(mh_data)).check()
+  return workdir
 
 
 def test_two_processes_reach_the_loss_of_one(reference, two_processes):
-  workdir, group = two_processes
+  workdir = two_processes
   assert loss_at(workdir, 3) == pytest.approx(loss_at(reference, 3), abs=TOL)
   # Process 0 alone writes the metrics (one row per logged step) and reports progress.
   assert [r["step"] for r in metrics(workdir)] == [3]
-  assert "step 3: train_loss" in group.log(0)
-  assert "step 3: train_loss" not in group.log(1)
+  logs = workdir.with_name(workdir.name + "-logs")
+  assert "step 3: train_loss" in (logs / "process0.log").read_text()
+  assert "step 3: train_loss" not in (logs / "process1.log").read_text()
   assert json.loads((workdir / "config.json").read_text())["train"]["batch_size"] == 8
   assert (workdir / "checkpoints" / "3" / "params").is_dir()
 
@@ -55,7 +57,7 @@ def test_four_processes_reach_the_loss_of_one(reference, mh_data, tmp_path):
 
 def test_checkpoint_of_two_processes_resumes_in_one(reference, two_processes, mh_data, tmp_path):
   workdir = tmp_path / "two-then-one"
-  shutil.copytree(two_processes[0], workdir)
+  shutil.copytree(two_processes, workdir)
   Group(workdir, 1, 4, tiny_overrides(mh_data, **{"train.steps": 5})).check()
   assert "Resumed from step 3" in (workdir.with_name(workdir.name + "-logs") /
                                    "process0.log").read_text()

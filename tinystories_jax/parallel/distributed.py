@@ -120,6 +120,7 @@ def plan(opts: DistributedOptions, env: Mapping[str, str] | None = None) -> Laun
     if "SLURM_STEP_NODELIST" not in env:
       raise DistributedError(f"SLURM_NTASKS={slurm_tasks} but this is not an srun step; start "
                              "the training command with srun so that every task runs it.")
+    local = local or _slurm_local_devices(env, slurm_tasks)
     return Launch("slurm", dict(cluster_detection_method="slurm", **local, **timeouts))
   ompi = _int_env(env, "OMPI_COMM_WORLD_SIZE")
   if ompi and ompi > 1:
@@ -130,6 +131,23 @@ def plan(opts: DistributedOptions, env: Mapping[str, str] | None = None) -> Laun
   if opts.force:
     return Launch("auto-detect", dict(**local, **timeouts))
   return Launch(None, {})
+
+
+def _slurm_local_devices(env: Mapping[str, str], tasks: int) -> dict:
+  """The GPUs a SLURM task drives, where JAX's default (GPU number SLURM_LOCALID) is wrong.
+
+  JAX gives each task the one GPU numbered by its rank on the node. That is right for one task
+  per GPU, but with one task per node it would leave all GPUs but the first idle, and with
+  `--gpus-per-task=1` the task sees a single GPU, which is number 0 whatever its rank.
+  """
+  nodes = _int_env(env, "SLURM_STEP_NUM_NODES") or _int_env(env, "SLURM_NNODES")
+  visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+  if nodes and tasks == nodes:
+    gpus = _int_env(env, "SLURM_GPUS_ON_NODE") or len(visible)
+    return {"local_device_ids": list(range(gpus))} if gpus else {}
+  if len(visible) == 1:
+    return {"local_device_ids": [0]}
+  return {}
 
 
 def _wait_for_coordinator(address: str, timeout_s: float) -> None:
@@ -157,6 +175,8 @@ def _check_port_free(address: str) -> None:
   """Process 0 hosts the coordinator: fail early, in one line, if its port is taken."""
   port = int(address.rpartition(":")[2])
   with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    # As gRPC does: a port left in TIME_WAIT by a previous run is free; a listening one is not.
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
       s.bind(("", port))
     except OSError as e:
