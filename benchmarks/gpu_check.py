@@ -377,11 +377,14 @@ def write_tables(run: Run) -> None:
                    f"window {r['window']} segments {r['segments']}: "
                    f"{'ok' if r.get('ok') else 'FAILED'} "
                    f"(max rel err {r.get('max_rel_err', float('nan')):.1e}) {r.get('error', '')}")
-  parts += ["", attention_bench.table(run.rows), "", _train_table(run.rows), "",
-            *(f"- {line}" for line in _ratios(run.rows))]
+  if any(r.get("kind") == "attention" for r in run.rows):
+    parts += ["", attention_bench.table(run.rows)]
+  if any(r.get("kind") == "train" and "system" in r for r in run.rows):
+    parts += ["", _train_table(run.rows)]
+  parts += ["", *(f"- {line}" for line in _ratios(run.rows))]
   sweep = [r for r in run.rows if r.get("kind") == "attention_sweep" and "fwdbwd_ms" in r]
   if sweep:
-    parts += ["", "| sweep shape | window | blocks (q, k, q_bwd, k_bwd) | fwd+bwd ms |",
+    parts += ["", "| sweep shape | window | blocks (fwd q, k; dQ q, k; dK/dV q, k) | fwd+bwd ms |",
               "|---|---|---|---|"]
     parts += [f"| {r['B']},{r['T']},{r['H']},{r['D']} | {r['window']} | {r['blocks']} | "
               f"{r['fwdbwd_ms']:.3f} |" for r in sweep]
