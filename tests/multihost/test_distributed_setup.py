@@ -54,8 +54,10 @@ def test_cluster_environments():
            "SLURM_STEP_NODELIST": "gpu[1-2]"}
   launch = distributed.plan(DistributedOptions(), env=slurm)
   assert launch.source == "slurm" and launch.kwargs["cluster_detection_method"] == "slurm"
-  assert distributed.plan(DistributedOptions(),
-                          env={"OMPI_COMM_WORLD_SIZE": "2"}).source == "ompi"
+  ompi = {"OMPI_COMM_WORLD_SIZE": "2", "OMPI_MCA_orte_hnp_uri": "123.0;tcp://10.0.0.1:5000"}
+  assert distributed.plan(DistributedOptions(), env=ompi).source == "ompi"
+  with pytest.raises(DistributedError, match="pass --coordinator_address=HEAD:PORT"):
+    distributed.plan(DistributedOptions(), env={"OMPI_COMM_WORLD_SIZE": "2"})
   assert distributed.plan(DistributedOptions(),
                           env={"TPU_WORKER_HOSTNAMES": "w0,w1"}).source == "tpu"
   # A TPU VM pod learns its workers from the metadata server: only asked when forced.

@@ -6,7 +6,7 @@ A job spans several processes when one of these says so, checked in this order:
    address may instead come from `JAX_COORDINATOR_ADDRESS`);
 2. SLURM: `SLURM_NTASKS` > 1 inside an `srun` step (JAX reads the node list, the task's rank and
    its local GPU from the `SLURM_*` variables);
-3. Open MPI: `OMPI_COMM_WORLD_SIZE` > 1 (`mpirun`);
+3. Open MPI: `OMPI_COMM_WORLD_SIZE` > 1 (`mpirun` of Open MPI 4; with Open MPI 5 pass the flags);
 4. TPU on GKE: `TPU_WORKER_HOSTNAMES` with more than one host;
 5. `mesh.distributed=True`: initialise anyway and let JAX find the cluster itself. Cloud TPU VM
    pod slices need this: their workers learn the topology from the VM metadata server, which
@@ -124,6 +124,12 @@ def plan(opts: DistributedOptions, env: Mapping[str, str] | None = None) -> Laun
     return Launch("slurm", dict(cluster_detection_method="slurm", **local, **timeouts))
   ompi = _int_env(env, "OMPI_COMM_WORLD_SIZE")
   if ompi and ompi > 1:
+    if "OMPI_MCA_orte_hnp_uri" not in env:
+      # JAX finds the coordinator through this variable, which Open MPI 5 no longer sets.
+      raise DistributedError(f"OMPI_COMM_WORLD_SIZE={ompi} but this mpirun does not say where "
+                             "its head node is; pass --coordinator_address=HEAD:PORT "
+                             "--num_processes=$OMPI_COMM_WORLD_SIZE "
+                             "--process_id=$OMPI_COMM_WORLD_RANK instead.")
     return Launch("ompi", dict(cluster_detection_method="ompi", **local, **timeouts))
   hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
   if len(hosts) > 1:
