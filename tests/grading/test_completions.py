@@ -77,3 +77,12 @@ def test_reference_unknown_suffix_is_clear(tmp_path):
   path.write_text("x")
   with pytest.raises(completions.InputError, match=r"\.jsonl or \.txt"):
     list(completions.iter_story_texts([str(path)]))
+
+
+def test_reference_cut_on_real_tinystories(shared_data):
+  paths = [str(shared_data / "train.jsonl"), str(shared_data / "original_format_sample.txt")]
+  items = completions.reference_completions(paths, count=200, seed=0)
+  assert len(items) == 200
+  for item in items:
+    assert not item.prompt.endswith((".", "!", "?"))
+    assert item.completion.startswith(" ") and len(item.completion.split()) >= 2
