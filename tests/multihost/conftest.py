@@ -93,7 +93,8 @@ class Group:
         codes.append(p.wait(timeout=max(1.0, deadline - time.monotonic())))
       except subprocess.TimeoutExpired:
         self.kill()
-        pytest.fail(f"process {i} of {self.n} still ran after {timeout_s} s:\n{self.log(i)[-3000:]}")
+        pytest.fail(f"process {i} of {self.n} still ran after {timeout_s} s:\n"
+                    f"{self.log(i)[-3000:]}")
     return codes
 
   def check(self, timeout_s: float = PROCESS_TIMEOUT_S) -> None:

@@ -42,8 +42,9 @@ def test_dead_process_ends_the_others(mh_data, tmp_path):
 
 
 def test_incomplete_flags_fail_in_one_line(mh_data, tmp_path):
-  cmd = [sys.executable, "-m", "tinystories_jax.train", f"--config={REPO / 'configs/quickstart.py'}",
-         f"--workdir={tmp_path / 'w'}", f"--config.data.dir={mh_data}", "--num_processes=2"]
+  cmd = [sys.executable, "-m", "tinystories_jax.train",
+         f"--config={REPO / 'configs/quickstart.py'}", f"--workdir={tmp_path / 'w'}",
+         f"--config.data.dir={mh_data}", "--num_processes=2"]
   out = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
   assert out.returncode == 1
   last = out.stderr.strip().splitlines()[-1]
