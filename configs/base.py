@@ -4,7 +4,7 @@ Train a model described by this file alone (a llama2.c 260K-shaped model on a pr
 directory; see configs/quickstart.py for the offline demo):
 
   python -m tinystories_jax.prepare --input=synthetic --output_dir=runs/quickstart-data \
-      --vocab_size=2048
+      --vocab_size=1024
   python -m tinystories_jax.train --config=configs/base.py --workdir=runs/base \
       --config.data.dir=runs/quickstart-data
 """

@@ -1,10 +1,10 @@
-"""The offline demo: a 0.4M-parameter llama on the synthetic corpus, a few minutes on two CPU cores.
+"""The offline demo: a 0.3M-parameter llama on the synthetic corpus, a few minutes on two CPU cores.
 
   python -m tinystories_jax.prepare --input=synthetic --output_dir=runs/quickstart-data \\
-      --vocab_size=2048
+      --vocab_size=1024
   python -m tinystories_jax.train --config=configs/quickstart.py --workdir=runs/quickstart
 
-Expected: the training loss falls from about 7.6 (ln 2048) to below 2.5 and the validation bits
+Expected: the training loss falls from about 6.9 (ln 1024) to below 2.5 and the validation bits
 per byte follow it; config.json, metrics.jsonl, TensorBoard events and checkpoints land in
 runs/quickstart. Rerunning the command resumes (and stops at once when finished).
 """
@@ -26,7 +26,7 @@ def get_config():
   c = _base().get_config()
   c.data.dir = "runs/quickstart-data"
   c.model.family = "llama"
-  c.model.name = "260k"       # d 64, 5 layers, 8 heads / 4 kv heads: 0.4M parameters at vocab 2048
+  c.model.name = "260k"       # d 64, 5 layers, 8 heads / 4 kv heads: 0.29M parameters at vocab 1024
   c.model.attention = "auto"
   c.train.steps = 600
   c.train.batch_size = 32

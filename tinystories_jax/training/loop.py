@@ -289,7 +289,8 @@ def train(run: RunConfig, workdir: str) -> dict[str, Any]:
       log_now = done % t.log_every == 0 or done == t.steps
       eval_now = (t.eval_every and done % t.eval_every == 0) or done == t.steps
       save_now = done % t.checkpoint_every == 0 or done == t.steps
-      stop_now = preemption.should_stop()
+      # Across hosts the check is a collective, so it runs only at logging steps there.
+      stop_now = (nproc == 1 or done % t.log_every == 0) and preemption.should_stop()
       progress.update(1)
       if not (log_now or eval_now or save_now or stop_now):
         continue
