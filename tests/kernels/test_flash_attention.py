@@ -230,3 +230,35 @@ def test_sharded_over_batch_and_heads_under_a_mesh():
         *a, kwargs))(q, k, v, do)
   for name, g, w in zip(("o", "dq", "dk", "dv"), got, want):
     assert _rel_err(g, w) < 2e-5, (name, seed)
+
+
+@pytest.mark.parametrize("family,overrides", [
+    ("llama", dict(num_heads=4, num_kv_heads=2, num_layers=1)),  # grouped-query heads, rotary
+    ("gpt_neo", dict(num_heads=4, num_layers=2, window=12,  # a local layer, no score scaling
+                     attention_layers=("global", "local"))),
+])
+def test_tiny_models_agree_with_pallas_attention(family, overrides):
+  """A whole model's logits and parameter gradients: `attention_impl` pallas vs reference."""
+  models = pytest.importorskip("tinystories_jax.models")
+  nnx = pytest.importorskip("flax.nnx")
+  name = "260k" if family == "llama" else "1m"
+  seed = secrets.randbits(32)
+  tokens = jnp.asarray(np.random.default_rng(seed).integers(0, 128, (2, 40)), jnp.int32)
+
+  def loss_and_grads(impl):
+    cfg = models.presets.get(family, name, vocab_size=128, attention_impl=impl, **overrides)
+    graphdef, params = nnx.split(models.build(cfg, nnx.Rngs(0)), nnx.Param)
+
+    def loss(params):
+      logits = nnx.merge(graphdef, params)(tokens)
+      return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - logits[..., 0]), logits
+
+    with fa.force_interpret():
+      (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    return logits, jax.tree.leaves(grads)
+
+  logits, grads = loss_and_grads("pallas")
+  want_logits, want_grads = loss_and_grads("reference")
+  assert _rel_err(logits, want_logits) < 1e-4, seed
+  for g, w in zip(grads, want_grads):
+    assert _rel_err(g, w) < 1e-3, seed
