@@ -84,7 +84,7 @@ def main(argv):
                                 poll_interval_s=_BATCH_POLL.value))
     stats = generator.generate(config)
   except (generator.GenerationError, vocabulary.VocabularyError, client_lib.ConfigError,
-          client_lib.AuthStop, ValueError, RuntimeError) as e:
+          client_lib.StopRun, ValueError, RuntimeError) as e:
     print(str(e), file=sys.stderr)
     sys.exit(1)
   print(generator.describe(stats))

@@ -84,7 +84,7 @@ def main(argv):
                                 max_rounds=_BATCH_MAX_ROUNDS.value,
                                 poll_interval_s=_BATCH_POLL.value))
     summary = grader.grade(config)
-  except (completions.InputError, client_lib.ConfigError, client_lib.AuthStop, ValueError,
+  except (completions.InputError, client_lib.ConfigError, client_lib.StopRun, ValueError,
           RuntimeError) as e:
     print(str(e), file=sys.stderr)
     sys.exit(1)

@@ -171,3 +171,22 @@ def test_retry_after_unusable_answer_samples_at_the_retry_temperature(server, fa
   fake.chat_handler = handler
   chat(make_client(server), parse=parse, temperature=0.0, retry_temperature=0.7)
   assert seen == [0.0, 0.7]
+
+
+def test_an_unreachable_endpoint_stops_the_run_quickly():
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as probe:  # A port nobody listens on.
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+  client = ChatClient(ClientConfig(model="m", base_url=f"http://127.0.0.1:{port}/v1",
+                                   backoff_initial_s=0.01, max_retries=50, concurrency=4,
+                                   max_connection_failures=6))
+
+  async def many():
+    try:
+      await asyncio.gather(*[client.chat(MESSAGES) for _ in range(30)])
+    finally:
+      await client.close()
+
+  with pytest.raises(client_lib.Unreachable, match="Could not reach .* 6 times in a row"):
+    asyncio.run(many())

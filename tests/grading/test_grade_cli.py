@@ -276,3 +276,13 @@ def test_workers_stop_on_refused_credentials(server, fake, tmp_path):
   assert result.returncode != 0 and "Traceback" not in result.stderr
   assert "refused our credentials" in result.stderr
   assert fake.stats["status_401"] <= 2 * (3 + 4)
+
+
+def test_unreachable_endpoint_stops_without_marking_items_failed(tmp_path):
+  path = write_jsonl(tmp_path / "c.jsonl", story_rows(40))
+  out = tmp_path / "out"
+  result = run_grade([f"--completions={path}", f"--output_dir={out}",
+                      "--base_url=http://127.0.0.1:9/v1", "--backoff=0.01"])
+  assert result.returncode != 0 and "Traceback" not in result.stderr
+  assert "check that the server is running" in result.stderr
+  assert not read_rows(out / "grades.jsonl")

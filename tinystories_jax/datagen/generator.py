@@ -370,7 +370,7 @@ def generate(config: GenerateConfig) -> dict[str, Any]:
     The stats written to `<output stem>.stats.json`.
 
   Raises:
-    GenerationError, VocabularyError, client.ConfigError, client.AuthStop: with the fix.
+    GenerationError, VocabularyError, client.ConfigError, client.StopRun: with the fix.
   """
   vocabulary = vocabulary_lib.load(config.words)
   _check_settings(config, run_settings(config, vocabulary))

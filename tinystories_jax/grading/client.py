@@ -43,8 +43,19 @@ class ChatError(Exception):
     self.attempts = attempts
 
 
-class AuthStop(Exception):
-  """The endpoint refused our credentials repeatedly; the whole run must stop."""
+class StopRun(Exception):
+  """Going on is pointless (the endpoint refuses us or cannot be reached); the run must stop.
+
+  Items in flight are not recorded as failed: it is not their fault, and a rerun grades them.
+  """
+
+
+class AuthStop(StopRun):
+  """The endpoint refused our credentials repeatedly."""
+
+
+class Unreachable(StopRun):
+  """The endpoint could not be reached many times in a row."""
 
 
 class UnusableAnswer(ValueError):
@@ -65,6 +76,8 @@ class ClientConfig:
     backoff_initial_s: first backoff; doubles each retry, with jitter.
     backoff_max_s: cap on one backoff.
     max_auth_failures: consecutive 401/403 answers that stop the run.
+    max_connection_failures: consecutive failed connections (no answer at all, timeouts
+      excluded) that stop the run.
   """
   model: str = "gpt-4o"
   base_url: str | None = None
@@ -75,6 +88,7 @@ class ClientConfig:
   backoff_initial_s: float = 1.0
   backoff_max_s: float = 60.0
   max_auth_failures: int = 3
+  max_connection_failures: int = 20
 
   def __post_init__(self):
     if self.concurrency < 1:
@@ -83,6 +97,9 @@ class ClientConfig:
       raise ConfigError(f"max_retries must be 0 or more, got {self.max_retries}.")
     if self.timeout_s <= 0:
       raise ConfigError(f"timeout must be positive, got {self.timeout_s}.")
+    if self.max_connection_failures < 1:
+      raise ConfigError(
+          f"max_connection_failures must be at least 1, got {self.max_connection_failures}.")
     if self.max_auth_failures < 1:
       raise ConfigError(f"max_auth_failures must be at least 1, got {self.max_auth_failures}.")
 
@@ -179,7 +196,8 @@ class ChatClient:
     self._semaphore = asyncio.Semaphore(config.concurrency)
     self._rng = random.Random(seed)
     self._auth_failures = 0
-    self._stopped: str | None = None
+    self._connection_failures = 0
+    self._stopped: StopRun | None = None
     # None: not known yet. Set False once the endpoint rejects `response_format`.
     self.structured_output_supported: bool | None = None
 
@@ -200,7 +218,7 @@ class ChatClient:
   async def _post(self, body: dict[str, Any]) -> Any:
     async with self._semaphore:
       if self._stopped:  # Checked again here: callers may have queued before the stop.
-        raise AuthStop(self._stopped)
+        raise type(self._stopped)(str(self._stopped))
       # `post` with cast_to=object returns the decoded JSON. The typed `chat.completions.create`
       # costs about twice the CPU per request (request transforms, pydantic models), which is
       # the bottleneck at hundreds of requests a second; errors map to the same exceptions.
@@ -234,7 +252,8 @@ class ChatClient:
 
     Raises:
       ChatError: retries exhausted or a request the endpoint will never accept.
-      AuthStop: too many consecutive 401/403 answers in this client (all callers stop).
+      StopRun: too many consecutive 401/403 answers (AuthStop) or failed connections
+        (Unreachable) in this client; every caller stops.
     """
     usage = Usage()
     raw_answers: list[str] = []
@@ -243,7 +262,7 @@ class ChatClient:
     attempts = 0
     while True:
       if self._stopped:
-        raise AuthStop(self._stopped)
+        raise type(self._stopped)(str(self._stopped))
       body: dict[str, Any] = {"model": self.config.model, "messages": messages}
       if max_tokens is not None:
         body["max_tokens"] = max_tokens
@@ -264,6 +283,7 @@ class ChatClient:
         usage.requests += 1
         text = read_answer(data, usage)
         self._auth_failures = 0
+        self._connection_failures = 0
         raw_answers.append(text)
         parsed = parse(text) if parse is not None else text
         if "response_format" in body:
@@ -277,19 +297,27 @@ class ChatClient:
       except openai.APIConnectionError as e:
         usage.requests += 1
         reason = f"connection failed: {self.redact(str(e))}"
+        self._connection_failures += 1
+        if self._connection_failures >= self.config.max_connection_failures:
+          self._stopped = Unreachable(
+              f"Could not reach {self.config.base_url or 'the OpenAI API'} "
+              f"{self._connection_failures} times in a row ({reason}); check that the server "
+              "is running and --base_url, then rerun to resume.")
+          raise self._stopped from None
       except openai.APIStatusError as e:
         usage.requests += 1
+        self._connection_failures = 0  # It answered, so it is reachable.
         status = e.status_code
         message = self.redact(_status_error_message(e))
         reason = f"HTTP {status}: {message}"
         if status in (401, 403):
           self._auth_failures += 1
           if self._auth_failures >= self.config.max_auth_failures:
-            self._stopped = (
+            self._stopped = AuthStop(
                 f"The endpoint refused our credentials {self._auth_failures} times in a row "
                 f"(last: HTTP {status}: {message}); check {self.config.api_key_env} and "
                 "--base_url.")
-            raise AuthStop(self._stopped) from None
+            raise self._stopped from None
         elif status == 429:
           delay = retry_after_s(e.response.headers if e.response is not None else None)
           if delay is not None and delay > _MAX_RETRY_AFTER_S:

@@ -202,7 +202,7 @@ def grade(config: GradeConfig) -> dict[str, Any]:
   Raises:
     completions_lib.InputError: bad inputs (before any request).
     client.ConfigError: a missing key or bad setting.
-    client.AuthStop: the endpoint kept refusing the credentials.
+    client.StopRun: the endpoint kept refusing the credentials or could not be reached.
   """
   if config.workers < 1:
     raise completions_lib.InputError(f"--workers must be at least 1, got {config.workers}.")

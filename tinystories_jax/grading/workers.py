@@ -21,7 +21,7 @@ import traceback
 import tqdm
 
 from tinystories_jax.grading import grader as grader_lib
-from tinystories_jax.grading.client import AuthStop, ChatClient
+from tinystories_jax.grading.client import ChatClient, StopRun
 from tinystories_jax.grading.journal import Journal
 from tinystories_jax.grading.rubric import RUBRICS
 
@@ -36,7 +36,8 @@ def grade_in_workers(todo: list, config: grader_lib.GradeConfig, journal_path: s
   """Grades `todo` in `workers` processes; returns when all are done.
 
   Raises:
-    AuthStop: a worker was refused by the endpoint (the others are stopped at once).
+    StopRun: a worker had to stop (refused credentials, unreachable endpoint); the others are
+      stopped at once.
     RuntimeError: a worker crashed; carries its traceback.
   """
   context = multiprocessing.get_context("spawn")  # No event loop or sockets copied by fork.
@@ -61,8 +62,8 @@ def grade_in_workers(todo: list, config: grader_lib.GradeConfig, journal_path: s
         if not any(p.is_alive() for p in processes):
           break
       else:
-        if kind == "auth":
-          raise AuthStop(text)
+        if kind == "stop":
+          raise StopRun(text)
         raise RuntimeError(f"A grading worker failed:\n{text}")
       bar.n = min(len(todo), _count_rows(journal_path) - start_rows)
       bar.refresh()
@@ -100,8 +101,8 @@ def _worker(shard: list, config: grader_lib.GradeConfig, journal_path: str, inde
     with Journal(journal_path, keep_rows=False, repair=False) as journal:
       grader = grader_lib.Grader(client, RUBRICS[config.rubric], journal, config)
       asyncio.run(_grade_shard(grader, shard, config, parent))
-  except AuthStop as e:
-    messages.put(("auth", str(e)))
+  except StopRun as e:
+    messages.put(("stop", str(e)))
   except BaseException:  # pylint: disable=broad-except
     messages.put(("error", traceback.format_exc()))
     os._exit(1)  # pylint: disable=protected-access
