@@ -170,7 +170,7 @@ def render_markdown(summary: dict[str, Any], rubric: Rubric, examples: dict[str,
             "| model | failed | reasons | prompt tokens | completion tokens | requests | cost |",
             "|---|---|---|---|---|---|---|"]
   for model, m in summary["models"].items():
-    reasons = "; ".join(f"{n}× {r}" for r, n in m["failure_reasons"].items()) or "-"
+    reasons = _cell("; ".join(f"{n}× {r}" for r, n in m["failure_reasons"].items()) or "-")
     u = m["usage"]
     lines.append(f"| {model} | {m['failed']} | {reasons} | {u.get('prompt_tokens', 0)} | "
                  f"{u.get('completion_tokens', 0)} | {u.get('requests', 0)} | "
@@ -187,18 +187,23 @@ def render_markdown(summary: dict[str, Any], rubric: Rubric, examples: dict[str,
       for model in models:
         s = entry["models"].get(model)
         cells.append(" / ".join(f"{s[n]:.1f}" for n in names) if s else "-")
-      lines.append(f"| {entry['prompt_id']} | " + " | ".join(cells) + " |")
+      lines.append(f"| {_cell(entry['prompt_id'])} | " + " | ".join(cells) + " |")
   lines += ["", "## The rubric, word for word", "", f"System message:", "", _quote(rubric.system),
             "", "First turn (the placeholders are filled per item):", "",
             _quote(rubric.first_turn), "", "Second turn:", "", _quote(rubric.second_turn)]
   if examples:
     lines += ["", "## One graded example per model", ""]
     for model, row in examples.items():
-      lines += [f"### {model} — {row['id']}", "", _quote(row["prompt"] + " *** " +
+      lines += [f"### {model} — {row['id']}", "", _quote(row["prompt"] + "***" +
                                                          row["completion"]), "",
                 "Assessment:", "", _quote(row.get("assessment") or ""), "",
                 f"Scores: {json.dumps(row['scores'])}, age group {row.get('age_group')}.", ""]
   return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+  """Text that cannot break a markdown table row."""
+  return " ".join(str(text).split()).replace("|", "\\|")
 
 
 def _quote(text: str) -> str:
