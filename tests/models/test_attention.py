@@ -1,5 +1,6 @@
 """Attention implementations against the float32 reference: masks, GQA, gradients, sharding."""
 
+import functools
 import importlib.util
 
 import numpy as np
@@ -54,20 +55,28 @@ def _run(impl, q, k, v, case):
   return attn.attention(q, k, v, impl=impl, q_segment_ids_bt=seg, kv_segment_ids_bs=seg, **kw)
 
 
-@pytest.mark.parametrize("impl", ["xla", "cpu"])
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_forward_and_gradient_match_reference(impl, case):
+def _forward_and_grads(impl, case):
   q, k, v = _inputs()
   ct = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32)
 
-  def loss(impl_name, q, k, v):
-    return jnp.sum(_run(impl_name, q, k, v, CASES[case]) * ct)
+  def loss(q, k, v):
+    o = _run(impl, q, k, v, CASES[case])
+    return jnp.sum(o * ct), o
 
-  want = _run("reference", q, k, v, CASES[case])
-  got = jax.jit(lambda q, k, v: _run(impl, q, k, v, CASES[case]))(q, k, v)
+  (_, o), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+  return o, grads
+
+
+_reference_results = functools.lru_cache(maxsize=None)(
+    lambda case: _forward_and_grads("reference", case))
+
+
+@pytest.mark.parametrize("impl", ["xla", "cpu"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_forward_and_gradient_match_reference(impl, case):
+  want, g_want = _reference_results(case)
+  got, g_got = _forward_and_grads(impl, case)
   np.testing.assert_allclose(got, want, atol=2e-6, rtol=1e-5)
-  g_want = jax.grad(loss, argnums=(1, 2, 3))("reference", q, k, v)
-  g_got = jax.jit(jax.grad(loss, argnums=(1, 2, 3)), static_argnums=0)(impl, q, k, v)
   for a, b in zip(g_got, g_want):
     np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-5)
 
@@ -108,9 +117,10 @@ def test_padding_rows_are_zero_and_finite():
   for impl in ("reference", "xla", "cpu"):
     def f(q, k, v):
       return attn.attention(q, k, v, impl=impl, q_segment_ids_bt=seg, kv_segment_ids_bs=seg)
-    o = f(q, k, v)
+    o = jax.jit(f)(q, k, v)
     assert np.all(np.asarray(o[:, 10:]) == 0), impl
-    grads = jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) ** 2), argnums=(0, 1, 2))(q, k, v)
+    grads = jax.jit(jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) ** 2), argnums=(0, 1, 2)))(
+        q, k, v)
     for g in grads:
       assert np.isfinite(np.asarray(g)).all(), impl
 
@@ -163,8 +173,8 @@ def test_sharded_on_a_fake_mesh_matches_reference():
             zip((q, k, v, seg, ct), (heads, heads, heads, rows, heads))]
     (_, o), grads = step(*args)
     assert o.sharding.num_devices == 8
-    (_, o_ref), g_ref = jax.value_and_grad(
-        lambda *a: loss(*a, impl="reference"), argnums=(0, 1, 2), has_aux=True)(
+    (_, o_ref), g_ref = jax.jit(jax.value_and_grad(
+        lambda *a: loss(*a, impl="reference"), argnums=(0, 1, 2), has_aux=True))(
             q, k, v, seg, ct)
     np.testing.assert_allclose(o, o_ref, atol=2e-6)
     for a, b in zip(grads, g_ref):
