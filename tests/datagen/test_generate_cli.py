@@ -203,3 +203,12 @@ def test_batch_mode_generates_instruct_stories_and_resumes_for_free(server, fake
   created = fake.stats["batches_created"]
   assert run_generate(args).returncode == 0
   assert fake.stats["batches_created"] == created and len(read_rows(out)) == 12
+
+
+def test_unreachable_endpoint_is_a_clear_stop(tmp_path):
+  out = tmp_path / "s.jsonl"
+  result = run_generate(["--num_stories=30", f"--output={out}",
+                         "--base_url=http://127.0.0.1:9/v1", "--backoff=0.01"])
+  assert result.returncode != 0 and "Traceback" not in result.stderr
+  assert "check that the server is running" in result.stderr
+  assert not read_rows(out) and not read_rows(tmp_path / "s.rejected.jsonl")
