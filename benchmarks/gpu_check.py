@@ -312,7 +312,8 @@ def section_pipeline(run: Run, args) -> None:
 
 
 def _train_table(rows: list[dict]) -> str:
-  out = ["| model | vocab | batch x seq | system | tokens/s | model TFLOP/s |", "|---|---|---|---|---|---|"]
+  out = ["| model | vocab | batch x seq | system | tokens/s | model TFLOP/s |",
+         "|---|---|---|---|---|---|"]
   for r in rows:
     if r.get("kind") != "train" or "system" not in r:
       continue

@@ -18,12 +18,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
 
-from tinystories_jax.kernels import flash_attention_gpu
-from tinystories_jax.kernels import flash_attention_tpu
 from tinystories_jax.kernels.attention_reference import check_attention_args
 from tinystories_jax.kernels.attention_reference import flash_attention_reference
 from tinystories_jax.kernels.flash_tiling import BlockSizes
@@ -35,7 +34,14 @@ MIN_HEAD_DIM = 16
 MAX_HEAD_DIM = 128
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
 _GPU_PLATFORMS = ("gpu", "cuda", "rocm")
-_BACKENDS = {"gpu": flash_attention_gpu, "tpu": flash_attention_tpu}
+# Kernel family -> module, imported on first use: a TPU install need not load Triton's Pallas
+# backend, nor a GPU install Mosaic TPU's.
+_BACKENDS = {"gpu": "tinystories_jax.kernels.flash_attention_gpu",
+             "tpu": "tinystories_jax.kernels.flash_attention_tpu"}
+
+
+def _kernels(family: str):
+  return importlib.import_module(_BACKENDS[family])
 
 # Mesh axes (tinystories_jax.parallel's names) that attention may be split over: every batch row
 # and every head is independent, so the kernels run per shard without communication.
@@ -129,20 +135,20 @@ class _Config:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _flash_padded(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, cfg):
-  o_bthd, _ = _BACKENDS[cfg.family].forward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs,
+  o_bthd, _ = _kernels(cfg.family).forward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs,
                                             **cfg.kernel_kwargs())
   return o_bthd
 
 
 def _flash_padded_fwd(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, cfg):
-  o_bthd, lse_bht = _BACKENDS[cfg.family].forward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs,
+  o_bthd, lse_bht = _kernels(cfg.family).forward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs,
                                                   **cfg.kernel_kwargs())
   return o_bthd, (q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, o_bthd, lse_bht)
 
 
 def _flash_padded_bwd(cfg, residuals, do_bthd):
   q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, o_bthd, lse_bht = residuals
-  dq, dk, dv = _BACKENDS[cfg.family].backward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs,
+  dq, dk, dv = _kernels(cfg.family).backward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs,
                                               o_bthd, lse_bht, do_bthd.astype(o_bthd.dtype),
                                               **cfg.kernel_kwargs())
   # Segment ids are integers: no cotangent.

@@ -45,6 +45,12 @@ def _precision(dtype):
   return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
+def _kv_head(head, group: int):
+  # lax.div, not //: floor division of a traced index lowers through sign(), which Mosaic
+  # resolves from the TPU generation and so cannot lower away from the device.
+  return lax.div(head, jnp.int32(group))
+
+
 def _classify(outer, inner, range_fn):
   """(visible, full) booleans for inner block `inner` of outer block `outer`."""
   lo, full_lo, full_hi, hi = range_fn(outer)
@@ -204,7 +210,9 @@ def forward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, *, scale, causal, windo
   (b, t, h, d, s, _, group, bq, bk, has_segments, mask_kw, kv_range,
    _) = _setup(q_bthd, k_bskd, q_seg_bt, block_sizes.block_q, block_sizes.block_k, causal,
                window, kv_len, q_offset)
-  kv_idx = lambda bi, hi, i, j: (bi, lax.div(hi, jnp.int32(group)), _clamped(i * bq, j, kv_range), 0)  # noqa: E731
+  def kv_idx(bi, hi, i, j):
+    return bi, _kv_head(hi, group), _clamped(i * bq, j, kv_range), 0
+
   in_specs = [_spec((None, None, bq, d), lambda bi, hi, i, j: (bi, hi, i, 0)),
               _spec((None, None, bk, d), kv_idx), _spec((None, None, bk, d), kv_idx)]
   args = [q_bthd.transpose(0, 2, 1, 3), k_bskd.transpose(0, 2, 1, 3),
@@ -246,7 +254,9 @@ def backward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, o_bthd, lse_bht, do_bt
                 precision=_precision(q_bthd.dtype))
 
   q_blk = lambda bi, hi, i, j: (bi, hi, i, 0)  # noqa: E731
-  kv_blk = lambda bi, hi, i, j: (bi, lax.div(hi, jnp.int32(group)), _clamped(i * bq, j, kv_range), 0)  # noqa: E731
+  def kv_blk(bi, hi, i, j):
+    return bi, _kv_head(hi, group), _clamped(i * bq, j, kv_range), 0
+
   in_specs = [_spec((None, None, bq, d), q_blk), _spec((None, None, bk, d), kv_blk),
               _spec((None, None, bk, d), kv_blk), _spec((None, None, bq, d), q_blk),
               _spec((None, None, bq, 1), q_blk), _spec((None, None, bq, 1), q_blk)]
@@ -271,7 +281,7 @@ def backward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, o_bthd, lse_bht, do_bt
   *_, bq, bk, _, _, _, q_range = _setup(q_bthd, k_bskd, q_seg_bt, block_sizes.block_q_dkv,
                                         block_sizes.block_k_dkv, causal, window, kv_len, q_offset)
   common.update(block_q=bq, block_k=bk)
-  kv_own = lambda bi, hi, j, i: (bi, lax.div(hi, jnp.int32(group)), j, 0)  # noqa: E731
+  kv_own = lambda bi, hi, j, i: (bi, _kv_head(hi, group), j, 0)  # noqa: E731
   q_idx = lambda bi, hi, j, i: (bi, hi, _clamped(j * bk, i, q_range), 0)  # noqa: E731
   row_idx = lambda bi, hi, j, i: (bi, hi, 0, _clamped(j * bk, i, q_range))  # noqa: E731
   in_specs = [_spec((None, None, bk, d), kv_own), _spec((None, None, bk, d), kv_own),
