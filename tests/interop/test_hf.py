@@ -26,12 +26,20 @@ TOL = 1e-4
 
 
 def _save(model, path, safetensors):
-  """save_pretrained, or the older layout: a torch.save'd state dict in pytorch_model.bin (the
-  released TinyStories checkpoints; transformers 5 no longer writes it)."""
+  """save_pretrained, or the older layout: a torch.save'd state dict in pytorch_model.bin with
+  the attention-mask buffers old transformers versions stored (as in the released TinyStories
+  checkpoints; transformers 5 writes neither)."""
   model.save_pretrained(path)
   if not safetensors:
     (pathlib.Path(path) / "model.safetensors").unlink()
-    torch.save(model.state_dict(), pathlib.Path(path) / "pytorch_model.bin")
+    state = dict(model.state_dict())
+    if isinstance(model, transformers.GPTNeoForCausalLM):
+      n = model.config.max_position_embeddings
+      for i in range(model.config.num_layers):
+        state[f"transformer.h.{i}.attn.attention.bias"] = torch.tril(
+            torch.ones(n, n, dtype=torch.bool)).view(1, 1, n, n)
+        state[f"transformer.h.{i}.attn.attention.masked_bias"] = torch.tensor(-1e9)
+    torch.save(state, pathlib.Path(path) / "pytorch_model.bin")
 
 
 def gpt_neo_dir(path, *, safetensors=True, seed=0, **kw):

@@ -181,6 +181,19 @@ def test_sharded_on_a_fake_mesh_matches_reference():
       np.testing.assert_allclose(a, b, atol=2e-5)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["causal", "window", "segments", "window_segments"])
+def test_cudnn_matches_reference_on_a_gpu(case):
+  q, k, v = _inputs(b=2, t=128, h=4, k=2, d=64, dtype=jnp.bfloat16)
+  got = jax.jit(lambda q, k, v: _run("cudnn", q, k, v, CASES[case]))(q, k, v)
+  want = _run("reference", q, k, v, CASES[case])
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                             atol=3e-2)
+  grads = jax.jit(jax.grad(lambda q, k, v: jnp.sum(
+      _run("cudnn", q, k, v, CASES[case]).astype(jnp.float32) ** 2), argnums=(0, 1, 2)))(q, k, v)
+  assert all(np.isfinite(np.asarray(g, np.float32)).all() for g in grads)
+
+
 def test_cudnn_on_cpu_says_so():
   q, k, v = _inputs()
   with pytest.raises(attn.AttentionUnsupported, match="xla"):
