@@ -226,6 +226,7 @@ def test_unknown_implementation_lists_the_known_ones():
 def test_auto_picks_per_platform():
   assert attn.choose_auto(jnp.float32, 8, None) == "cpu"  # this machine
   assert attn.choose_auto(jnp.bfloat16, 64, 256, backend="gpu") == "cudnn"
+  assert attn.choose_auto(jnp.bfloat16, 64, 256, backend="gpu", same_length=False) != "cudnn"
   assert attn.choose_auto(jnp.float32, 8, None, backend="gpu") == "xla"  # neither kernel
   if importlib.util.find_spec("tinystories_jax.kernels.flash_attention"):
     assert attn.choose_auto(jnp.float32, 64, None, backend="gpu") == "pallas"

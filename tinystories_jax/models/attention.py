@@ -86,7 +86,7 @@ def attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, *, impl: 
                      f"{q_segment_ids_bt.shape} and {kv_segment_ids_bs.shape}.")
   scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
   if impl == "auto":
-    impl = choose_auto(q_bthd.dtype, d, window)
+    impl = choose_auto(q_bthd.dtype, d, window, same_length=t == s)
   fn = _REGISTRY.get(impl)
   if fn is None:
     raise ValueError(f"Unknown attention implementation {impl!r}; choose one of "
@@ -95,7 +95,8 @@ def attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, *, impl: 
             q_segment_ids_bt=q_segment_ids_bt, kv_segment_ids_bs=kv_segment_ids_bs, scale=scale)
 
 
-def choose_auto(dtype, head_dim: int, window: int | None, backend: str | None = None) -> str:
+def choose_auto(dtype, head_dim: int, window: int | None, backend: str | None = None, *,
+                same_length: bool = True) -> str:
   """What `auto` runs, per platform (the rule docs/kernels.md proposes, cuDNN first on GPUs
   until a measurement shows the Pallas kernel ahead of it):
 
@@ -104,11 +105,11 @@ def choose_auto(dtype, head_dim: int, window: int | None, backend: str | None = 
   - TPU: `pallas` where the kernel supports it, else `xla`;
   - CPU: `cpu` (the block-skipping formulation, measured fastest there; docs/models.md).
   """
-  del window  # every implementation serves every window
   backend = backend or jax.default_backend()
   if backend == "cpu":
     return "cpu"
-  if backend == "gpu" and _cudnn_problem(dtype, head_dim, backend) is None:
+  cudnn_window_ok = window is None or same_length
+  if backend == "gpu" and cudnn_window_ok and _cudnn_problem(dtype, head_dim, backend) is None:
     return "cudnn"
   if backend in ("gpu", "tpu") and _pallas_supports(head_dim, dtype, backend):
     return "pallas"
