@@ -115,7 +115,7 @@ def test_padding_rows_are_zero_and_finite():
   q, k, v = _inputs(t=16)
   seg = jnp.asarray(np.r_[np.ones(10), np.zeros(6)].astype(np.int32)[None].repeat(2, 0))
   for impl in ("reference", "xla", "cpu"):
-    def f(q, k, v):
+    def f(q, k, v, impl=impl):
       return attn.attention(q, k, v, impl=impl, q_segment_ids_bt=seg, kv_segment_ids_bs=seg)
     o = jax.jit(f)(q, k, v)
     assert np.all(np.asarray(o[:, 10:]) == 0), impl
