@@ -12,7 +12,6 @@ with the same flags, finishes the plans it lost and never repeats one that was r
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import dataclasses
 import json
@@ -29,7 +28,8 @@ from tinystories_jax.datagen import quality
 from tinystories_jax.datagen import vocabulary as vocabulary_lib
 from tinystories_jax.grading import batch as batch_lib
 from tinystories_jax.grading import pricing
-from tinystories_jax.grading.client import ChatClient, ChatError, ClientConfig, Usage, run_bounded
+from tinystories_jax.grading.client import (ChatClient, ChatError, ClientConfig, Usage,
+                                            run_bounded, run_event_loop)
 from tinystories_jax.grading.journal import Journal, read_rows
 
 END_OF_TEXT = "<|endoftext|>"
@@ -385,7 +385,7 @@ def generate(config: GenerateConfig) -> dict[str, Any]:
         if config.mode == "batch":
           _generate_batch(gen, bar)
         else:
-          asyncio.run(_generate_online(gen, ChatClient(config.client, seed=config.seed), bar))
+          run_event_loop(_generate_online(gen, ChatClient(config.client, seed=config.seed), bar))
       finally:
         bar.close()
   finally:

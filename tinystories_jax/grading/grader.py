@@ -8,7 +8,6 @@ Probes from the packaged eval sets are checked automatically and cost no request
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import os
@@ -24,7 +23,7 @@ from tinystories_jax.grading import evalsets
 from tinystories_jax.grading import instruct_eval
 from tinystories_jax.grading import report as report_lib
 from tinystories_jax.grading.client import (ChatClient, ChatError, ClientConfig, Usage,
-                                            UnusableAnswer, run_bounded)
+                                            UnusableAnswer, run_bounded, run_event_loop)
 from tinystories_jax.grading.journal import Journal, content_key, read_rows
 from tinystories_jax.grading.rubric import INSTRUCT, RUBRICS, Rubric
 
@@ -233,7 +232,7 @@ def grade(config: GradeConfig) -> dict[str, Any]:
       from tinystories_jax.grading import workers  # pylint: disable=g-import-not-at-top
       workers.grade_in_workers(todo, config, journal.path, config.workers)
     else:
-      asyncio.run(grade_online(grader, todo, config))
+      run_event_loop(grade_online(grader, todo, config))
     rows = latest_rows(list(read_rows(journal.path)), {key for key, _ in keyed})
   return report_lib.write_report(
       rows, output_dir=config.output_dir, rubric=rubric, grader_model=config.client.model,
@@ -264,7 +263,7 @@ async def grade_online(grader: Grader, todo: list, config: GradeConfig) -> None:
     await run_bounded(todo, handle, config.client.concurrency)
   finally:
     bar.close()
-    await grader.client.close()  # On this event loop, before asyncio.run closes it.
+    await grader.client.close()  # On this event loop, before it is closed.
 
 
 def _grade_batch(grader: Grader, todo: list, config: GradeConfig) -> None:

@@ -21,7 +21,7 @@ import traceback
 import tqdm
 
 from tinystories_jax.grading import grader as grader_lib
-from tinystories_jax.grading.client import ChatClient, StopRun
+from tinystories_jax.grading.client import ChatClient, StopRun, run_event_loop
 from tinystories_jax.grading.journal import Journal
 from tinystories_jax.grading.rubric import RUBRICS
 
@@ -100,7 +100,7 @@ def _worker(shard: list, config: grader_lib.GradeConfig, journal_path: str, inde
     client = ChatClient(config.client, seed=config.seed * 1000 + index)
     with Journal(journal_path, keep_rows=False, repair=False) as journal:
       grader = grader_lib.Grader(client, RUBRICS[config.rubric], journal, config)
-      asyncio.run(_grade_shard(grader, shard, config, parent))
+      run_event_loop(_grade_shard(grader, shard, config, parent))
   except StopRun as e:
     messages.put(("stop", str(e)))
   except BaseException:  # pylint: disable=broad-except
