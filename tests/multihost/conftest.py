@@ -150,3 +150,26 @@ def mh_data(tmp_path_factory) -> pathlib.Path:
                       "--synthetic_stories=600", "--vocab_size=512", f"--output_dir={out}"],
                      cwd=REPO, env=env(), check=True, capture_output=True, timeout=300)
   return out
+
+
+@pytest.fixture(scope="session")
+def two_processes(mh_data, tmp_path_factory) -> pathlib.Path:
+  """Two processes with 2 CPU devices each, 3 steps (a checkpoint at 3), started the way a user
+  would: `launch/multinode.sh --hosts=localhost,localhost --yes` with explicit coordinator flags.
+
+  Logs are in `<workdir>-logs/process<rank>.log`.
+  """
+  with shared_dir(tmp_path_factory, "multihost-two") as (workdir, build):
+    if build:
+      logs = workdir.with_name(workdir.name + "-logs")
+      cmd = ["bash", str(REPO / "launch" / "multinode.sh"), "--hosts=localhost,localhost",
+             f"--port={free_port()}", f"--logdir={logs}", f"--python={sys.executable}", "--yes",
+             "--", f"--config={REPO / 'configs/quickstart.py'}", f"--workdir={workdir}",
+             "--config.mesh.cpu_devices=2", "--distributed_init_timeout=240",
+             *tiny_overrides(mh_data)]
+      out = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True,
+                           timeout=PROCESS_TIMEOUT_S)
+      if out.returncode:
+        tails = "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted(logs.glob("*")))
+        pytest.fail(f"multinode.sh exited {out.returncode}:\n{out.stdout}{out.stderr}{tails}")
+  return workdir

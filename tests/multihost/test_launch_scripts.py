@@ -1,17 +1,16 @@
 """The launch scripts: shellcheck-clean, dry runs that print the commands, refusals in one line.
 
 Nothing here reaches gcloud, SLURM or ssh: dry runs only print. `multinode.sh --hosts=localhost`
-is the exception that runs for real, as two local CPU processes.
+runs for real, as the two local CPU processes of the `two_processes` fixture.
 """
 
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 
-from .conftest import REPO, env, free_port, loss_at, tiny_overrides
+from .conftest import REPO, env, loss_at
 
 LAUNCH = REPO / "launch"
 SCRIPTS = ["tpu_vm.sh", "slurm_train.sbatch", "multinode.sh"]
@@ -144,14 +143,10 @@ def test_multinode_refusals(args, words):
   assert words in out.stderr
 
 
-def test_multinode_runs_two_local_processes(mh_data, tmp_path):
-  """The script for real on one machine: two CPU processes, explicit coordinator flags."""
-  workdir = tmp_path / "multinode"
-  out = run("multinode.sh", "--hosts=localhost,localhost", f"--port={free_port()}",
-            f"--logdir={tmp_path / 'logs'}", f"--python={sys.executable}", "--yes", "--",
-            "--config=configs/quickstart.py", f"--workdir={workdir}", "--config.mesh.cpu_devices=2",
-            "--distributed_init_timeout=240", *tiny_overrides(mh_data), timeout=420)
-  logs = "\n".join(p.read_text()[-2000:] for p in sorted((tmp_path / "logs").glob("*.log")))
-  assert out.returncode == 0, out.stderr + logs
-  assert loss_at(workdir, 3) > 0
-  assert (workdir / "checkpoints" / "3").is_dir()
+def test_multinode_runs_two_local_processes(two_processes):
+  """The script for real on one machine (the `two_processes` run): two CPU processes joined by
+  explicit coordinator flags train, log once, and checkpoint together."""
+  assert loss_at(two_processes, 3) > 0
+  assert (two_processes / "checkpoints" / "3" / "params").is_dir()
+  logs = two_processes.with_name(two_processes.name + "-logs")
+  assert sorted(p.name for p in logs.iterdir()) == ["process0.log", "process1.log"]

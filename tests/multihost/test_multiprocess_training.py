@@ -1,9 +1,10 @@
 """Real processes on loopback train the same run as one process, and trade checkpoints with it.
 
-One process with 4 CPU devices is the reference. Two processes with 2 devices each, and four with
-2 each, train the same global batch of 8 rows through `jax.distributed`; their loss must match
-the reference. Checkpoints written by two processes resume in one, and the other way round, and
-continue exactly where one uninterrupted process goes.
+One process with 4 CPU devices is the reference. Two processes with 2 devices each (started by
+`launch/multinode.sh`, see conftest), and four with 2 each, train the same global batch of 8 rows
+through `jax.distributed`; their loss must match the reference. Checkpoints written by two
+processes resume in one, and the other way round, and continue exactly where one uninterrupted
+process goes.
 """
 
 import json
@@ -23,15 +24,6 @@ def reference(mh_data, tmp_path_factory):
   with shared_dir(tmp_path_factory, "multihost-one") as (workdir, build):
     if build:
       Group(workdir, 1, 4, tiny_overrides(mh_data, **{"train.steps": 5})).check()
-  return workdir
-
-
-@pytest.fixture(scope="module")
-def two_processes(mh_data, tmp_path_factory):
-  """Two processes, 2 devices each, 3 steps (a checkpoint at 3)."""
-  with shared_dir(tmp_path_factory, "multihost-two") as (workdir, build):
-    if build:
-      Group(workdir, 2, 2, tiny_overrides(mh_data)).check()
   return workdir
 
 
