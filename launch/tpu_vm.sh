@@ -8,7 +8,7 @@
 # Commands (run in this order; `up` does create, install, data, mount, train):
 #   create   create the slice (--spot for a preemptible one)
 #   install  copy this checkout's committed tree (git archive HEAD) to every worker and
-#            pip-install it with the [tpu] extra
+#            install it with the [tpu] extra into ~/venv (Python 3.11, through uv)
 #   data     copy the prepared data directory to every worker's disk (a local directory is
 #            copied with scp, a gs:// one with gcloud storage)
 #   mount    mount the bucket that holds the workdir on every worker (gcsfuse): checkpoints are
@@ -162,7 +162,8 @@ do_install() {
   # git archive: only tracked files, no virtualenvs or runs.
   run git -C "$root" archive --format=tar.gz --prefix=tinystories-jax/ -o /tmp/tinystories-jax.tar.gz HEAD
   run "${GCLOUD[@]}" scp /tmp/tinystories-jax.tar.gz "$NAME":/tmp/ "${WHERE[@]}" --worker=all
-  ssh_all "rm -rf ~/tinystories-jax && tar -xzf /tmp/tinystories-jax.tar.gz -C ~ && cd ~/tinystories-jax && python3 -m pip install -q -e '.[tpu]'"
+  # The TPU images ship Python 3.10 and the project needs 3.11+: uv fetches one into ~/venv.
+  ssh_all "rm -rf ~/tinystories-jax && tar -xzf /tmp/tinystories-jax.tar.gz -C ~ && cd ~/tinystories-jax && python3 -m pip install -q --user uv && ~/.local/bin/uv venv -q --allow-existing --python 3.11 ~/venv && ~/.local/bin/uv pip install -q --python ~/venv/bin/python -e '.[tpu]'"
 }
 
 do_data() {
@@ -193,7 +194,7 @@ train_command() {
   done
   # mesh.distributed=True: every worker joins the job; JAX reads the slice's workers from the VM
   # metadata. nohup + setsid: training outlives the ssh session; SIGTERM on preemption saves.
-  echo "if pgrep -f tinystories_jax.train > /dev/null; then echo \"\$(hostname): already training\"; else cd ~/tinystories-jax && mkdir -p $WORKDIR && setsid nohup python3 -m tinystories_jax.train --config=$CONFIG --workdir=$WORKDIR --config.data.dir=$REMOTE_DATA --config.mesh.distributed=True$flags > ~/train.log 2>&1 < /dev/null & fi"
+  echo "if pgrep -f tinystories_jax.train > /dev/null; then echo \"\$(hostname): already training\"; else cd ~/tinystories-jax && mkdir -p $WORKDIR && setsid nohup ~/venv/bin/python -m tinystories_jax.train --config=$CONFIG --workdir=$WORKDIR --config.data.dir=$REMOTE_DATA --config.mesh.distributed=True$flags > ~/train.log 2>&1 < /dev/null & fi"
 }
 
 do_train() {

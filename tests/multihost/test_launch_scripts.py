@@ -62,7 +62,8 @@ def test_tpu_vm_up_dry_run():
   assert any("gcloud storage cp -r gs://runs/data" in c for c in ssh)
   assert any("gcsfuse" in c and "/mnt/runs" in c for c in ssh)
   train = ssh[-1]
-  for part in ("python3 -m tinystories_jax.train", "--workdir=/mnt/runs/ts",
+  assert any("uv pip install" in c and "-e '\\''.[tpu]'\\''" in c for c in ssh)
+  for part in ("~/venv/bin/python -m tinystories_jax.train", "--workdir=/mnt/runs/ts",
                "--config.mesh.distributed=True", "--config.train.steps=100", "> ~/train.log"):
     assert part in train
   assert "hosts" not in out.stderr
