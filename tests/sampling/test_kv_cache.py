@@ -1,0 +1,65 @@
+"""The cached decode is the full forward pass evaluated incrementally."""
+
+import numpy as np
+import pytest
+
+import jax.numpy as jnp
+from flax import nnx
+
+from tinystories_jax.sampling import kv_cache
+
+import sampling_helpers
+
+
+@pytest.mark.parametrize("family", ["gpt_neo", "llama"])
+def test_cached_decode_equals_full_forward_at_every_position(family):
+  """Two rows with different left padding; window 4 is shorter than the 14 tokens, so the local
+  layer's ring buffer wraps several times."""
+  model = sampling_helpers.tiny_model(family)
+  rng = np.random.default_rng(0)
+  seq_bt = rng.integers(0, 61, (2, 14))
+  full_btv = np.asarray(nnx.jit(lambda m, t: m(t))(model, jnp.asarray(seq_bt)))
+  prompt_lens = [3, 6]
+  p = 8  # left-padded prompt slots
+  tokens_bp = np.zeros((2, p), np.int32)
+  for b, n in enumerate(prompt_lens):
+    tokens_bp[b, p - n:] = seq_bt[b, :n]
+  pad_b = jnp.asarray([p - n for n in prompt_lens], jnp.int32)
+  seq_len = p + 14
+
+  prefill = nnx.jit(lambda m, t, pad: kv_cache.prefill(m, t, pad, seq_len, all_logits=True))
+  step = nnx.jit(kv_cache.decode_step)
+  logits_bpv, cache = prefill(model, jnp.asarray(tokens_bp), pad_b)
+  logits_bpv = np.asarray(logits_bpv)
+  for b, n in enumerate(prompt_lens):
+    np.testing.assert_allclose(logits_bpv[b, p - n:], full_btv[b, :n], atol=1e-5, rtol=0)
+  # Feed each row's own next tokens; row 0 is 3 tokens behind row 1 in its own positions.
+  assert cache.k[1].shape[1] == 4  # the local layer's cache is the window, not the sequence
+  assert cache.k[0].shape[1] == seq_len
+  for i in range(14 - max(prompt_lens)):
+    token_b = jnp.asarray([seq_bt[b, n + i] for b, n in enumerate(prompt_lens)], jnp.int32)
+    logits_bv, cache = step(model, cache, token_b)
+    for b, n in enumerate(prompt_lens):
+      np.testing.assert_allclose(np.asarray(logits_bv)[b], full_btv[b, n + i], atol=1e-5,
+                                 rtol=0, err_msg=f"row {b} position {n + i}")
+
+
+def test_prefill_longer_than_the_window_keeps_the_latest_keys():
+  """A prompt longer than the window fills the ring with its last `window` keys."""
+  model = sampling_helpers.tiny_model("gpt_neo")
+  seq = np.random.default_rng(1).integers(0, 61, (1, 12))
+  full = np.asarray(nnx.jit(lambda m, t: m(t))(model, jnp.asarray(seq)))
+  prefill = nnx.jit(lambda m, t, pad: kv_cache.prefill(m, t, pad, 12))
+  step = nnx.jit(kv_cache.decode_step)
+  logits, cache = prefill(model, jnp.asarray(seq[:, :9]), jnp.zeros((1,), jnp.int32))
+  np.testing.assert_allclose(np.asarray(logits)[0], full[0, 8], atol=1e-5, rtol=0)
+  for t in range(9, 12):
+    logits, cache = step(model, cache, jnp.asarray(seq[:, t]))
+    np.testing.assert_allclose(np.asarray(logits)[0], full[0, t], atol=1e-5, rtol=0)
+
+
+def test_cache_bytes_counts_window_layers_by_their_window():
+  cfg = sampling_helpers.tiny_config("gpt_neo")  # layers: global, local (window 4)
+  per_slot = 2 * cfg.num_kv_heads * cfg.head_dim * 4
+  assert kv_cache.cache_bytes(cfg, 3, 100) == 3 * per_slot * (100 + 4)
+  assert kv_cache.layer_lengths(cfg, 2) == (2, 2)
