@@ -17,11 +17,15 @@ usual 512 for 260k, else 4096) since no data directory is needed.
 
 import json
 import os
+import pathlib
 import sys
 import time
 
 from absl import app, flags
 from ml_collections import config_flags
+
+# Runs from a checkout without installing the package.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run configuration (configs/*.py).",
                                           lock_config=True)
@@ -107,7 +111,7 @@ def _torch_peer(model_cfg, *, batch_size: int, seq_len: int, steps: int, warmup:
   tok_s = steps * batch_size * seq_len / elapsed
   return {"tokens_per_s": tok_s, "step_ms": 1e3 * elapsed / steps,
           "model_tflops": tok_s * count_flops_per_token(c, seq_len) / 1e12, "params": params,
-          "loss": float(loss), "warmup_s": warmup_s, "device": device,
+          "loss": float(loss.detach()), "warmup_s": warmup_s, "device": device,
           "threads": torch.get_num_threads(), "torch": torch.__version__,
           "transformers": transformers.__version__}
 

@@ -26,7 +26,7 @@ def measure_train_throughput(model_cfg: ModelConfig, *, batch_size: int, seq_len
                              steps: int = 10, warmup: int = 3, loss: str = "chunked",
                              loss_chunk: int = 128, grad_accum_steps: int = 1,
                              mesh_config: mesh_lib.MeshConfig | None = None,
-                             seed: int = 0) -> dict[str, Any]:
+                             devices=None, seed: int = 0) -> dict[str, Any]:
   """Times the full train step (forward, backward, clip, AdamW) of `model_cfg`.
 
   Args:
@@ -39,13 +39,14 @@ def measure_train_throughput(model_cfg: ModelConfig, *, batch_size: int, seq_len
     loss_chunk: positions per chunk of the chunked loss.
     grad_accum_steps: micro-batches per step.
     mesh_config: mesh sizes (default: all devices on `data`).
+    devices: the devices to lay the mesh over (default: all).
     seed: parameter and token seed.
 
   Returns:
     dict with `tokens_per_s`, `step_ms` (mean), `model_tflops` (PaLM count), `params`, `loss`
     (the last step's), `compile_s` (the first step, compilation included) and the shape.
   """
-  mesh = mesh_lib.make_mesh(mesh_config or mesh_lib.MeshConfig())
+  mesh = mesh_lib.make_mesh(mesh_config or mesh_lib.MeshConfig(), devices)
   opt_cfg = opt_lib.OptimizerConfig(lr=5e-4, schedule="cosine", warmup_steps=10, clip_norm=1.0)
   layout = state_lib.model_layout(model_cfg)
   total = warmup + steps
@@ -91,6 +92,6 @@ def measure_train_throughput(model_cfg: ModelConfig, *, batch_size: int, seq_len
       "compile_s": compile_s,
       "batch_size": batch_size * grad_accum_steps,
       "seq_len": seq_len,
-      "devices": jax.device_count(),
+      "devices": mesh.devices.size,
       "device_kind": jax.devices()[0].device_kind,
   }
