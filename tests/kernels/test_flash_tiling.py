@@ -77,3 +77,15 @@ def test_visible_pairs_counts_the_mask():
                                (5, 7, False, None)]:
     expected = int(np.asarray(attention_mask(t, s, causal=causal, window=window)).sum())
     assert flash_tiling.visible_pairs(t, s, causal=causal, window=window) == expected
+
+
+def test_segment_spans_ignore_padding_and_detect_disjoint_stories():
+  q_ids = np.array([3, 3, 4, flash_tiling.Q_PAD_ID], np.int32)
+  span = tuple(int(x) for x in flash_tiling.segment_span(q_ids, flash_tiling.Q_PAD_ID))
+  assert span == (3, 4)
+  pad_only = flash_tiling.segment_span(np.full(4, flash_tiling.KV_PAD_ID, np.int32),
+                                       flash_tiling.KV_PAD_ID)
+  assert int(pad_only[1]) < int(pad_only[0])  # an empty span meets nothing
+  assert not flash_tiling.spans_overlap(span, pad_only)
+  assert not flash_tiling.spans_overlap(span, (1, 2))
+  assert flash_tiling.spans_overlap(span, (4, 9))

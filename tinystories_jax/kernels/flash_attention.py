@@ -25,6 +25,8 @@ import jax.numpy as jnp
 
 from tinystories_jax.kernels.attention_reference import check_attention_args
 from tinystories_jax.kernels.attention_reference import flash_attention_reference
+from tinystories_jax.kernels.flash_tiling import KV_PAD_ID
+from tinystories_jax.kernels.flash_tiling import Q_PAD_ID
 from tinystories_jax.kernels.flash_tiling import BlockSizes
 
 __all__ = ["BlockSizes", "flash_attention", "flash_attention_reference", "force_interpret",
@@ -47,10 +49,6 @@ def _kernels(family: str):
 # and every head is independent, so the kernels run per shard without communication.
 _BATCH_AXES = ("data", "fsdp")
 _HEAD_AXIS = "tensor"
-
-# Segment ids that no real token carries (ids are non-negative; 0 is padding).
-_Q_PAD_ID = -(2**31)
-_KV_PAD_ID = -(2**31) + 1
 
 # Set by `force_interpret`, so code that cannot pass `interpret=` (a model's attention layer)
 # can still run the kernels through the Pallas interpreter on a CPU.
@@ -261,8 +259,8 @@ def flash_attention(q_bthd, k_bskd, v_bskd, *, causal=True, window=None, q_segme
     # Padding queries (id 0, and the tile padding) get an id no key has, so their rows see
     # nothing and come out as zeros; tile-padding keys get another such id.
     q_seg = q_segment_ids_bt.astype(jnp.int32)
-    q_seg = _pad_axis(jnp.where(q_seg == 0, _Q_PAD_ID, q_seg), 1, t_pad, value=_Q_PAD_ID)
-    kv_seg = _pad_axis(kv_segment_ids_bs.astype(jnp.int32), 1, s_pad, value=_KV_PAD_ID)
+    q_seg = _pad_axis(jnp.where(q_seg == 0, Q_PAD_ID, q_seg), 1, t_pad, value=Q_PAD_ID)
+    kv_seg = _pad_axis(kv_segment_ids_bs.astype(jnp.int32), 1, s_pad, value=KV_PAD_ID)
   sharding = _shard_specs(b, h, k_bskd.shape[2])
   if sharding is None:
     o_p = _flash_padded(q_p, k_p, v_p, q_seg, kv_seg, cfg)

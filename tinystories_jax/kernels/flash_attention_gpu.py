@@ -25,6 +25,8 @@ import jax.numpy as jnp
 
 from tinystories_jax.kernels import flash_tiling
 from tinystories_jax.kernels.attention_reference import MASK_VALUE
+from tinystories_jax.kernels.flash_tiling import KV_PAD_ID
+from tinystories_jax.kernels.flash_tiling import Q_PAD_ID
 
 # Log-sum-exp stored for a query row that sees no key: exp2(s - LSE_EMPTY) is exactly 0.
 LSE_EMPTY = -MASK_VALUE
@@ -69,6 +71,26 @@ def _reversed_program_id(num_q_blocks: int):
   return num_q_blocks - 1 - pl.program_id(0)
 
 
+def _skip_other_segments(step, outer_span, inner_span):
+  """Wraps a loop step so tiles whose segment spans cannot meet cost no matmul."""
+  def guarded(i, carry):
+    return lax.cond(flash_tiling.spans_overlap(outer_span, inner_span(i)),
+                    lambda c: step(i, c), lambda c: c, carry)
+  return guarded
+
+
+def _loop_three_ranges(ranges, step, carry, *, segment_guard=None):
+  """Runs step over the partial, full and partial block ranges (see flash_tiling)."""
+  lo, full_lo, full_hi, hi = ranges
+  for start, stop, masked in ((lo, full_lo, True), (full_lo, full_hi, False),
+                              (full_hi, hi, True)):
+    body = functools.partial(step, masked=masked)
+    if segment_guard is not None:
+      body = segment_guard(body)
+    carry = lax.fori_loop(start, stop, body, carry)
+  return carry
+
+
 def _dot(a, b, *, contract_b: int, precision):
   """a @ b (contract_b=0) or a @ b.T (contract_b=1), accumulated in float32."""
   return lax.dot_general(a, b, (((1,), (contract_b,)), ((), ())), precision=precision,
@@ -86,12 +108,13 @@ def _fwd_kernel(*refs, has_segments, scale_log2, mask_kw, block_q, block_k, num_
     q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref = refs
   else:
     q_ref, k_ref, v_ref, o_ref, lse_ref = refs
+    q_seg_ref = kv_seg_ref = None
   q_first = _reversed_program_id(num_q_blocks) * block_q
   head_mask = _head_mask(head_dim, q_ref.shape[-1])
   q = _load(q_ref, head_mask)
   q_pos = q_first + jnp.arange(block_q, dtype=jnp.int32)[:, None]
-  q_seg = q_seg_ref[...][:, None] if has_segments else None
-  lo, full_lo, full_hi, hi = flash_tiling.kv_block_range(
+  q_seg, guard = _query_segments(q_seg_ref, kv_seg_ref, block_k)
+  ranges = flash_tiling.kv_block_range(
       q_first, block_q=block_q, block_k=block_k, has_segments=has_segments, **_range_kw(mask_kw))
 
   def step(j, carry, masked):
@@ -117,9 +140,7 @@ def _fwd_kernel(*refs, has_segments, scale_log2, mask_kw, block_q, block_k, num_
 
   carry = (jnp.zeros(q.shape, _F32), jnp.full((block_q,), MASK_VALUE, _F32),
            jnp.zeros((block_q,), _F32))
-  carry = lax.fori_loop(lo, full_lo, functools.partial(step, masked=True), carry)
-  carry = lax.fori_loop(full_lo, full_hi, functools.partial(step, masked=False), carry)
-  acc, m, l = lax.fori_loop(full_hi, hi, functools.partial(step, masked=True), carry)
+  acc, m, l = _loop_three_ranges(ranges, step, carry, segment_guard=guard)
   empty = l == 0.0
   l_safe = jnp.where(empty, 1.0, l)
   _store(o_ref, (acc / l_safe[:, None]).astype(o_ref.dtype), head_mask)
@@ -132,6 +153,7 @@ def _dq_kernel(*refs, has_segments, scale, scale_log2, mask_kw, block_q, block_k
     (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_seg_ref, dq_ref) = refs
   else:
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
+    q_seg_ref = kv_seg_ref = None
   q_first = _reversed_program_id(num_q_blocks) * block_q
   head_mask = _head_mask(head_dim, q_ref.shape[-1])
   q = _load(q_ref, head_mask)
@@ -139,8 +161,8 @@ def _dq_kernel(*refs, has_segments, scale, scale_log2, mask_kw, block_q, block_k
   lse = lse_ref[...][:, None]
   delta = delta_ref[...][:, None]
   q_pos = q_first + jnp.arange(block_q, dtype=jnp.int32)[:, None]
-  q_seg = q_seg_ref[...][:, None] if has_segments else None
-  lo, full_lo, full_hi, hi = flash_tiling.kv_block_range(
+  q_seg, guard = _query_segments(q_seg_ref, kv_seg_ref, block_k)
+  ranges = flash_tiling.kv_block_range(
       q_first, block_q=block_q, block_k=block_k, has_segments=has_segments, **_range_kw(mask_kw))
 
   def step(j, dq, masked):
@@ -157,10 +179,7 @@ def _dq_kernel(*refs, has_segments, scale, scale_log2, mask_kw, block_q, block_k
     ds = p * (dp - delta)
     return dq + _dot(ds.astype(k.dtype), k, contract_b=0, precision=precision)
 
-  dq = jnp.zeros(q.shape, _F32)
-  dq = lax.fori_loop(lo, full_lo, functools.partial(step, masked=True), dq)
-  dq = lax.fori_loop(full_lo, full_hi, functools.partial(step, masked=False), dq)
-  dq = lax.fori_loop(full_hi, hi, functools.partial(step, masked=True), dq)
+  dq = _loop_three_ranges(ranges, step, jnp.zeros(q.shape, _F32), segment_guard=guard)
   _store(dq_ref, (dq * scale).astype(dq_ref.dtype), head_mask)
 
 
@@ -176,8 +195,15 @@ def _dkv_kernel(*refs, has_segments, scale, scale_log2, mask_kw, block_q, block_
   k = _load(k_ref, head_mask)
   v = _load(v_ref, head_mask)
   k_pos = k_first + jnp.arange(block_k, dtype=jnp.int32)[:, None]
-  kv_seg = kv_seg_ref[...][:, None] if has_segments else None
-  lo, full_lo, full_hi, hi = flash_tiling.q_block_range(
+  kv_seg, guard = None, None
+  if has_segments:
+    kv_seg_vec = kv_seg_ref[...]
+    kv_seg = kv_seg_vec[:, None]
+    guard = functools.partial(
+        _skip_other_segments, outer_span=flash_tiling.segment_span(kv_seg_vec, KV_PAD_ID),
+        inner_span=lambda i: flash_tiling.segment_span(
+            q_seg_ref[pl.ds(pl.multiple_of(i * block_q, block_q), block_q)], Q_PAD_ID))
+  ranges = flash_tiling.q_block_range(
       k_first, block_q=block_q, block_k=block_k, num_q_blocks=num_q_blocks,
       has_segments=has_segments, **_range_kw(mask_kw))
 
@@ -202,11 +228,21 @@ def _dkv_kernel(*refs, has_segments, scale, scale_log2, mask_kw, block_q, block_
     return dk, dv
 
   carry = (jnp.zeros(k.shape, _F32), jnp.zeros(v.shape, _F32))
-  carry = lax.fori_loop(lo, full_lo, functools.partial(step, masked=True), carry)
-  carry = lax.fori_loop(full_lo, full_hi, functools.partial(step, masked=False), carry)
-  dk, dv = lax.fori_loop(full_hi, hi, functools.partial(step, masked=True), carry)
+  dk, dv = _loop_three_ranges(ranges, step, carry, segment_guard=guard)
   _store(dk_ref, (dk * scale).astype(dk_ref.dtype), head_mask)
   _store(dv_ref, dv.astype(dv_ref.dtype), head_mask)
+
+
+def _query_segments(q_seg_ref, kv_seg_ref, block_k):
+  """The query block's segment ids as a column, and the guard skipping key blocks of others."""
+  if kv_seg_ref is None:
+    return None, None
+  q_seg_vec = q_seg_ref[...]
+  guard = functools.partial(
+      _skip_other_segments, outer_span=flash_tiling.segment_span(q_seg_vec, Q_PAD_ID),
+      inner_span=lambda j: flash_tiling.segment_span(
+          kv_seg_ref[pl.ds(pl.multiple_of(j * block_k, block_k), block_k)], KV_PAD_ID))
+  return q_seg_vec[:, None], guard
 
 
 def _range_kw(mask_kw):

@@ -51,10 +51,17 @@ def _kv_head(head, group: int):
   return lax.div(head, jnp.int32(group))
 
 
-def _classify(outer, inner, range_fn):
-  """(visible, full) booleans for inner block `inner` of outer block `outer`."""
+def _classify(outer, inner, range_fn, q_seg_ref=None, kv_seg_ref=None):
+  """(visible, full) booleans for inner block `inner` of outer block `outer`.
+
+  With segment ids a tile is also invisible when its query and key segments cannot meet.
+  """
   lo, full_lo, full_hi, hi = range_fn(outer)
   visible = jnp.logical_and(inner >= lo, inner < hi)
+  if q_seg_ref is not None:
+    visible = jnp.logical_and(visible, flash_tiling.spans_overlap(
+        flash_tiling.segment_span(q_seg_ref[...], flash_tiling.Q_PAD_ID),
+        flash_tiling.segment_span(kv_seg_ref[...], flash_tiling.KV_PAD_ID)))
   full = jnp.logical_and(inner >= full_lo, inner < full_hi)
   return visible, full
 
@@ -105,7 +112,7 @@ def _fwd_kernel(*refs, has_segments, scale, mask_kw, kv_range, block_q, block_k,
     acc_sc[...] = alpha * acc_sc[...] + _dot(p.astype(v.dtype), v, transpose_b=False,
                                              precision=precision)
 
-  visible, full = _classify(i * block_q, j, kv_range)
+  visible, full = _classify(i * block_q, j, kv_range, q_seg_ref, kv_seg_ref)
   pl.when(jnp.logical_and(visible, full))(lambda: step(False))
   pl.when(jnp.logical_and(visible, jnp.logical_not(full)))(lambda: step(True))
 
@@ -143,7 +150,7 @@ def _dq_kernel(*refs, has_segments, scale, mask_kw, kv_range, block_q, block_k, 
     ds = p * (dp - delta_ref[...])
     dq_sc[...] += _dot(ds.astype(k.dtype), k, transpose_b=False, precision=precision)
 
-  visible, full = _classify(i * block_q, j, kv_range)
+  visible, full = _classify(i * block_q, j, kv_range, q_seg_ref, kv_seg_ref)
   pl.when(jnp.logical_and(visible, full))(lambda: step(False))
   pl.when(jnp.logical_and(visible, jnp.logical_not(full)))(lambda: step(True))
 
@@ -180,7 +187,7 @@ def _dkv_kernel(*refs, has_segments, scale, mask_kw, q_range, block_q, block_k, 
     ds_t = p_t * (dp_t - delta_ref[...])
     dk_sc[...] += _dot(ds_t.astype(q.dtype), q, transpose_b=False, precision=precision)
 
-  visible, full = _classify(j * block_k, i, q_range)
+  visible, full = _classify(j * block_k, i, q_range, q_seg_ref, kv_seg_ref)
   pl.when(jnp.logical_and(visible, full))(lambda: step(False))
   pl.when(jnp.logical_and(visible, jnp.logical_not(full)))(lambda: step(True))
 

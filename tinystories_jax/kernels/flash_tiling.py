@@ -20,6 +20,13 @@ from jax import lax
 import jax.numpy as jnp
 
 
+# Segment ids the wrapper gives to query padding (and to queries with id 0) and to key padding:
+# no real token has them and they differ, so padding matches nothing.
+Q_PAD_ID = -(2**31)
+KV_PAD_ID = -(2**31) + 1
+_INT32_MAX = 2**31 - 1
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
   """Tile sizes of the forward and the two backward kernels; powers of two, at least 16.
@@ -174,6 +181,20 @@ def block_mask(q_row, k_pos, *, causal: bool, window: int | None, kv_len: int,
   if q_seg is not None:
     mask = _and(mask, q_seg == kv_seg)
   return jnp.broadcast_to(mask, shape)
+
+
+def segment_span(ids, pad_id: int):
+  """(min, max) of a tile's real segment ids; a tile of padding only gives max < min.
+
+  Used to skip tiles whose query and key segments cannot meet: with packed rows (each story a
+  contiguous run of ids) most causally visible tiles of another story are skipped this way.
+  """
+  return jnp.min(jnp.where(ids == pad_id, _INT32_MAX, ids)), jnp.max(ids)
+
+
+def spans_overlap(span_a, span_b):
+  """Whether two (min, max) segment spans can share an id (conservative: ranges intersect)."""
+  return jnp.logical_and(span_a[1] >= span_b[0], span_b[1] >= span_a[0])
 
 
 def visible_pairs(t: int, s: int, *, causal: bool, window: int | None) -> int:
