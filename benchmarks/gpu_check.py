@@ -162,7 +162,7 @@ def _train_peers(run: Run, args, index: int) -> None:
     argv.append("--smoke_compile")
   before = run.path.stat().st_size if run.path.exists() else 0
   # A compile that starts just before the deadline may overrun it: give the child some grace.
-  _child(run, argv, "peers", timeout=max(60.0, run.deadline - time.time()) + 120)
+  _child(run, argv, "peers", timeout=max(60.0, run.deadline - time.time()) + 60)
   with run.path.open() as f:  # the child appended its rows to the same file
     f.seek(before)
     run.rows += [json.loads(line) for line in f if line.strip()]
@@ -400,7 +400,7 @@ def main() -> None:
   parser.add_argument("--smoke_compile", action="store_true",
                       help="in smoke mode, also torch.compile the peers (slow on a CPU)")
   parser.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
-  parser.add_argument("--budget_s", type=float, default=450.0)
+  parser.add_argument("--budget_s", type=float, default=330.0)
   parser.add_argument("--sections", default=",".join(SECTIONS))
   parser.add_argument("--train_systems", default="ours,peers",
                       help="in the train section: ours, peers or both")

@@ -20,7 +20,7 @@ fi
 
 if python3 -c "import pytest" 2>/dev/null; then
   echo "# compiled kernel tests (pytest -m gpu tests/kernels)"
-  JAX_PLATFORMS=cuda timeout "${TEST_TIMEOUT_S:-180}" python3 -m pytest -q -m gpu \
+  JAX_PLATFORMS=cuda timeout "${TEST_TIMEOUT_S:-150}" python3 -m pytest -q -m gpu \
     -p no:cacheprovider tests/kernels >"$OUT/pytest_gpu.txt" 2>&1
   echo "# pytest exit status $?"
   tail -n 15 "$OUT/pytest_gpu.txt"
