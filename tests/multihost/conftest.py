@@ -49,6 +49,12 @@ def tiny_overrides(data_dir, **extra) -> list[str]:
   return [f"--config.{k}={v}" for k, v in flags.items()]
 
 
+# The two-process runs shard every parameter over both processes (FSDP over all 4 devices), so
+# each process holds, writes and restores its own half of the checkpoint. The four-process run
+# keeps the default layout, a `data` axis across all processes.
+ACROSS_PROCESSES = {"mesh.data": 1, "mesh.fsdp": 4}
+
+
 def env() -> dict:
   out = dict(os.environ)
   out.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(REPO),
@@ -154,7 +160,8 @@ def mh_data(tmp_path_factory) -> pathlib.Path:
 
 @pytest.fixture(scope="session")
 def two_processes(mh_data, tmp_path_factory) -> pathlib.Path:
-  """Two processes with 2 CPU devices each, 3 steps (a checkpoint at 3), started the way a user
+  """Two processes with 2 CPU devices each, parameters sharded over both, 3 steps (a checkpoint
+  at 3), started the way a user
   would: `launch/multinode.sh --hosts=localhost,localhost --yes` with explicit coordinator flags.
 
   Logs are in `<workdir>-logs/process<rank>.log`.
@@ -166,7 +173,7 @@ def two_processes(mh_data, tmp_path_factory) -> pathlib.Path:
              f"--port={free_port()}", f"--logdir={logs}", f"--python={sys.executable}", "--yes",
              "--", f"--config={REPO / 'configs/quickstart.py'}", f"--workdir={workdir}",
              "--config.mesh.cpu_devices=2", "--distributed_init_timeout=240",
-             *tiny_overrides(mh_data)]
+             *tiny_overrides(mh_data, **ACROSS_PROCESSES)]
       out = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True,
                            timeout=PROCESS_TIMEOUT_S)
       if out.returncode:

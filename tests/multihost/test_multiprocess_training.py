@@ -1,7 +1,8 @@
 """Real processes on loopback train the same run as one process, and trade checkpoints with it.
 
-One process with 4 CPU devices is the reference. Two processes with 2 devices each (started by
-`launch/multinode.sh`, see conftest), and four with 2 each, train the same global batch of 8 rows
+One process with 4 CPU devices (a `data` axis of 4) is the reference. Two processes with 2
+devices each (started by `launch/multinode.sh`, parameters sharded over both processes; see
+conftest), and four with 2 each (`data` across all of them), train the same global batch of 8 rows
 through `jax.distributed`; their loss must match the reference. Checkpoints written by two
 processes resume in one, and the other way round, and continue exactly where one uninterrupted
 process goes.
@@ -12,7 +13,7 @@ import shutil
 
 import pytest
 
-from .conftest import Group, loss_at, metrics, shared_dir, tiny_overrides
+from .conftest import ACROSS_PROCESSES, Group, loss_at, metrics, shared_dir, tiny_overrides
 
 # Same global batch and same arithmetic; only the reduction order of the all-reduce differs.
 TOL = 2e-4
@@ -36,7 +37,10 @@ def test_two_processes_reach_the_loss_of_one(reference, two_processes):
   assert "step 3: train_loss" in (logs / "process0.log").read_text()
   assert "step 3: train_loss" not in (logs / "process1.log").read_text()
   assert json.loads((workdir / "config.json").read_text())["train"]["batch_size"] == 8
-  assert (workdir / "checkpoints" / "3" / "params").is_dir()
+  # Each process wrote its own shards of the checkpoint.
+  for item in ("params", "opt_state"):
+    written = {p.name for p in (workdir / "checkpoints" / "3" / item).iterdir()}
+    assert {"ocdbt.process_0", "ocdbt.process_1"} <= written, written
 
 
 @pytest.mark.slow
@@ -63,7 +67,7 @@ def test_checkpoint_of_one_process_resumes_in_two(reference, mh_data, tmp_path):
   shutil.rmtree(workdir / "checkpoints" / "5")
   rows = [r for r in metrics(workdir) if r["step"] <= 3]
   (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-  group = Group(workdir, 2, 2, tiny_overrides(mh_data, **{"train.steps": 5}))
+  group = Group(workdir, 2, 2, tiny_overrides(mh_data, **{"train.steps": 5}, **ACROSS_PROCESSES))
   group.check()
   assert "Resumed from step 3" in group.log(0)
   assert loss_at(workdir, 5) == pytest.approx(loss_at(reference, 5), abs=TOL)

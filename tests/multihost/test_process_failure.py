@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 
-from .conftest import REPO, Group, env, metrics, tiny_overrides
+from .conftest import ACROSS_PROCESSES, REPO, Group, env, metrics, tiny_overrides
 
 HEARTBEAT_S = 5
 # Heartbeat timeout plus slack for two loaded cores; a hang would outlast it by far.
@@ -17,7 +17,8 @@ def test_dead_process_ends_the_others(mh_data, tmp_path):
   workdir = tmp_path / "dies"
   group = Group(workdir, 2, 2,
                 tiny_overrides(mh_data, **{"train.steps": 100000, "train.log_every": 1,
-                                           "train.checkpoint_every": 100000}),
+                                           "train.checkpoint_every": 100000},
+                               **ACROSS_PROCESSES),
                 extra_flags=(f"--heartbeat_timeout={HEARTBEAT_S}",))
   try:
     # Wait until the job trains (process 0 has logged a step), then kill process 1 outright.
