@@ -72,3 +72,14 @@ def test_nan_loss_can_skip_the_update(tiny_data, tmp_path):
   loop.train(run, workdir)
   rows = _rows(workdir)
   assert rows[-1]["step"] == 8 and rows[-1]["skipped_steps"] >= 1
+
+
+def test_packed_stories_train(tiny_data, tmp_path):
+  workdir = str(tmp_path / "packed")
+  run = config_lib.run_config(tiny_config(tiny_data, **{
+      "data.packed": True, "train.steps": 8, "train.eval_every": 0, "train.log_every": 4}))
+  last = loop.train(run, workdir)
+  rows = _rows(workdir)
+  assert [r["step"] for r in rows] == [4, 8]
+  assert np.isfinite(last["train_loss"]) and last["train_loss"] < rows[0]["train_loss"] + 0.5
+  assert np.isfinite(last["eval_loss"])
