@@ -51,3 +51,13 @@ def test_incomplete_flags_fail_in_one_line(mh_data, tmp_path):
   last = out.stderr.strip().splitlines()[-1]
   assert last.startswith("error: --coordinator_address and --process_id missing: pass "), last
   assert not (tmp_path / "w").exists()
+
+
+def test_forced_distributed_without_a_cluster_fails_in_one_line(mh_data, tmp_path):
+  cmd = [sys.executable, "-m", "tinystories_jax.train",
+         f"--config={REPO / 'configs/quickstart.py'}", f"--workdir={tmp_path / 'w'}",
+         f"--config.data.dir={mh_data}", "--config.mesh.distributed=True"]
+  out = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+  assert out.returncode == 1, out.stderr[-2000:]
+  last = out.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: mesh.distributed=True but JAX found no cluster to join"), last

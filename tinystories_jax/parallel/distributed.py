@@ -226,6 +226,11 @@ def initialize(opts: DistributedOptions, env: Mapping[str, str] | None = None) -
     jax.distributed.initialize(**kwargs)
   except (RuntimeError, ValueError, TypeError) as e:
     detail = " ".join(str(e).split())[:300]
+    if launch.source == "auto-detect":
+      raise DistributedError(f"mesh.distributed=True but JAX found no cluster to join ({detail}); "
+                             "on a Cloud TPU VM slice start the run on every worker, elsewhere "
+                             "pass --coordinator_address, --num_processes and --process_id, or "
+                             "drop mesh.distributed for a one-process run.") from e
     raise DistributedError(f"jax.distributed.initialize failed ({launch.source}: {detail}); "
                            "check that every process got the same coordinator and process "
                            "count.") from e
