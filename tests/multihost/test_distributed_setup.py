@@ -1,5 +1,6 @@
 """When and how `parallel.distributed` joins a job, and its one-line errors (no JAX start-up)."""
 
+import importlib.util
 import socket
 
 import numpy as np
@@ -7,8 +8,9 @@ import pytest
 
 from tinystories_jax.parallel import distributed, mesh
 from tinystories_jax.parallel.distributed import DistributedError, DistributedOptions
+from tinystories_jax.training import config as config_lib
 
-from .conftest import free_port
+from .conftest import REPO, free_port
 
 
 def test_one_process_is_a_no_op():
@@ -139,3 +141,15 @@ def test_hybrid_grid_falls_back_to_fsdp_then_refuses():
   assert sorted(set(s.ravel())) == [0, 1] and (s[0, :4, 0] == s[0, 0, 0]).all()
   with pytest.raises(mesh.MeshError, match="make mesh.data .* a multiple of 2"):
     mesh.hybrid_device_grid((1, 1, 8), devices)
+
+
+def test_batch_that_does_not_divide_over_the_processes():
+  spec = importlib.util.spec_from_file_location("mh_quickstart",
+                                                REPO / "configs" / "quickstart.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  run = config_lib.run_config(module.get_config())  # train.batch_size=32
+  config_lib.check_batch_fits(run, 4, 4)
+  with pytest.raises(config_lib.ConfigError, match="does not divide over 3 hosts; use a multiple "
+                     "of 3"):
+    config_lib.check_batch_fits(run, 1, 3)
