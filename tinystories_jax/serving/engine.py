@@ -175,7 +175,10 @@ class Engine:
 
     stories = self.writer.complete(
         [], config, encoded=[ids for _, _, ids in rows],
-        streams=[index for _, index, _ in rows], limits=[job.max_new for job, _, _ in rows],
+        # A choice's randomness follows its sample number k, not its place in the request: the
+        # same prompt and seed give the same story alone or inside a list.
+        streams=[index % job.request.n for job, index, _ in rows],
+        limits=[job.max_new for job, _, _ in rows],
         seeds=[job.request.config.seed for job, _, _ in rows],
         stops=[job.request.config.stop for job, _, _ in rows], on_text=on_text)
     for (job, index, _), [story] in zip(rows, stories):

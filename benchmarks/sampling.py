@@ -1,0 +1,131 @@
+"""Sampling throughput: our KV-cached decode beside transformers' `generate`, same shapes, same run.
+
+  python benchmarks/sampling.py                          # llama 15m shape, batch 1 and 64, CPU
+  python benchmarks/sampling.py --batch_sizes=1,64,256   # on a GPU
+  python benchmarks/sampling.py --skip_transformers --output=results.jsonl
+
+Both sides: llama2.c's 15M shape (d 288, 6 layers, 6 heads, vocab 32000, tied embeddings) with
+random weights in float32, a one-token prompt, greedy decoding of exactly --new_tokens tokens
+(the end-of-story token is forbidden, so both do the same work). Figures are new tokens per second
+over --repeats timed runs after one warm-up run (which compiles ours), median reported. The
+transformers model runs on PyTorch's CPU threads (--threads, default: every core).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+from tinystories_jax import models
+from tinystories_jax.models import presets
+from tinystories_jax.sampling import Sampler, SamplerConfig
+
+VOCAB = 32000
+EOS = 2
+
+
+def ours(batch: int, new_tokens: int, repeats: int, dtype: str) -> dict:
+  cfg = presets.llama("15m", vocab_size=VOCAB, dtype=dtype)
+  model = models.build(cfg, nnx.Rngs(0))
+  sampler = Sampler(model, eos_id=EOS)
+  prompts = [[1]] * batch
+  config = SamplerConfig(temperature=0, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+  t0 = time.perf_counter()
+  out = sampler.generate(prompts, config)
+  warmup_s = time.perf_counter() - t0
+  assert all(len(o[0].tokens) == new_tokens for o in out)
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    sampler.generate(prompts, config)
+    times.append(time.perf_counter() - t0)
+  t = statistics.median(times)
+  return {"system": f"tinystories_jax ({dtype})", "batch": batch, "new_tokens": new_tokens,
+          "seconds": t, "new_tokens_per_s": batch * new_tokens / t, "warmup_s": warmup_s}
+
+
+def transformers_generate(batch: int, new_tokens: int, repeats: int, threads: int) -> dict:
+  import torch  # noqa: PLC0415
+  import transformers  # noqa: PLC0415
+
+  torch.set_num_threads(threads)
+  cfg = presets.llama("15m", vocab_size=VOCAB)
+  hf_cfg = transformers.LlamaConfig(
+      vocab_size=VOCAB, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
+      num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+      num_key_value_heads=cfg.num_kv_heads, max_position_embeddings=cfg.max_positions,
+      rms_norm_eps=cfg.norm_eps, tie_word_embeddings=True, bos_token_id=1, eos_token_id=EOS,
+      pad_token_id=0)
+  torch.manual_seed(0)
+  model = transformers.LlamaForCausalLM(hf_cfg).eval()
+  ids = torch.ones((batch, 1), dtype=torch.long)
+  kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                pad_token_id=0, attention_mask=torch.ones_like(ids))
+  with torch.inference_mode():
+    out = model.generate(ids, **kwargs)
+    assert out.shape == (batch, 1 + new_tokens)
+    times = []
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      model.generate(ids, **kwargs)
+      times.append(time.perf_counter() - t0)
+  t = statistics.median(times)
+  return {"system": f"transformers {transformers.__version__} generate (torch "
+                    f"{torch.__version__}, {threads} threads)", "batch": batch,
+          "new_tokens": new_tokens, "seconds": t, "new_tokens_per_s": batch * new_tokens / t}
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--batch_sizes", default="1,64")
+  parser.add_argument("--new_tokens", type=int, default=200)
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+  parser.add_argument("--skip_transformers", action="store_true")
+  parser.add_argument("--output", default=None, help="append result rows to this JSONL file")
+  args = parser.parse_args(argv)
+  try:
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+  except ValueError:
+    print(f"error: --batch_sizes={args.batch_sizes} must be comma-separated integers, e.g. 1,64.",
+          file=sys.stderr)
+    return 2
+  if args.new_tokens < 1 or args.new_tokens > 255:
+    print("error: --new_tokens must be 1..255 (the 15m shape has 256 positions).",
+          file=sys.stderr)
+    return 2
+  device = jax.devices()[0]
+  machine = {"jax": jax.__version__, "device": device.device_kind, "platform": device.platform,
+             "cpus": os.cpu_count(), "python": platform.python_version(),
+             "date": time.strftime("%Y-%m-%d")}
+  print(f"llama 15m shape, vocab {VOCAB}, random weights; {machine}")
+  rows = []
+  for b in batches:
+    row = ours(b, args.new_tokens, args.repeats, args.dtype)
+    rows.append(row)
+    print(f"  batch {b:4d}  ours          {row['new_tokens_per_s']:10.1f} new tokens/s "
+          f"(compile + first run {row['warmup_s']:.1f} s)", flush=True)
+    if not args.skip_transformers:
+      peer = transformers_generate(b, args.new_tokens, args.repeats, args.threads)
+      rows.append(peer)
+      print(f"  batch {b:4d}  transformers  {peer['new_tokens_per_s']:10.1f} new tokens/s "
+            f"-> ours is {row['new_tokens_per_s'] / peer['new_tokens_per_s']:.2f}x", flush=True)
+  if args.output:
+    with open(args.output, "a", encoding="utf-8") as f:
+      for row in rows:
+        f.write(json.dumps(dict(row, **machine)) + "\n")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
