@@ -14,3 +14,6 @@ python -m tinystories_jax.prepare --input=synthetic --output_dir="$DATA" --vocab
 echo "== 2/3 train: configs/quickstart.py -> $WORKDIR"
 python -m tinystories_jax.train --config=configs/quickstart.py --workdir="$WORKDIR" \
   --config.data.dir="$DATA"
+
+echo "== 3/3 sample: three stories from the trained model"
+python -m tinystories_jax.sample --workdir="$WORKDIR" --prompt="Once upon a time" --num_samples=3
