@@ -54,7 +54,7 @@ def _torch_peer(model_cfg, *, batch_size: int, seq_len: int, steps: int, warmup:
   """Times transformers' model of the same shape: forward, backward, clip, AdamW."""
   import torch  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel
-  from tinystories_jax.models.config import count_flops_per_token  # pylint: disable=g-import-not-at-top
+  from tinystories_jax.models import config as model_config  # pylint: disable=g-import-not-at-top
 
   torch.manual_seed(0)
   device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -110,7 +110,8 @@ def _torch_peer(model_cfg, *, batch_size: int, seq_len: int, steps: int, warmup:
   elapsed = time.perf_counter() - t0
   tok_s = steps * batch_size * seq_len / elapsed
   return {"tokens_per_s": tok_s, "step_ms": 1e3 * elapsed / steps,
-          "model_tflops": tok_s * count_flops_per_token(c, seq_len) / 1e12, "params": params,
+          "model_tflops": tok_s * model_config.count_flops_per_token(c, seq_len) / 1e12,
+          "params": params,
           "loss": float(loss.detach()), "warmup_s": warmup_s, "device": device,
           "threads": torch.get_num_threads(), "torch": torch.__version__,
           "transformers": transformers.__version__}
@@ -127,7 +128,7 @@ def main(argv):
     sys.exit(2)
   loop.setup_runtime(run)
   import jax  # pylint: disable=g-import-not-at-top
-  from tinystories_jax.training.benchmark import measure_train_throughput  # pylint: disable=g-import-not-at-top
+  from tinystories_jax.training import benchmark  # pylint: disable=g-import-not-at-top
 
   vocab = _VOCAB.value or (512 if run.model.name == "260k" else 4096)
   model_cfg = loop.resolve_model(run, vocab)
@@ -136,12 +137,15 @@ def main(argv):
   common = {"config": run.model.family + ":" + run.model.name, "batch_size": batch,
             "seq_len": seq_len, "vocab_size": vocab, "date": time.strftime("%Y-%m-%d"),
             "host_cpus": os.cpu_count()}
-  result = measure_train_throughput(model_cfg, batch_size=batch, seq_len=seq_len,
-                                    steps=_STEPS.value, warmup=_WARMUP.value,
-                                    loss=_LOSS.value or run.train.loss,
-                                    loss_chunk=run.train.loss_chunk)
-  _emit(dict(common, system="tinystories_jax", attention=model_cfg.attention_impl,
-             dtype=model_cfg.dtype, jax=jax.__version__, **result))
+  # Shared machines: the figures mean little without the contention they were measured under.
+  load = lambda: round(os.getloadavg()[0], 2)
+  result = benchmark.measure_train_throughput(model_cfg, batch_size=batch, seq_len=seq_len,
+                                              steps=_STEPS.value, warmup=_WARMUP.value,
+                                              loss=_LOSS.value or run.train.loss,
+                                              loss_chunk=run.train.loss_chunk)
+  _emit(dict(common, system="tinystories_jax", load_avg_1m=load(),
+             attention=model_cfg.attention_impl, dtype=model_cfg.dtype, jax=jax.__version__,
+             **result))
   if _PEER.value == "transformers":
     variants = [True] if model_cfg.family == "llama" else [False, True]
     for compiled in variants:
@@ -149,7 +153,7 @@ def main(argv):
                                  else "GPTNeoForCausalLM") + ("+compile" if compiled else ""))
       peer = _torch_peer(model_cfg, batch_size=batch, seq_len=seq_len, steps=_STEPS.value,
                          warmup=_WARMUP.value, compiled=compiled)
-      _emit(dict(common, system=name, **peer))
+      _emit(dict(common, system=name, load_avg_1m=load(), **peer))
 
 
 if __name__ == "__main__":

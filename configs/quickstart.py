@@ -6,7 +6,8 @@
 
 Expected: the training loss falls from about 6.9 (ln 1024) to about 1 within 150 steps (1.8 at
 step 100, 1.1 at step 125 in a measured run) and the validation bits per byte follow; config.json,
-metrics.jsonl, TensorBoard events and checkpoints land in runs/quickstart. Rerunning the command resumes (and stops at once when finished).
+metrics.jsonl, TensorBoard events and checkpoints land in runs/quickstart. Rerunning the command
+resumes (and stops at once when finished).
 """
 
 import importlib.util

@@ -1,7 +1,7 @@
 """The paper's seven GPT-Neo models with the released model cards' recipe.
 
-  python -m tinystories_jax.prepare --input=roneneldan/TinyStories --output_dir=runs/tinystories-data \\
-      --vocab_size=10000
+  python -m tinystories_jax.prepare --input=roneneldan/TinyStories \\
+      --output_dir=runs/tinystories-data --vocab_size=10000
   python -m tinystories_jax.train --config=configs/tinystories.py:33m --workdir=runs/33m \\
       --config.data.dir=runs/tinystories-data
 

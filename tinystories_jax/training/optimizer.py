@@ -28,7 +28,7 @@ class OptimizerConfig:
 
 
 def learning_rate(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
-  """Linear warmup from 0 to `lr`, then constant, cosine or linear decay to `lr * final_lr_ratio`."""
+  """Linear warmup to `lr`, then constant, cosine or linear decay to `lr * final_lr_ratio`."""
   if cfg.schedule not in SCHEDULES:
     raise ValueError(f"optimizer.schedule={cfg.schedule!r} is not one of {SCHEDULES}.")
   warmup = max(0, min(cfg.warmup_steps, total_steps))
