@@ -109,8 +109,8 @@ class LoadedModel:
 
 
 def inference_dtype(saved: str, requested: str) -> str:
-  """"auto" keeps the saved compute dtype on accelerators and uses float32 on the CPU, where
-  bfloat16 matmuls are slower than float32 ones."""
+  """"auto" keeps the saved compute dtype on accelerators and uses float32 on the CPU, where it
+  is exact (bfloat16 reads half the weight bytes, which helps at batch 1: docs/sampling.md)."""
   if requested != "auto":
     if requested not in DTYPES:
       raise SamplerError(f"dtype {requested!r} is not one of {('auto',) + DTYPES}.")
