@@ -22,7 +22,6 @@ import sys
 import time
 
 import jax
-import numpy as np
 from flax import nnx
 
 from tinystories_jax import models

@@ -1,6 +1,6 @@
 """KV-cached story sampling: greedy, temperature, top-k, top-p and beam search.
 
-    loaded = sampling.load("runs/quickstart")               # config.json + latest params + tokenizer
+    loaded = sampling.load("runs/quickstart")       # config.json + latest params + tokenizer
     writer = sampling.StoryWriter(loaded)
     [[story]] = writer.complete(["Once upon a time"], sampling.SamplerConfig())
 
