@@ -1,18 +1,16 @@
 """Fixtures for the training tests: a tiny prepared corpus."""
 
-import os
 import pathlib
-import tempfile
 
 import jax
 import pytest
 
+from train_helpers import CACHE_DIR
+
 # Every test here compiles a train step; several compile the same one (a run and its resume, the
 # three processes of the kill/resume test). JAX's persistent cache turns the repeats into loads.
 # Only compilations over a second are cached, so other areas' small test programs are unaffected.
-CACHE_DIR = tempfile.mkdtemp(prefix="tinystories-test-xla-cache-")
 jax.config.update("jax_compilation_cache_dir", CACHE_DIR)
-os.environ["JAX_COMPILATION_CACHE_DIR"] = CACHE_DIR  # for the subprocesses the tests start
 
 
 @pytest.fixture(scope="session")

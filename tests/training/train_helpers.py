@@ -2,8 +2,11 @@
 
 import importlib.util
 import pathlib
+import tempfile
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
+# One persistent compilation cache for this test session and the subprocesses it starts.
+CACHE_DIR = tempfile.mkdtemp(prefix="tinystories-test-xla-cache-")
 
 
 def load_config(name: str, arg: str | None = None):
@@ -45,6 +48,7 @@ def cli_env(**extra) -> dict:
   env = dict(os.environ)
   env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(REPO))
   env.pop("XLA_FLAGS", None)
+  env["JAX_COMPILATION_CACHE_DIR"] = CACHE_DIR
   env.update(extra)
   return env
 
