@@ -167,7 +167,8 @@ def check_batch_fits(run: RunConfig, batch_divisor: int, process_count: int) -> 
 RESUMABLE = {
     "data": {"dir", "worker_count", "worker_buffer_size"},
     "model_preset": {"attention", "dtype", "remat"},
-    "model": {"attention_impl", "dtype", "remat"},
+    # init_std only shapes a fresh initialisation; an imported model may record another.
+    "model": {"attention_impl", "dtype", "remat", "init_std"},
     "train": {"steps", "log_every", "eval_every", "eval_batches", "checkpoint_every",
               "keep_checkpoints", "async_checkpoints", "loss", "loss_chunk", "on_nonfinite",
               "peak_flops", "progress_bar"},
