@@ -34,8 +34,8 @@ def test_cached_decode_equals_full_forward_at_every_position(family):
   for b, n in enumerate(prompt_lens):
     np.testing.assert_allclose(logits_bpv[b, p - n:], full_btv[b, :n], atol=1e-5, rtol=0)
   # Feed each row's own next tokens; row 0 is 3 tokens behind row 1 in its own positions.
-  assert cache.k[1].shape[1] == 4  # the local layer's cache is the window, not the sequence
-  assert cache.k[0].shape[1] == seq_len
+  assert cache.k[1].shape[2] == 4  # the local layer's cache is the window, not the sequence
+  assert cache.k[0].shape[2] == seq_len
   for i in range(14 - max(prompt_lens)):
     token_b = jnp.asarray([seq_bt[b, n + i] for b, n in enumerate(prompt_lens)], jnp.int32)
     logits_bv, cache = step(model, cache, token_b)

@@ -9,7 +9,8 @@ starts with `pad_b[b]` padding slots, then its prompt. Slot s of row b therefore
 `s - pad_b[b]`, and every row writes its next token into the same slot, so the cache update is one
 `dynamic_update_slice` at a scalar index (in place inside the jitted loop).
 
-Each layer keeps `k_blkd` / `v_blkd` of shape [B, L, K, D] (after rotary), used as a ring: slot s
+Each layer keeps `k_bkld` / `v_bkld` of shape [B, K, L, D] (after rotary; heads before slots so
+the decode's attention dots need no transposed copy of the cache), used as a ring: slot s
 lives at ring index `s % L`. Global layers get L = the whole sequence (prompt + new tokens), so the
 ring never wraps; sliding-window layers get L = min(window, sequence), so their cache is bounded
 by the window however long the story grows. With `cur` the newest slot written, ring index j holds
@@ -31,8 +32,8 @@ class KVCache(NamedTuple):
   """Per-layer keys and values plus the bookkeeping every layer shares.
 
   Attributes:
-    k: per layer, k_blkd [B, L_layer, K, D] in the compute dtype, rotary already applied.
-    v: per layer, v_blkd [B, L_layer, K, D].
+    k: per layer, k_bkld [B, K, L_layer, D] in the compute dtype, rotary already applied.
+    v: per layer, v_bkld [B, K, L_layer, D].
     pad_b: int32 [B], left-padding slots of each row.
     cur: int32 scalar, the newest slot written (P - 1 right after prefill).
   """
@@ -107,12 +108,14 @@ def prefill(model, tokens_bp: jax.Array, pad_b: jax.Array, seq_len: int,
 
 
 def _fill_ring(x_bpkd: jax.Array, length: int) -> jax.Array:
-  """The ring of `length` slots holding the latest of the P prompt slots (zeros elsewhere)."""
-  b, p, kh, d = x_bpkd.shape
+  """x_bkld: the ring of `length` slots holding the latest of the P prompt slots (zeros
+  elsewhere)."""
+  p = x_bpkd.shape[1]
+  x_bkpd = jnp.swapaxes(x_bpkd, 1, 2)
   if length >= p:
-    return jnp.pad(x_bpkd, ((0, 0), (0, length - p), (0, 0), (0, 0)))
+    return jnp.pad(x_bkpd, ((0, 0), (0, 0), (0, length - p), (0, 0)))
   held = _ring_slots(jnp.asarray(p - 1, jnp.int32), length)  # all >= 0 since length < p
-  return jnp.take(x_bpkd, held, axis=1)
+  return jnp.take(x_bkpd, held, axis=2)
 
 
 def decode_step(model, cache: KVCache, token_b: jax.Array) -> tuple[jax.Array, KVCache]:
@@ -129,15 +132,15 @@ def decode_step(model, cache: KVCache, token_b: jax.Array) -> tuple[jax.Array, K
   x = model.embed_positions(x, positions_b1)
   ks, vs = [], []
   for block, k_cache, v_cache in zip(model.blocks, cache.k, cache.v):
-    length = k_cache.shape[1]
+    length = k_cache.shape[2]
     q, k, v = block.attn.qkv(block.norm1(x))
     q, k = block.attn.rotate(q, k, positions_b1, positions_b1)
     index = jnp.mod(cur, length)
     zero = jnp.zeros((), jnp.int32)
-    k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype),
-                                           (zero, index, zero, zero))
-    v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype),
-                                           (zero, index, zero, zero))
+    k_cache = jax.lax.dynamic_update_slice(k_cache, jnp.swapaxes(k, 1, 2).astype(k_cache.dtype),
+                                           (zero, zero, index, zero))
+    v_cache = jax.lax.dynamic_update_slice(v_cache, jnp.swapaxes(v, 1, 2).astype(v_cache.dtype),
+                                           (zero, zero, index, zero))
     visible_bl = _ring_slots(cur, length)[None, :] >= cache.pad_b[:, None]
     o = cached_attention(q, k_cache, v_cache, visible_bl, scale=block.attn.scale)
     x = x + block.attn.out(o)
@@ -148,20 +151,20 @@ def decode_step(model, cache: KVCache, token_b: jax.Array) -> tuple[jax.Array, K
   return logits, KVCache(tuple(ks), tuple(vs), cache.pad_b, cur)
 
 
-def cached_attention(q_b1hd: jax.Array, k_blkd: jax.Array, v_blkd: jax.Array,
+def cached_attention(q_b1hd: jax.Array, k_bkld: jax.Array, v_bkld: jax.Array,
                      visible_bl: jax.Array, *, scale: float | None) -> jax.Array:
   """One query per row against its cache (grouped-query), float32 softmax; o_b1hd in q's dtype.
 
   `scale=None` means 1/sqrt(D) (the model's own convention; GPT-Neo passes 1.0).
   """
   b, _, h, d = q_b1hd.shape
-  kh = k_blkd.shape[2]
+  kh = k_bkld.shape[1]
   scale = d ** -0.5 if scale is None else scale
   q = q_b1hd.reshape(b, kh, h // kh, d)
-  scores = jnp.einsum("bkgd,blkd->bkgl", q, k_blkd,
+  scores = jnp.einsum("bkgd,bkld->bkgl", q, k_bkld,
                       preferred_element_type=jnp.float32) * scale
   scores = jnp.where(visible_bl[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1)
-  o = jnp.einsum("bkgl,blkd->bkgd", probs.astype(v_blkd.dtype), v_blkd,
+  o = jnp.einsum("bkgl,bkld->bkgd", probs.astype(v_bkld.dtype), v_bkld,
                  preferred_element_type=jnp.float32)
   return o.reshape(b, 1, h, d).astype(q_b1hd.dtype)
