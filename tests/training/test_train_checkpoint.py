@@ -102,6 +102,20 @@ def test_params_only_checkpoint_restores_without_optimizer(tmp_path):
   ck.close()
 
 
+def test_training_steps_come_before_an_imported_params_only_step(tmp_path):
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  with ocp.CheckpointManager(str(tmp_path)) as mgr:
+    mgr.save(50, args=ocp.args.Composite(params=ocp.args.StandardSave(_tree(5.0))))
+    mgr.wait_until_finished()
+  ck = ckpt_lib.Checkpointer(str(tmp_path), keep=3)
+  _save(ck, 3, 1.0)
+  ck.wait()
+  ap = _abstract(_tree(), _mesh((1, 1)))
+  r = ck.restore_latest(ap, {"mu": ap})
+  assert r.step == 3 and r.opt_state is not None
+  ck.close()
+
+
 def test_empty_directory_restores_nothing(tmp_path):
   ck = ckpt_lib.Checkpointer(str(tmp_path / "ck"), keep=1)
   ap = _abstract(_tree(), _mesh((1, 1)))

@@ -83,3 +83,30 @@ def test_packed_stories_train(tiny_data, tmp_path):
   assert [r["step"] for r in rows] == [4, 8]
   assert np.isfinite(last["train_loss"]) and last["train_loss"] < rows[0]["train_loss"] + 0.5
   assert np.isfinite(last["eval_loss"])
+
+
+def test_training_continues_from_an_imported_workdir(tiny_data, tmp_path):
+  """A workdir written by `interop` (config.json with the model, params-only checkpoint)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from tinystories_jax.interop import workdir as interop_workdir  # pylint: disable=import-outside-toplevel
+  workdir = tmp_path / "imported"
+  run = config_lib.run_config(tiny_config(tiny_data, **{
+      "train.steps": 4, "train.log_every": 1, "train.eval_every": 0}))
+  model_cfg = loop.prepare_run(run, str(tmp_path / "probe")).model_cfg
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda s: rng.normal(0, 0.02, s.shape).astype(s.dtype),
+                        interop_workdir.abstract_params(model_cfg))
+  # A distinctive (sharp) output layer: the first loss shows these parameters were used.
+  params["embedding"] = params["embedding"] * 400
+  params["final_norm"]["scale"] = params["final_norm"]["scale"] * 0 + 20.0
+  interop_workdir.write_workdir(workdir, model_cfg, params, tokenizer={"kind": "sentencepiece"})
+  loop.train(run, str(workdir))
+  rows = _rows(workdir)
+  assert [r["step"] for r in rows] == [1, 2, 3, 4]  # a fresh optimizer from step 0
+  assert rows[0]["train_loss"] > 9  # far above ln(512) = 6.2 of a fresh initialisation
+  assert sorted(int(s) for s in os.listdir(workdir / "checkpoints")) == [0, 4]
+  # Resuming now continues the trained run, not the imported starting point.
+  run = config_lib.run_config(tiny_config(tiny_data, **{
+      "train.steps": 6, "train.log_every": 1, "train.eval_every": 0}))
+  loop.train(run, str(workdir))
+  assert [r["step"] for r in _rows(workdir)][4:] == [5, 6]

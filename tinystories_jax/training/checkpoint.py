@@ -108,7 +108,10 @@ class Checkpointer:
     Returns:
       The restored step, or None if the directory holds no checkpoint.
     """
-    steps = sorted(self.steps(), reverse=True)
+    # Newest first, but a training checkpoint before any params-only one: an imported model's
+    # step is where training started from, never where it has got to.
+    steps = sorted(self.steps(), key=lambda s: ("opt_state" in self._items_at(s), s),
+                   reverse=True)
     for i, step in enumerate(steps):
       try:
         return self._restore_step(step, abstract_params, abstract_opt_state)
