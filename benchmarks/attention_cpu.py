@@ -3,7 +3,7 @@
     python benchmarks/attention_cpu.py                 # attention alone, fwd and fwd+bwd
     python benchmarks/attention_cpu.py --train_step    # also the whole 260k train step
 
-Shape: B=32, T=256, H=8, K=4, D=8, causal, float32 (the training engineer's CPU target). The
+Shape: B=32, T=256, H=8, K=4, D=8, causal, float32 (the shape of the llama 260k CPU training target). The
 implementations are timed interleaved (one call of each per round, median over rounds), so a
 busy machine slows them alike and the ratios stay meaningful; absolute times are not. Every
 output and gradient is checked against the float32 reference first.
