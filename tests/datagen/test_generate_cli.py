@@ -3,6 +3,7 @@
 import collections
 import importlib.util
 import json
+import math
 import os
 import signal
 import subprocess
@@ -158,10 +159,8 @@ def test_bad_flags_are_one_clear_line(tmp_path, args, message):
   assert message in result.stderr and "Traceback" not in result.stderr
 
 
-def test_output_feeds_prepare(server, fake, tmp_path):
+def test_output_feeds_prepare_and_training(server, fake, tmp_path):
   del fake
-  if importlib.util.find_spec("tinystories_jax.prepare") is None:
-    pytest.skip("tinystories_jax.prepare is not available yet")
   out = tmp_path / "stories.jsonl"
   assert run_generate(["--num_stories=20", f"--output={out}", f"--base_url={server.base_url}",
                        *FAST]).returncode == 0
@@ -173,6 +172,21 @@ def test_output_feeds_prepare(server, fake, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     metadata = json.loads((tmp_path / name / "metadata.json").read_text())
     assert metadata["cleaning"]["train"]["input"] == 20
+  # A few training steps on what was generated.
+  workdir = tmp_path / "run"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  result = subprocess.run(
+      [sys.executable, "-m", "tinystories_jax.train", "--config=configs/quickstart.py",
+       f"--workdir={workdir}", f"--config.data.dir={tmp_path / 'from_jsonl'}",
+       "--config.train.steps=3", "--config.train.batch_size=4", "--config.train.seq_len=32",
+       "--config.train.log_every=1", "--config.train.eval_every=3",
+       "--config.train.eval_batches=1", "--config.train.checkpoint_every=3"],
+      capture_output=True, text=True, cwd=REPO_ROOT, timeout=600, env=env)
+  assert result.returncode == 0, result.stderr[-2000:]
+  metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert metrics[-1]["step"] == 3
+  assert all(math.isfinite(m["train_loss"]) for m in metrics if "train_loss" in m)
+  assert any("eval_loss" in m for m in metrics)
 
 
 def test_datagen_never_imports_jax():
