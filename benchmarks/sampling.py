@@ -24,7 +24,9 @@ import time
 import jax
 from flax import nnx
 
-from tinystories_jax import models
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tinystories_jax import models  # pylint: disable=g-import-not-at-top
 from tinystories_jax.models import presets
 from tinystories_jax.sampling import Sampler, SamplerConfig
 
