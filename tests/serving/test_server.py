@@ -94,9 +94,10 @@ def test_n_and_a_list_of_prompts(client):
 def test_stop_strings_cut_the_text(client):
   whole = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=20,
                                     seed=3).choices[0].text
-  stop = whole[3:5]
-  if not stop.strip():
-    pytest.skip("the sampled text has no usable stop string")
+  # The first two visible characters after the start: the seed makes the text the same each run.
+  starts = [i for i in range(2, len(whole) - 1) if not whole[i:i + 2].isspace()]
+  assert starts, f"20 sampled tokens gave almost no text: {whole!r}"
+  stop = whole[starts[0]:starts[0] + 2]
   cut = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=20, seed=3,
                                   stop=[stop]).choices[0]
   assert cut.text == whole[:whole.find(stop)] and cut.finish_reason == "stop"
