@@ -9,13 +9,13 @@ Sections, each guarded so one failure does not end the run, in this order:
   kernel_check  our kernel compiled, forward and gradients against the float32 reference, on
              the features the timed shapes leave out (GQA, MQA, segments, padding, float32)
   matmul     bf16 matmul ceiling, 8192^3, median of timed calls after warm-up
-  attention  forward and forward+backward at four shapes, causal and window 256: our Pallas kernel,
-             cuDNN, XLA, jax's stock Pallas (Triton) `mha` and its Mosaic GPU kernel (forward)
-  train      per model shape: our train step (tinystories_jax.training.benchmark) with each
-             attention implementation, then the transformers peer at the same shape
+  train      per model shape: our train step (tinystories_jax.training.benchmark) for each
+             attention:loss variant (--train_variants), then the transformers peer at the same shape
              (LlamaForCausalLM + torch.compile; GPTNeoForCausalLM eager and compiled; bf16
              autocast, AdamW, grad clip, random tokens) in a child process, so the two frameworks
              do not share the GPU's memory pool and a run cut short still pairs what it measured
+  attention  forward and forward+backward at four shapes, causal and window 256: our Pallas kernel,
+             cuDNN, XLA, jax's stock Pallas (Triton) `mha` and its Mosaic GPU kernel (forward)
   sweep      our kernel's tile sizes
   pipeline   benchmarks/input_pipeline.py (needs grain), in a child process
 Every row goes to $OUT/gpu_check.jsonl as it is measured; the tables go to $OUT/gpu_check.md and,
@@ -42,7 +42,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-SECTIONS = ("versions", "kernel_check", "matmul", "attention", "train", "sweep", "pipeline")
+SECTIONS = ("versions", "kernel_check", "matmul", "train", "attention", "sweep", "pipeline")
 # (family, preset, vocab, batch, seq, overrides): the shapes of the baselines.
 TRAIN_SHAPES = (("llama", "15m", 4096, 128, 256, {}), ("llama", "15m", 32000, 128, 256, {}),
                 ("llama", "42m", 32000, 32, 1024, {}), ("gpt_neo", "33m", 50257, 64, 512, {}))
@@ -52,7 +52,8 @@ SMOKE_TRAIN_SHAPES = (
     ("gpt_neo", "1m", 512, 4, 64, {"num_heads": 4, "num_layers": 2, "window": 16,
                                    "attention_layers": ("global", "local")}),
 )
-TRAIN_IMPLS = ("pallas", "cudnn")
+# (attention, loss) variants of our step timed at every shape.
+TRAIN_VARIANTS = "pallas:chunked,cudnn:chunked,cudnn:plain"
 
 
 class Run:
@@ -116,7 +117,7 @@ def section_attention(run: Run, args) -> None:
   import attention as attention_bench  # noqa: PLC0415
   interpret = args.smoke or not args.on_accelerator
   attention_bench.run(smoke=args.smoke, interpret=interpret, emit=run.emit,
-                      iters=3 if args.smoke else 20, deadline=run.deadline)
+                      iters=3 if args.smoke else args.attention_iters, deadline=run.deadline)
 
 
 def section_sweep(run: Run, args) -> None:
@@ -135,9 +136,12 @@ def _train_ours(run: Run, args, shape) -> None:
               "skipped": f"tinystories_jax.training not importable: {e}"})
     return
   family, name, vocab, batch, seq, overrides = shape
-  for impl in TRAIN_IMPLS if not args.smoke else ("pallas", "xla"):
+  variants = [v.split(":") for v in args.train_variants.split(",") if v.strip()]
+  if args.smoke:
+    variants = [("pallas", "chunked"), ("xla", "chunked")]
+  for impl, loss in variants:
     row = {"kind": "train", "system": "ours", "model": f"{family}:{name}", "vocab": vocab,
-           "batch": batch, "seq": seq, "attention": impl}
+           "batch": batch, "seq": seq, "attention": impl, "loss_impl": loss}
     if run.out_of_time():
       run.emit({**row, "skipped": "time budget spent"})
       continue
@@ -146,7 +150,8 @@ def _train_ours(run: Run, args, shape) -> None:
                         **overrides)
       with fa.force_interpret(args.smoke or not args.on_accelerator):
         result = benchmark.measure_train_throughput(cfg, batch_size=batch, seq_len=seq,
-                                                    steps=3 if args.smoke else 15, warmup=3)
+                                                    steps=3 if args.smoke else args.train_steps,
+                                                    warmup=3, loss=loss)
       row.update(result)
     except Exception as e:  # noqa: BLE001
       row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -155,7 +160,7 @@ def _train_ours(run: Run, args, shape) -> None:
 
 def _train_peers(run: Run, args, index: int) -> None:
   argv = [str(pathlib.Path(__file__).resolve()), "--peers_child", f"--peer_shape={index}",
-          f"--out={args.out}", f"--budget_s={max(30.0, run.deadline - time.time()):.0f}"]
+          f"--out={args.out}", f"--train_steps={args.train_steps}", f"--budget_s={max(30.0, run.deadline - time.time()):.0f}"]
   if args.smoke:
     argv.append("--smoke")
   if args.smoke_compile:
@@ -170,11 +175,16 @@ def _train_peers(run: Run, args, index: int) -> None:
 
 def section_train(run: Run, args) -> None:
   systems = {x.strip() for x in args.train_systems.split(",")}
-  for index, shape in enumerate(SMOKE_TRAIN_SHAPES if args.smoke else TRAIN_SHAPES):
-    if "ours" in systems:
-      _train_ours(run, args, shape)
-    if "peers" in systems:
-      _train_peers(run, args, index)
+  # Leave the sections after this one their share of the budget.
+  full_deadline, run.deadline = run.deadline, run.deadline - args.reserve_s
+  try:
+    for index, shape in enumerate(SMOKE_TRAIN_SHAPES if args.smoke else TRAIN_SHAPES):
+      if "ours" in systems:
+        _train_ours(run, args, shape)
+      if "peers" in systems:
+        _train_peers(run, args, index)
+  finally:
+    run.deadline = full_deadline
 
 
 # ------------------------------------------------------------------------------------------------
@@ -266,7 +276,8 @@ def peers_child(run: Run, args) -> None:
       model, layers, d = _peer_model(family, name, vocab, args.smoke)
       params = sum(p.numel() for p in model.parameters())
       result = _time_torch_training(model, batch=batch, seq=seq, vocab=vocab,
-                                    compiled=mode == "compile", steps=3 if args.smoke else 15,
+                                    compiled=mode == "compile",
+                                    steps=3 if args.smoke else args.train_steps,
                                     warmup=3)
       flops_per_token = 6 * params + 12 * layers * d * seq
       row.update(result, params=params,
@@ -317,7 +328,8 @@ def _train_table(rows: list[dict]) -> str:
   for r in rows:
     if r.get("kind") != "train" or "system" not in r:
       continue
-    system = r["system"] + (f" ({r['attention']})" if "attention" in r else "")
+    system = r["system"] + (f" ({r['attention']}, {r.get('loss_impl', 'chunked')} loss)"
+                            if "attention" in r else "")
     shape = f"{r['batch']}x{r['seq']}"
     if "tokens_per_s" in r:
       out.append(f"| {r['model']} | {r['vocab']} | {shape} | {system} | "
@@ -353,12 +365,14 @@ def _ratios(rows: list[dict]) -> list[str]:
       continue
     for p in train:
       if p["system"] != "ours" and (p["model"], p["vocab"]) == (r["model"], r["vocab"]):
-        lines.append(f"train {r['model']} vocab {r['vocab']} ours ({r['attention']}) / "
+        lines.append(f"train {r['model']} vocab {r['vocab']} ours ({r['attention']}, "
+                     f"{r.get('loss_impl', 'chunked')} loss) / "
                      f"{p['system']} = {r['tokens_per_s'] / p['tokens_per_s']:.2f}x")
   ceiling = next((r["tflops"] for r in rows if r.get("kind") == "ceiling"), None)
   for r in train:
     if ceiling and r["system"] == "ours" and r["model"] == "llama:42m":
-      lines.append(f"train llama:42m ({r['attention']}) model FLOP/s = "
+      lines.append(f"train llama:42m ({r['attention']}, {r.get('loss_impl', 'chunked')} loss) "
+                   f"model FLOP/s = "
                    f"{100 * r['model_tflops'] / ceiling:.0f}% of the measured matmul ceiling")
   return lines
 
@@ -404,6 +418,12 @@ def main() -> None:
   parser.add_argument("--sections", default=",".join(SECTIONS))
   parser.add_argument("--train_systems", default="ours,peers",
                       help="in the train section: ours, peers or both")
+  parser.add_argument("--train_variants", default=TRAIN_VARIANTS,
+                      help="our step's attention:loss pairs timed at every train shape")
+  parser.add_argument("--reserve_s", type=float, default=0.0,
+                      help="seconds of the budget the train section leaves to the later sections")
+  parser.add_argument("--train_steps", type=int, default=15, help="timed steps per train row")
+  parser.add_argument("--attention_iters", type=int, default=20, help="timed calls per row")
   parser.add_argument("--peers_child", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--peer_shape", type=int, default=0, help=argparse.SUPPRESS)
   args = parser.parse_args()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check as one call on the GPU machine: the kernel tests compiled on the GPU, then
-# benchmarks/gpu_check.py (tables on stdout, raw rows and tables under $OUT).
+# The GPU check as one call on the GPU machine: benchmarks/gpu_check.py (tables on stdout, raw
+# rows and tables under $OUT), then the kernel tests compiled on the GPU.
 #
 #   bash benchmarks/gpu_check.sh [gpu_check.py flags, e.g. --budget_s=420 --sections=...]
 #
@@ -18,6 +18,9 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     .whl/*.whl && export PYTHONPATH="/tmp/site:${PYTHONPATH:-}" || exit 1
 fi
 
+python3 benchmarks/gpu_check.py --out="$OUT" "$@"
+
+# The kernel tests compiled on the GPU last, so a short run still gets the measurements.
 if python3 -c "import pytest" 2>/dev/null; then
   echo "# compiled kernel tests (pytest -m gpu tests/kernels)"
   JAX_PLATFORMS=cuda timeout "${TEST_TIMEOUT_S:-150}" python3 -m pytest -q -m gpu \
@@ -27,5 +30,3 @@ if python3 -c "import pytest" 2>/dev/null; then
 else
   echo "# pytest is not installed here: compiled kernel tests skipped (see the header)"
 fi
-
-python3 benchmarks/gpu_check.py --out="$OUT" "$@"
