@@ -80,8 +80,11 @@ def _stock_mgpu(q, k, v, window):
     raise Unsupported("jax's stock Mosaic GPU attention needs head_dim % 64 == 0")
   from jax.experimental.pallas.ops.gpu import attention_mgpu as mgpu  # noqa: PLC0415
   config = mgpu.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2, causal=True)
-  # Its forward takes no scale: pre-scale q, a cheap elementwise op inside the same jit.
-  return mgpu.attention((q * (q.shape[-1]**-0.5)).astype(q.dtype), k, v, config)
+  # Its forward takes no scale: pre-scale q, a cheap elementwise op inside the same jit. In jax
+  # 0.11.2 it rejects bfloat16 ("src had type bfloat16 and dst had type float16"; H200, 2026-11-26),
+  # so it is fed float16, which moves the same bytes through the same tensor-core path.
+  f16 = [x.astype(jnp.float16) for x in ((q * (q.shape[-1]**-0.5)), k, v)]
+  return mgpu.attention(*f16, config).astype(q.dtype)
 
 
 def implementations(interpret: bool, on_gpu: bool) -> dict[str, tuple[Callable, bool]]:
