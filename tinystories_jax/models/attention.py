@@ -95,12 +95,18 @@ def attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, *, impl: 
             q_segment_ids_bt=q_segment_ids_bt, kv_segment_ids_bs=kv_segment_ids_bs, scale=scale)
 
 
+# Largest head size for which `auto` prefers our Pallas kernel over cuDNN on GPUs (measured on an
+# H200, benchmarks/results/2026-11-26-h200.md).
+PALLAS_GPU_MAX_HEAD_DIM = 64
+
+
 def choose_auto(dtype, head_dim: int, window: int | None, backend: str | None = None, *,
                 same_length: bool = True) -> str:
-  """What `auto` runs, per platform (the rule docs/kernels.md proposes, cuDNN first on GPUs
-  until a measurement shows the Pallas kernel ahead of it):
+  """What `auto` runs, per platform, from the measurements in docs/kernels.md:
 
-  - GPU: `cudnn` where it can serve the request, else `pallas` where the kernel supports it,
+  - GPU: `pallas` for head_dim <= 64 where the kernel supports it (on an H200 its forward +
+    backward was 1.00-1.17x cuDNN's causal and 1.05-1.53x with a 256 window at head_dim 48 and
+    64), else `cudnn` where it can serve the request (2x ours at head_dim 128), else `pallas`,
     else `xla`;
   - TPU: `pallas` where the kernel supports it, else `xla`;
   - CPU: `cpu` (the block-skipping formulation, measured fastest there; docs/models.md).
@@ -108,10 +114,13 @@ def choose_auto(dtype, head_dim: int, window: int | None, backend: str | None = 
   backend = backend or jax.default_backend()
   if backend == "cpu":
     return "cpu"
+  pallas_ok = backend in ("gpu", "tpu") and _pallas_supports(head_dim, dtype, backend)
+  if backend == "gpu" and pallas_ok and head_dim <= PALLAS_GPU_MAX_HEAD_DIM:
+    return "pallas"
   cudnn_window_ok = window is None or same_length
   if backend == "gpu" and cudnn_window_ok and _cudnn_problem(dtype, head_dim, backend) is None:
     return "cudnn"
-  if backend in ("gpu", "tpu") and _pallas_supports(head_dim, dtype, backend):
+  if pallas_ok:
     return "pallas"
   return "xla"
 
