@@ -41,7 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 500       # steps between checkpoints (one is always saved at the end)
   c.train.keep_checkpoints = 3         # most recent checkpoints kept on disk
   c.train.async_checkpoints = True     # write checkpoints in the background while training
-  c.train.loss = "chunked"             # output-layer loss: "chunked" over the sequence | "plain"
+  c.train.loss = "chunked"             # output-layer loss: "chunked" over the sequence | "plain" | "fused"
   c.train.loss_chunk = 128             # positions per block of the chunked loss
   c.train.z_loss = 0.0                 # weight of the logsumexp^2 penalty (PaLM: 1e-4)
   c.train.on_nonfinite = "stop"        # NaN/Inf loss: "stop" the run, or "skip" the update

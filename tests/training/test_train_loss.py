@@ -1,4 +1,4 @@
-"""The chunked output loss equals the plain one, in value and gradient."""
+"""The chunked and fused output losses equal the plain one, in value and gradient."""
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +36,49 @@ def test_chunked_equals_plain_values_and_gradients(chunk):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def _objective(fn, h, w, targets, mask, z_weight=1e-2):
+  def f(h, w):
+    s = fn(h, w, targets, mask)
+    return s.nll + z_weight * s.z, s
+  return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(h, w)
+
+
+@pytest.mark.parametrize("z_weight", [0.0, 1e-2])
+def test_fused_equals_plain_in_float32(z_weight):
+  seed = np.random.SeedSequence().entropy % 2**31
+  h, w, targets, mask = _inputs(seed=seed)
+  (v_plain, s_plain), g_plain = _objective(loss_lib.plain_loss_sums, h, w, targets, mask, z_weight)
+  (v_fused, s_fused), g_fused = _objective(loss_lib.fused_loss_sums, h, w, targets, mask, z_weight)
+  np.testing.assert_allclose(v_fused, v_plain, rtol=1e-5, err_msg=f"seed {seed}")
+  np.testing.assert_allclose(s_fused.z, s_plain.z, rtol=1e-5)
+  np.testing.assert_allclose(s_fused.count, float(mask.sum()))
+  for a, b in zip(g_fused, g_plain):
+    assert a.dtype == b.dtype
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=f"seed {seed}")
+
+
+def test_fused_in_bfloat16_stays_close_to_float32():
+  """bf16 logits (the mixed-precision case): value and gradients near the float32 plain loss."""
+  h, w, targets, mask = _inputs(b=4, t=32, d=32, v=300, seed=3)
+  (v_ref, _), (gh_ref, gw_ref) = _objective(loss_lib.plain_loss_sums, h, w, targets, mask)
+  (v_bf, _), (gh_bf, gw_bf) = _objective(loss_lib.fused_loss_sums, h.astype(jnp.bfloat16), w,
+                                         targets, mask)
+  assert gh_bf.dtype == jnp.bfloat16 and gw_bf.dtype == jnp.float32  # w's own dtype
+  np.testing.assert_allclose(v_bf, v_ref, rtol=2e-2)
+  for got, want in ((gh_bf, gh_ref), (gw_bf, gw_ref)):
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
+
+
+def test_fused_masked_targets_do_not_matter():
+  h, w, targets, mask = _inputs(seed=4)
+  other = jnp.where(mask > 0, targets, (targets + 7) % w.shape[0])
+  (_, _), g_a = _objective(loss_lib.fused_loss_sums, h, w, targets, mask)
+  (_, _), g_b = _objective(loss_lib.fused_loss_sums, h, w, other, mask)
+  for a, b in zip(g_a, g_b):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_plain_matches_a_direct_cross_entropy():
   h, w, targets, mask = _inputs(seed=1)
   logits = jnp.einsum("btd,vd->btv", h, w)
@@ -63,4 +106,4 @@ def test_chunk_length_tiles_the_sequence():
 def test_unknown_impl_is_rejected():
   h, w, targets, mask = _inputs()
   with pytest.raises(ValueError, match="plain"):
-    loss_lib.loss_sums(h, w, targets, mask, impl="fused", chunk=8)
+    loss_lib.loss_sums(h, w, targets, mask, impl="nope", chunk=8)

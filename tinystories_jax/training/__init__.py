@@ -3,7 +3,7 @@
   config.py      ConfigDict -> frozen dataclasses, validation, workdir config checks
   state.py       abstract model layout, shardings, directly-sharded initialisation
   optimizer.py   AdamW with a decay mask, schedules, clipping
-  loss.py        plain and chunked output-layer cross-entropy
+  loss.py        plain, chunked and fused output-layer cross-entropy
   step.py        the pure train / eval steps and their single jit call site
   evaluate.py    validation loss and bits per byte
   checkpoint.py  Orbax save / restore with fallback

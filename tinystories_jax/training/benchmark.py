@@ -35,7 +35,7 @@ def measure_train_throughput(model_cfg: ModelConfig, *, batch_size: int, seq_len
     seq_len: tokens per sequence.
     steps: timed steps.
     warmup: untimed steps first (the first compiles).
-    loss: "chunked" or "plain" output-layer loss.
+    loss: "chunked", "plain" or "fused" output-layer loss (training/loss.py).
     loss_chunk: positions per chunk of the chunked loss.
     grad_accum_steps: micro-batches per step.
     mesh_config: mesh sizes (default: all devices on `data`).

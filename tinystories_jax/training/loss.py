@@ -8,6 +8,15 @@ The chunked form scans over blocks of positions and recomputes each block's logi
 pass (`jax.checkpoint`), so float32 logits never exist for more than `[B, chunk, V]` at a time. At
 vocab 32000 and batch 128x256 the plain form would hold 4 GB of float32 logits (plus their
 gradient); the chunked one holds a few tens of MB.
+
+The fused form keeps the logits in the compute dtype (bfloat16 in mixed precision: the matmul
+accumulates in float32 and rounds its output, as PyTorch's autocast does) and computes the
+softmax and log-sum-exp in float32 inside the elementwise passes. Its hand-written backward reads
+those logits once to form the bf16 logit gradient `(softmax - onehot) * weight` for the two
+matmuls, where autodiff of the plain form writes and re-reads float32 logits and a float32
+gradient. That is about half the memory traffic of the plain form, which is what the output
+layer costs on a GPU at these small widths (docs/training.md). In float32 it equals the plain
+form.
 """
 
 from __future__ import annotations
@@ -16,8 +25,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-LOSS_IMPLS = ("plain", "chunked")
+LOSS_IMPLS = ("plain", "chunked", "fused")
 
 
 class LossSums(NamedTuple):
@@ -75,10 +85,51 @@ def chunked_loss_sums(h_btd, w_vd, targets_bt, mask_bt, *, chunk: int = 128) -> 
   return sums
 
 
+@jax.custom_vjp
+def fused_loss_sums(h_btd, w_vd, targets_bt, mask_bt) -> LossSums:
+  """Same sums as `plain_loss_sums`, with logits in `h_btd`'s dtype and a hand-written backward."""
+  return _fused_fwd(h_btd, w_vd, targets_bt, mask_bt)[0]
+
+
+def _fused_fwd(h_btd, w_vd, targets_bt, mask_bt):
+  w_c = w_vd.astype(h_btd.dtype)
+  logits_btv = jnp.einsum("btd,vd->btv", h_btd, w_c)  # f32 accumulation, compute-dtype output
+  lse_bt = jax.nn.logsumexp(logits_btv.astype(jnp.float32), axis=-1)
+  target_logit_bt = jnp.take_along_axis(logits_btv, targets_bt[..., None],
+                                        axis=-1)[..., 0].astype(jnp.float32)
+  mask_f = mask_bt.astype(jnp.float32)
+  sums = LossSums(nll=jnp.sum((lse_bt - target_logit_bt) * mask_f),
+                  z=jnp.sum(jnp.square(lse_bt) * mask_f), count=jnp.sum(mask_f))
+  return sums, (h_btd, w_c, logits_btv, lse_bt, targets_bt, mask_bt)
+
+
+def _fused_bwd(residuals, g: LossSums):
+  h_btd, w_c, logits_btv, lse_bt, targets_bt, mask_bt = residuals
+  mask_f = mask_bt.astype(jnp.float32)
+  # d nll / d logits = softmax - onehot(target); d z / d logits = 2 lse softmax.
+  softmax_weight_bt = mask_f * (g.nll + 2.0 * g.z * lse_bt)
+  target_weight_bt = mask_f * g.nll
+  probs_btv = jnp.exp(logits_btv.astype(jnp.float32) - lse_bt[..., None])
+  onehot_btv = targets_bt[..., None] == jnp.arange(logits_btv.shape[-1], dtype=targets_bt.dtype)
+  dlogits_btv = (probs_btv * softmax_weight_bt[..., None]
+                 - jnp.where(onehot_btv, target_weight_bt[..., None], 0.0)).astype(h_btd.dtype)
+  dh_btd = jnp.einsum("btv,vd->btd", dlogits_btv, w_c)
+  dw_vd = jnp.einsum("btv,btd->vd", dlogits_btv, h_btd, preferred_element_type=jnp.float32)
+  dtargets = np.zeros(targets_bt.shape, jax.dtypes.float0)
+  dmask = (np.zeros(mask_bt.shape, jax.dtypes.float0)
+           if not jnp.issubdtype(mask_bt.dtype, jnp.inexact) else jnp.zeros_like(mask_bt))
+  return dh_btd, dw_vd, dtargets, dmask
+
+
+fused_loss_sums.defvjp(_fused_fwd, _fused_bwd)
+
+
 def loss_sums(h_btd, w_vd, targets_bt, mask_bt, *, impl: str, chunk: int) -> LossSums:
-  """Dispatches to the configured implementation (`"plain"` or `"chunked"`)."""
+  """Dispatches to the configured implementation (`"plain"`, `"chunked"` or `"fused"`)."""
   if impl == "plain":
     return plain_loss_sums(h_btd, w_vd, targets_bt, mask_bt)
+  if impl == "fused":
+    return fused_loss_sums(h_btd, w_vd, targets_bt, mask_bt)
   if impl == "chunked":
     return chunked_loss_sums(h_btd, w_vd, targets_bt, mask_bt, chunk=chunk)
   raise ValueError(f"Unknown loss implementation {impl!r}; use one of {LOSS_IMPLS}.")

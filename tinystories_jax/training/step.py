@@ -29,7 +29,7 @@ class TrainState(NamedTuple):
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
   """Static choices that shape the compiled step."""
-  loss_impl: str = "chunked"     # "plain" | "chunked" (see training/loss.py)
+  loss_impl: str = "chunked"     # "plain" | "chunked" | "fused" (training/loss.py)
   loss_chunk: int = 128          # positions per block for the chunked loss
   z_loss: float = 0.0            # weight of mean(logsumexp^2); PaLM uses 1e-4
   grad_accum_steps: int = 1      # micro-batches per optimizer step
