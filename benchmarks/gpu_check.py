@@ -160,7 +160,8 @@ def _train_ours(run: Run, args, shape) -> None:
 
 def _train_peers(run: Run, args, index: int) -> None:
   argv = [str(pathlib.Path(__file__).resolve()), "--peers_child", f"--peer_shape={index}",
-          f"--out={args.out}", f"--train_steps={args.train_steps}", f"--budget_s={max(30.0, run.deadline - time.time()):.0f}"]
+          f"--out={args.out}", f"--train_steps={args.train_steps}",
+          f"--budget_s={max(30.0, run.deadline - time.time()):.0f}"]
   if args.smoke:
     argv.append("--smoke")
   if args.smoke_compile:

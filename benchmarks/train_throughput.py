@@ -35,7 +35,8 @@ _SEQ = flags.DEFINE_integer("seq_len", None, "Tokens per sequence (default: the 
 _VOCAB = flags.DEFINE_integer("vocab_size", None, "Vocabulary size of the random tokens.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps.")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps first (the first compiles).")
-_LOSS = flags.DEFINE_enum("loss", None, ["plain", "chunked", "fused"], "Output loss (default: config's).")
+_LOSS = flags.DEFINE_enum("loss", None, ["plain", "chunked", "fused"],
+                          "Output loss (default: config's).")
 _PEER = flags.DEFINE_enum("peer", None, ["transformers"], "Also time this peer implementation.")
 _OUTPUT = flags.DEFINE_string("output", None, "Append the JSON lines to this file too.")
 flags.mark_flags_as_required(["config"])
