@@ -10,7 +10,8 @@ Sections, each guarded so one failure does not end the run, in this order:
              the features the timed shapes leave out (GQA, MQA, segments, padding, float32)
   matmul     bf16 matmul ceiling, 8192^3, median of timed calls after warm-up
   train      per model shape: our train step (tinystories_jax.training.benchmark) for each
-             attention:loss variant (--train_variants), then the transformers peer at the same shape
+             attention:loss[:scan] variant (--train_variants), then the transformers peer at the
+             same shape
              (LlamaForCausalLM + torch.compile; GPTNeoForCausalLM eager and compiled; bf16
              autocast, AdamW, grad clip, random tokens) in a child process, so the two frameworks
              do not share the GPU's memory pool and a run cut short still pairs what it measured
@@ -52,7 +53,7 @@ SMOKE_TRAIN_SHAPES = (
     ("gpt_neo", "1m", 512, 4, 64, {"num_heads": 4, "num_layers": 2, "window": 16,
                                    "attention_layers": ("global", "local")}),
 )
-# (attention, loss) variants of our step timed at every shape.
+# attention:loss[:scan] variants of our step timed at every shape (":scan" sets scan_layers).
 TRAIN_VARIANTS = "pallas:plain,pallas:fused,cudnn:fused"
 
 
@@ -136,18 +137,21 @@ def _train_ours(run: Run, args, shape) -> None:
               "skipped": f"tinystories_jax.training not importable: {e}"})
     return
   family, name, vocab, batch, seq, overrides = shape
-  variants = [v.split(":") for v in args.train_variants.split(",") if v.strip()]
+  variants = [v.strip().split(":") for v in args.train_variants.split(",") if v.strip()]
   if args.smoke:
-    variants = [("pallas", "chunked"), ("xla", "chunked")]
-  for impl, loss in variants:
+    variants = [("pallas", "chunked"), ("xla", "chunked", "scan")]
+  for impl, loss, *extra in variants:
+    scan = "scan" in extra
     row = {"kind": "train", "system": "ours", "model": f"{family}:{name}", "vocab": vocab,
            "batch": batch, "seq": seq, "attention": impl, "loss_impl": loss}
+    if scan:
+      row["scan_layers"] = True
     if run.out_of_time():
       run.emit({**row, "skipped": "time budget spent"})
       continue
     try:
       cfg = presets.get(family, name, vocab_size=vocab, dtype="bfloat16", attention_impl=impl,
-                        **overrides)
+                        scan_layers=scan, **overrides)
       with fa.force_interpret(args.smoke or not args.on_accelerator):
         result = benchmark.measure_train_throughput(cfg, batch_size=batch, seq_len=seq,
                                                     steps=3 if args.smoke else args.train_steps,
@@ -329,7 +333,8 @@ def _train_table(rows: list[dict]) -> str:
   for r in rows:
     if r.get("kind") != "train" or "system" not in r:
       continue
-    system = r["system"] + (f" ({r['attention']}, {r.get('loss_impl', 'chunked')} loss)"
+    system = r["system"] + (f" ({r['attention']}, {r.get('loss_impl', 'chunked')} loss"
+                            f"{', scan' if r.get('scan_layers') else ''})"
                             if "attention" in r else "")
     shape = f"{r['batch']}x{r['seq']}"
     if "tokens_per_s" in r:
@@ -367,7 +372,8 @@ def _ratios(rows: list[dict]) -> list[str]:
     for p in train:
       if p["system"] != "ours" and (p["model"], p["vocab"]) == (r["model"], r["vocab"]):
         lines.append(f"train {r['model']} vocab {r['vocab']} ours ({r['attention']}, "
-                     f"{r.get('loss_impl', 'chunked')} loss) / "
+                     f"{r.get('loss_impl', 'chunked')} loss"
+                     f"{', scan' if r.get('scan_layers') else ''}) / "
                      f"{p['system']} = {r['tokens_per_s'] / p['tokens_per_s']:.2f}x")
   ceiling = next((r["tflops"] for r in rows if r.get("kind") == "ceiling"), None)
   for r in train:

@@ -27,6 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.attention = "auto"           # attention kernel: auto|reference|xla|cudnn|pallas|cpu
   c.model.dtype = "float32"            # compute dtype (float32|bfloat16); weights stay float32
   c.model.remat = "none"               # "block" recomputes each block in the backward pass
+  c.model.scan_layers = False          # run the blocks as one lax.scan (same parameters)
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 2000                 # optimizer steps in the whole run (resume continues to it)

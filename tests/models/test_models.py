@@ -174,6 +174,40 @@ def test_remat_changes_nothing_numerically():
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+@pytest.mark.parametrize("family,overrides", [
+    ("llama", dict(num_layers=3)),
+    ("gpt_neo", dict(num_layers=4)),                                     # global, local x 2
+    ("gpt_neo", dict(num_layers=3, attention_layers=("global", "local", "local"))),  # no repeat
+    ("llama", dict(num_layers=2, remat="block")),
+])
+def test_scanned_layers_equal_the_loop(family, overrides):
+  """scan_layers: same parameter tree, same logits and gradients as the Python loop."""
+  tokens = jnp.asarray(np.random.default_rng(1).integers(0, 61, (2, 8)))
+  segments = jnp.asarray([[1, 1, 1, 2, 2, 2, 2, 0], [1] * 8])
+
+  def loss_and_grads(cfg):
+    model = models.build(cfg, nnx.Rngs(0))
+
+    def loss(model):
+      return jnp.mean(model(tokens, segment_ids_bt=segments) ** 2)
+
+    return nnx.jit(nnx.value_and_grad(loss))(model), _params(model)
+
+  (l0, g0), p0 = loss_and_grads(tiny(family, **overrides))
+  (l1, g1), p1 = loss_and_grads(tiny(family, scan_layers=True, **overrides))
+  assert jax.tree.structure(p0) == jax.tree.structure(p1)
+  np.testing.assert_allclose(l1, l0, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(b, a, atol=1e-6)
+
+
+def test_layer_period():
+  from tinystories_jax.models import scan  # noqa: PLC0415
+  assert scan.layer_period(("global",) * 6) == 1
+  assert scan.layer_period(("global", "local") * 3) == 2
+  assert scan.layer_period(("global", "local", "local")) == 3
+
+
 def test_untied_llama_has_a_separate_output_layer():
   cfg = tiny("llama", tie_embeddings=False)
   model = models.build(cfg, nnx.Rngs(0))

@@ -30,7 +30,7 @@ def _fail(workdir, overrides, config="configs/quickstart.py"):
      "train.batch_size=6 does not divide over the mesh's data axes"),
     ({"train.stepz": 3}, "--config.train.stepz: invalid config override"),
     ({"model.name": "7b"}, "model.name='7b'"),
-    ({"train.loss": "fused"}, "train.loss='fused' is not one of"),
+    ({"train.loss": "sparse"}, "train.loss='sparse' is not one of"),
 ])
 def test_bad_input_is_one_sentence(tiny_data, tmp_path, extra, expected):
   line = _fail(str(tmp_path / "w"), tiny_overrides(tiny_data, **extra))

@@ -53,6 +53,7 @@ class ModelConfig:
       norms' statistics and logits are float32 regardless.
     param_dtype: storage dtype of the parameters.
     remat: "none" or "block" (recompute each block in the backward pass).
+    scan_layers: run the blocks as one `lax.scan` (models/scan.py); same parameters and results.
     init_std: standard deviation of the normal initializer for matrices and embeddings.
   """
 
@@ -75,6 +76,7 @@ class ModelConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: str = "none"
+  scan_layers: bool = False
   init_std: float = 0.02
 
   def __post_init__(self):

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tinystories_jax.models import attention as attn_lib
+from tinystories_jax.models import scan as scan_lib
 from tinystories_jax.models.config import ModelConfig
 
 
@@ -222,6 +223,10 @@ class CausalLM(nnx.Module):
     dt = jnp.dtype(self.cfg.dtype)
     x = jnp.take(self.embedding[...], tokens_bt, axis=0).astype(dt)
     x = self.embed_positions(x, positions_bt)
+    if self.cfg.scan_layers:
+      return self.final_norm(scan_lib.scan_blocks(
+          list(self.blocks), self.cfg.attention_layers, x, positions_bt, segment_ids_bt,
+          remat=self.cfg.remat == "block"))
     for block in self.blocks:
       if self.cfg.remat == "block":
         x = nnx.remat(Block.__call__)(block, x, positions_bt, segment_ids_bt)

@@ -40,6 +40,7 @@ class ModelChoice:
   attention: str = "auto"
   dtype: str = "float32"
   remat: str = "none"
+  scan_layers: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,9 +167,9 @@ def check_batch_fits(run: RunConfig, batch_divisor: int, process_count: int) -> 
 # Keys that may change when a run is resumed: how it is run, not what it computes.
 RESUMABLE = {
     "data": {"dir", "worker_count", "worker_buffer_size"},
-    "model_preset": {"attention", "dtype", "remat"},
+    "model_preset": {"attention", "dtype", "remat", "scan_layers"},
     # init_std only shapes a fresh initialisation; an imported model may record another.
-    "model": {"attention_impl", "dtype", "remat", "init_std"},
+    "model": {"attention_impl", "dtype", "remat", "scan_layers", "init_std"},
     "train": {"steps", "log_every", "eval_every", "eval_batches", "checkpoint_every",
               "keep_checkpoints", "async_checkpoints", "loss", "loss_chunk", "on_nonfinite",
               "peak_flops", "progress_bar"},

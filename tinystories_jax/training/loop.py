@@ -61,7 +61,7 @@ def resolve_model(run: RunConfig, vocab_size: int) -> ModelConfig:
   try:
     cfg = makers[m.family](m.name, vocab_size=vocab_size)
     cfg = ModelConfig.from_dict(dict(cfg.to_dict(), attention_impl=m.attention, dtype=m.dtype,
-                                     remat=m.remat))
+                                     remat=m.remat, scan_layers=m.scan_layers))
   except (KeyError, ValueError) as e:
     msg = str(e).strip("'\"")
     raise ConfigError(f"model.family={m.family!r} model.name={m.name!r}: {msg}") from e
