@@ -234,3 +234,27 @@ def test_build_under_a_mesh_with_logical_rules():
     model = models.build(tiny("llama", vocab_size=64), nnx.Rngs(0))
   wq = model.blocks[0].attn.wq[...]
   assert wq.sharding.spec == jax.sharding.PartitionSpec(None, "tensor", None)
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 6e-2)])
+def test_swiglu_backward_matches_autodiff(dtype, tol):
+  """`layers.swiglu` has a hand-written backward; it must equal autodiff of the formula."""
+  from tinystories_jax.models import layers  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  args = [jnp.asarray(rng.standard_normal(s) * 0.5, dtype)
+          for s in ((2, 5, 16), (16, 24), (16, 24), (24, 16))]
+  ct = jnp.asarray(rng.standard_normal((2, 5, 16)), dtype)
+
+  def plain(x, wg, wu, wd):
+    return jnp.einsum("btf,fd->btd", jax.nn.silu(x @ wg) * (x @ wu), wd)
+
+  def grads(f):
+    return jax.grad(lambda *a: jnp.sum((f(*a) * ct).astype(jnp.float32)), argnums=(0, 1, 2, 3))(
+        *args)
+
+  np.testing.assert_allclose(np.asarray(layers.swiglu(*args), np.float32),
+                             np.asarray(plain(*args), np.float32), atol=tol, rtol=tol)
+  for a, b in zip(grads(layers.swiglu), grads(plain)):
+    assert a.dtype == b.dtype
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=tol,
+                               rtol=tol)

@@ -173,10 +173,42 @@ class SwiGLU(nnx.Module):
 
   def __call__(self, x_btd):
     dt = self.dtype
-    x = x_btd.astype(dt)
-    gate = jnp.einsum("btd,df->btf", x, self.w_gate[...].astype(dt))
-    up = jnp.einsum("btd,df->btf", x, self.w_up[...].astype(dt))
-    return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, self.w_down[...].astype(dt))
+    return swiglu(x_btd.astype(dt), self.w_gate[...].astype(dt), self.w_up[...].astype(dt),
+                  self.w_down[...].astype(dt))
+
+
+@jax.custom_vjp
+def swiglu(x_btd, w_gate_df, w_up_df, w_down_fd):
+  """w_down(silu(x w_gate) * x w_up) with a hand-written backward.
+
+  Autodiff of the [B, T, D] einsums made XLA:CPU transpose the [B*T, d_ff] activation
+  gradients before each weight-gradient matmul; the backward below contracts [B*T, .] matrices
+  directly and reuses one sigmoid (about 2.5x faster for the MLP's forward and backward on a CPU,
+  docs/training.md). Same values as autodiff up to float rounding.
+  """
+  return _swiglu_fwd(x_btd, w_gate_df, w_up_df, w_down_fd)[0]
+
+
+def _swiglu_fwd(x_btd, w_gate_df, w_up_df, w_down_fd):
+  x = x_btd.reshape(-1, x_btd.shape[-1])  # [B*T, D]
+  gate, up = x @ w_gate_df, x @ w_up_df
+  y = (jax.nn.silu(gate) * up) @ w_down_fd
+  return y.reshape(x_btd.shape), (x, gate, up, w_gate_df, w_up_df, w_down_fd)
+
+
+def _swiglu_bwd(res, dy_btd):
+  x, gate, up, w_gate_df, w_up_df, w_down_fd = res
+  dy = dy_btd.reshape(-1, dy_btd.shape[-1])
+  sig = jax.nn.sigmoid(gate)
+  silu = gate * sig
+  dh = dy @ w_down_fd.T
+  d_up = dh * silu
+  d_gate = dh * up * (sig * (1 + gate * (1 - sig)))  # silu'(g) = s (1 + g (1 - s))
+  dx = d_gate @ w_gate_df.T + d_up @ w_up_df.T
+  return (dx.reshape(dy_btd.shape), x.T @ d_gate, x.T @ d_up, (silu * up).T @ dy)
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 class Block(nnx.Module):
