@@ -51,7 +51,7 @@ def beam_search(sampler, prompts, config, limits, num_return):
                         jnp.asarray(lim), seq_len=tokens.shape[1] + budget, budget=budget,
                         **settings)
   if max_new > 1:
-    state = _beam_decode(sampler.graphdef, sampler.params, state,
+    state = _beam_decode(sampler.graphdef, sampler.params, sampler.out_dv, state,
                          jnp.asarray(max_new, jnp.int32), **settings)
   seq, score, length, eos = jax.device_get(
       (state.fin_seq, state.fin_score, state.fin_len, state.fin_eos))
@@ -140,16 +140,17 @@ def _beam_prefill(graphdef, params, tokens_bp, pad_b, limit_b, *, seq_len, budge
                min_new=min_new, eos_id=eos_id)
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnums=(2,))
-def _beam_decode(graphdef, params, state: BeamState, stop_step, *, num_beams, length_penalty,
-                 min_new, eos_id):
+@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnums=(3,),
+                   compiler_options=kv_cache.DECODE_COMPILER_OPTIONS)
+def _beam_decode(graphdef, params, out_dv, state: BeamState, stop_step, *, num_beams,
+                 length_penalty, min_new, eos_id):
   model = nnx.merge(graphdef, params)
 
   def cond(s: BeamState):
     return (s.step < stop_step) & ~jnp.all(s.done_b)
 
   def body(s: BeamState):
-    logits_bv, cache = kv_cache.decode_step(model, s.cache, s.last)
+    logits_bv, cache = kv_cache.decode_step(model, s.cache, s.last, out_dv)
     b = s.done_b.shape[0]
     return _step(s._replace(cache=cache), logits_bv.reshape(b, num_beams, -1),
                  num_beams=num_beams, length_penalty=length_penalty, min_new=min_new,

@@ -22,6 +22,19 @@ def forbid_early_eos(logits_bv: jax.Array, count_b: jax.Array, *, eos_id: int,
   return logits_bv.at[:, eos_id].set(jnp.where(early_b, NEG_INF, logits_bv[:, eos_id]))
 
 
+def argmax(x_bv: jax.Array) -> jax.Array:
+  """int32 [B]: `jnp.argmax(x_bv, -1)` (ties to the lowest id) as two plain reductions.
+
+  XLA's CPU backend runs argmax's paired (value, index) reduction element by element: 5.8 ms a
+  step for [64, 32000] logits, a seventh of the whole decode step. A max, then the lowest id
+  holding it, vectorise. (A row with NaN gives the last id instead of the NaN's.)
+  """
+  v = x_bv.shape[-1]
+  top_b1 = x_bv.max(axis=-1, keepdims=True)
+  ids_v = jnp.arange(v, dtype=jnp.int32)
+  return jnp.min(jnp.where(x_bv == top_b1, ids_v, v - 1), axis=-1)
+
+
 def choose(logits_bv: jax.Array, keys_b: jax.Array, count_b: jax.Array, *, mode: tuple,
            eos_id: int) -> jax.Array:
   """int32 [B]: the next token of every row.
@@ -36,7 +49,7 @@ def choose(logits_bv: jax.Array, keys_b: jax.Array, count_b: jax.Array, *, mode:
   kind, min_new = mode[0], mode[-1]
   logits_bv = forbid_early_eos(logits_bv, count_b, eos_id=eos_id, min_new_tokens=min_new)
   if kind == "greedy":
-    return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+    return argmax(logits_bv)
   _, temperature, top_k, top_p, _ = mode
   scaled = logits_bv / temperature
   if top_k:
