@@ -95,8 +95,15 @@ def _attend_fwd(q, k, v, qseg, kseg, causal, window, block):
   b, kh, t, g, d = q.shape
   s = k.shape[2]
   k_t = k.swapaxes(-1, -2)  # b kh d s: the logits matmul is then [T*G, D] x [D, S]
+  spans = _spans(t, s, block, causal, window)
+  masks = [_block_mask(span, t, s, causal, window, qseg, kseg) for span in spans]
+  # Every layer builds the same bias constants. Shared, XLA would materialise their [b, k, tb,
+  # g, kb] broadcasts once for all layers and stream them in; tied to this call's q by a
+  # barrier, each layer's broadcast fuses into its logits matmul instead (measured faster).
+  biases = [None if m[0] is None else jnp.asarray(m[0]) for m in masks]
+  biases, q = jax.lax.optimization_barrier((biases, q))
   outs, probs, inv_sums = [], [], []
-  for span in _spans(t, s, block, causal, window):
+  for span, (_, mask, seen), bias in zip(spans, masks, biases):
     q0, q1, k0, k1 = span
     tb, kb = q1 - q0, k1 - k0
     if kb == 0:  # nothing visible (queries before the first key): zeros, like the reference
@@ -104,7 +111,6 @@ def _attend_fwd(q, k, v, qseg, kseg, causal, window, block):
       probs.append(None)
       inv_sums.append(None)
       continue
-    bias, mask, seen = _block_mask(span, t, s, causal, window, qseg, kseg)
     qb = q[:, :, q0:q1].reshape(b, kh, tb * g, d)
     logits = jnp.einsum("bkmd,bkds->bkms", qb, k_t[..., k0:k1]).reshape(b, kh, tb, g, kb)
     if bias is not None:
