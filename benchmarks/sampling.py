@@ -6,7 +6,8 @@
 
 Both sides: llama2.c's 15M shape (d 288, 6 layers, 6 heads, vocab 32000, tied embeddings) with
 random weights in float32, a one-token prompt, greedy decoding of exactly --new_tokens tokens
-(the end-of-story token is forbidden, so both do the same work). Figures are new tokens per second
+(the end-of-story token is forbidden, so both do the same work). Ours computes in --dtype and
+every printed row and JSONL row names it; transformers always computes in float32. Figures are new tokens per second
 over --repeats timed runs after one warm-up run (which compiles ours), median reported. The
 transformers model runs on PyTorch's CPU threads (--threads, default: every core).
 """
@@ -114,12 +115,12 @@ def main(argv=None) -> int:
   for b in batches:
     row = ours(b, args.new_tokens, args.repeats, args.dtype)
     rows.append(row)
-    print(f"  batch {b:4d}  ours          {row['new_tokens_per_s']:10.1f} new tokens/s "
+    print(f"  batch {b:4d}  ours, {args.dtype:8s} {row['new_tokens_per_s']:10.1f} new tokens/s "
           f"(compile + first run {row['warmup_s']:.1f} s)", flush=True)
     if not args.skip_transformers:
       peer = transformers_generate(b, args.new_tokens, args.repeats, args.threads)
       rows.append(peer)
-      print(f"  batch {b:4d}  transformers  {peer['new_tokens_per_s']:10.1f} new tokens/s "
+      print(f"  batch {b:4d}  transformers, float32 {peer['new_tokens_per_s']:4.1f} new tokens/s "
             f"-> ours is {row['new_tokens_per_s'] / peer['new_tokens_per_s']:.2f}x", flush=True)
   if args.output:
     with open(args.output, "a", encoding="utf-8") as f:
