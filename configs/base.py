@@ -66,6 +66,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.data = -1                     # data-parallel axis size (-1: the remaining devices)
   c.mesh.fsdp = 1                      # parameter-sharded data-parallel axis size
   c.mesh.tensor = 1                    # tensor-parallel axis size (heads, MLP, vocab)
-  c.mesh.cpu_devices = 0               # >0: split the CPU into this many devices (testing meshes)
+  c.mesh.cpu_devices = -1              # CPU devices: -1 one per core (dividing the batch), 0 one, n
   c.mesh.distributed = False           # call jax.distributed.initialize() (multi-host runs)
   return c

@@ -67,7 +67,7 @@ class TrainConfig:
 @dataclasses.dataclass(frozen=True)
 class MeshSetup:
   shape: MeshConfig
-  cpu_devices: int = 0
+  cpu_devices: int = -1
   distributed: bool = False
 
 
@@ -108,7 +108,7 @@ def run_config(config: Any) -> RunConfig:
     raise ConfigError(f"The config lacks section(s) {missing}; start config files from "
                       "configs/base.py.")
   mesh_raw = dict(raw["mesh"])
-  cpu_devices = mesh_raw.pop("cpu_devices", 0)
+  cpu_devices = mesh_raw.pop("cpu_devices", -1)
   distributed = mesh_raw.pop("distributed", False)
   run = RunConfig(
       data=_section(DataConfig, raw["data"], "data"),
@@ -147,7 +147,8 @@ def validate(run: RunConfig) -> None:
   need(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optimizer.b1 and optimizer.b2 must lie in [0, 1).")
   need(o.weight_decay >= 0 and o.clip_norm >= 0,
        "optimizer.weight_decay and optimizer.clip_norm must be >= 0.")
-  need(run.mesh.cpu_devices >= 0, f"mesh.cpu_devices must be >= 0, got {run.mesh.cpu_devices}.")
+  need(run.mesh.cpu_devices >= -1, "mesh.cpu_devices must be -1 (one device per core), 0 (one "
+       f"device) or a device count, got {run.mesh.cpu_devices}.")
   need(bool(run.data.dir), "data.dir is empty; set --config.data.dir to a directory written by "
        "`python -m tinystories_jax.prepare`.")
 
