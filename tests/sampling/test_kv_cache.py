@@ -11,11 +11,18 @@ from tinystories_jax.sampling import kv_cache
 import sampling_helpers
 
 
+@pytest.mark.parametrize("chunk", [64, 3], ids=["one-chunk", "chunks-of-3"])
+@pytest.mark.parametrize("packed", [False, True], ids=["modules", "packed"])
 @pytest.mark.parametrize("family", ["gpt_neo", "llama"])
-def test_cached_decode_equals_full_forward_at_every_position(family):
+def test_cached_decode_equals_full_forward_at_every_position(family, packed, chunk, monkeypatch):
   """Two rows with different left padding; window 4 is shorter than the 14 tokens, so the local
-  layer's ring buffer wraps several times."""
+  layer's ring buffer wraps several times. `packed`: the step runs on `decode_weights` (what the
+  sampler uses) instead of the model's modules. `chunk` 3 splits the global layer's 22 slots into
+  8 chunks (most of them empty at first, so skipped) and the local layer's ring of 4 into two,
+  which the ring's writes cross."""
+  monkeypatch.setattr(kv_cache, "CACHE_CHUNK", chunk)
   model = sampling_helpers.tiny_model(family)
+  weights = kv_cache.decode_weights(model) if packed else None
   rng = np.random.default_rng(0)
   seq_bt = rng.integers(0, 61, (2, 14))
   full_btv = np.asarray(nnx.jit(lambda m, t: m(t))(model, jnp.asarray(seq_bt)))
@@ -34,11 +41,12 @@ def test_cached_decode_equals_full_forward_at_every_position(family):
   for b, n in enumerate(prompt_lens):
     np.testing.assert_allclose(logits_bpv[b, p - n:], full_btv[b, :n], atol=1e-5, rtol=0)
   # Feed each row's own next tokens; row 0 is 3 tokens behind row 1 in its own positions.
-  assert cache.k[1].shape[2] == 4  # the local layer's cache is the window, not the sequence
-  assert cache.k[0].shape[2] == seq_len
+  # The local layer's cache is the window, not the sequence.
+  assert [c.shape[2] for c in cache.k[1]] == ([4] if chunk == 64 else [3, 1])
+  assert [c.shape[2] for c in cache.k[0]] == ([seq_len] if chunk == 64 else [3] * 7 + [1])
   for i in range(14 - max(prompt_lens)):
     token_b = jnp.asarray([seq_bt[b, n + i] for b, n in enumerate(prompt_lens)], jnp.int32)
-    logits_bv, cache = step(model, cache, token_b)
+    logits_bv, cache = step(model, cache, token_b, weights)
     for b, n in enumerate(prompt_lens):
       np.testing.assert_allclose(np.asarray(logits_bv)[b], full_btv[b, n + i], atol=1e-5,
                                  rtol=0, err_msg=f"row {b} position {n + i}")

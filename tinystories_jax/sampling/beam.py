@@ -51,7 +51,7 @@ def beam_search(sampler, prompts, config, limits, num_return):
                         jnp.asarray(lim), seq_len=tokens.shape[1] + budget, budget=budget,
                         **settings)
   if max_new > 1:
-    state = _beam_decode(sampler.graphdef, sampler.params, sampler.out_dv, state,
+    state = _beam_decode(sampler.graphdef, sampler.params, sampler.weights, state,
                          jnp.asarray(max_new, jnp.int32), **settings)
   seq, score, length, eos = jax.device_get(
       (state.fin_seq, state.fin_score, state.fin_len, state.fin_eos))
@@ -107,8 +107,8 @@ def _step(state: BeamState, logits_bnv: jax.Array, *, num_beams, length_penalty,
   done_b = state.done_b | at_limit[:, 0] | (jnp.isfinite(fin_score).sum(1) >= n)
 
   flat = (jnp.arange(b)[:, None] * n + alive_beam).reshape(-1)
-  cache = state.cache._replace(k=tuple(jnp.take(x, flat, axis=0) for x in state.cache.k),
-                               v=tuple(jnp.take(x, flat, axis=0) for x in state.cache.v))
+  cache = state.cache._replace(k=jax.tree.map(lambda x: jnp.take(x, flat, axis=0), state.cache.k),
+                               v=jax.tree.map(lambda x: jnp.take(x, flat, axis=0), state.cache.v))
   return BeamState(cache=cache, alive_seq=alive_seq, alive_logp=alive_logp,
                    last=alive_tok.reshape(-1).astype(jnp.int32), fin_seq=fin_seq,
                    fin_score=fin_score, fin_len=fin_len, fin_eos=fin_eos, done_b=done_b,
@@ -124,8 +124,8 @@ def _beam_prefill(graphdef, params, tokens_bp, pad_b, limit_b, *, seq_len, budge
   model = nnx.merge(graphdef, params)
   logits_bv, cache = kv_cache.prefill(model, tokens_bp, pad_b, seq_len)
   b, n = tokens_bp.shape[0], num_beams
-  cache = kv_cache.KVCache(tuple(jnp.repeat(x, n, axis=0) for x in cache.k),
-                           tuple(jnp.repeat(x, n, axis=0) for x in cache.v),
+  cache = kv_cache.KVCache(jax.tree.map(lambda x: jnp.repeat(x, n, axis=0), cache.k),
+                           jax.tree.map(lambda x: jnp.repeat(x, n, axis=0), cache.v),
                            jnp.repeat(cache.pad_b, n), cache.cur)
   # One real beam to start from; the others are empty (-inf) until the first step fills them.
   alive_logp = jnp.full((b, n), NEG_INF).at[:, 0].set(0.0)
@@ -142,7 +142,7 @@ def _beam_prefill(graphdef, params, tokens_bp, pad_b, limit_b, *, seq_len, budge
 
 @functools.partial(jax.jit, static_argnames=_STATIC, donate_argnums=(3,),
                    compiler_options=kv_cache.DECODE_COMPILER_OPTIONS)
-def _beam_decode(graphdef, params, out_dv, state: BeamState, stop_step, *, num_beams,
+def _beam_decode(graphdef, params, weights, state: BeamState, stop_step, *, num_beams,
                  length_penalty, min_new, eos_id):
   model = nnx.merge(graphdef, params)
 
@@ -150,7 +150,7 @@ def _beam_decode(graphdef, params, out_dv, state: BeamState, stop_step, *, num_b
     return (s.step < stop_step) & ~jnp.all(s.done_b)
 
   def body(s: BeamState):
-    logits_bv, cache = kv_cache.decode_step(model, s.cache, s.last, out_dv)
+    logits_bv, cache = kv_cache.decode_step(model, s.cache, s.last, weights)
     b = s.done_b.shape[0]
     return _step(s._replace(cache=cache), logits_bv.reshape(b, num_beams, -1),
                  num_beams=num_beams, length_penalty=length_penalty, min_new=min_new,

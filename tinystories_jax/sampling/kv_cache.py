@@ -16,15 +16,24 @@ ring never wraps; sliding-window layers get L = min(window, sequence), so their 
 by the window however long the story grows. With `cur` the newest slot written, ring index j holds
 slot `a = cur - ((cur - j) mod L)` — the latest slot congruent to j — and a key is visible iff
 `a >= pad_b` (not padding). Because a > cur - L >= cur - window, the window needs no extra mask.
+
+Chunks. A layer's L slots are held as a few separate arrays of consecutive ring indices
+(`chunk_sizes`: 64 slots each, at most 8 chunks), and a decode step attends only to the chunks
+that hold a written slot (a `lax.cond` per chunk, merged with the online-softmax rule). Attention
+over the cache is the largest part of a batched CPU step, and its cost grows with the slots it
+reads: a story's cache is on average half empty, so this halves it (docs/sampling.md). Separate
+arrays, not slices of one, so that no chunk is copied to be read.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from tinystories_jax.models import layers
 from tinystories_jax.models.config import ModelConfig
 
 # XLA options for the jitted loops that call `decode_step`. On the CPU, region-based copy
@@ -33,12 +42,25 @@ from tinystories_jax.models.config import ModelConfig
 DECODE_COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
 
 
+# A layer's cache is split into chunks of CACHE_CHUNK slots, or into MAX_CHUNKS chunks when that
+# gives larger ones (a long cache would otherwise compile into many small attention pieces).
+CACHE_CHUNK = 64
+MAX_CHUNKS = 8
+
+
+def chunk_sizes(length: int) -> tuple[int, ...]:
+  """Slots of each chunk of a `length`-slot layer cache (consecutive ring indices)."""
+  size = max(CACHE_CHUNK, -(-length // MAX_CHUNKS))
+  return tuple(min(size, length - start) for start in range(0, length, size))
+
+
 class KVCache(NamedTuple):
   """Per-layer keys and values plus the bookkeeping every layer shares.
 
   Attributes:
-    k: per layer, k_bkld [B, K, L_layer, D] in the compute dtype, rotary already applied.
-    v: per layer, v_bkld [B, K, L_layer, D].
+    k: per layer, the chunks (`chunk_sizes`) of k_bkld [B, K, L_layer, D] in the compute dtype,
+      rotary already applied: chunk c holds ring indices [sum of earlier sizes, + its size).
+    v: per layer, the chunks of v_bkld [B, K, L_layer, D].
     pad_b: int32 [B], left-padding slots of each row.
     cur: int32 scalar, the newest slot written (P - 1 right after prefill).
   """
@@ -104,12 +126,24 @@ def prefill(model, tokens_bp: jax.Array, pad_b: jax.Array, seq_len: int,
     o = block.attn.attend(q, k, v, q_segment_ids_bt=seg_bp, kv_segment_ids_bs=seg_bp)
     x = x + block.attn.out(o)
     x = x + block.mlp(block.norm2(x))
-    ks.append(_fill_ring(k, length))
-    vs.append(_fill_ring(v, length))
+    ks.append(_split(_fill_ring(k, length)))
+    vs.append(_split(_fill_ring(v, length)))
   h = model.final_norm(x if all_logits else x[:, -1:])
   logits = model.logits(h)
   cache = KVCache(tuple(ks), tuple(vs), pad_b.astype(jnp.int32), jnp.asarray(p - 1, jnp.int32))
   return (logits if all_logits else logits[:, 0]), cache
+
+
+def _split(x_bkld: jax.Array) -> tuple[jax.Array, ...]:
+  starts = _chunk_starts(chunk_sizes(x_bkld.shape[2]))
+  return tuple(x_bkld[:, :, a:b] for a, b in zip(starts[:-1], starts[1:]))
+
+
+def _chunk_starts(sizes) -> list[int]:
+  starts = [0]
+  for n in sizes:
+    starts.append(starts[-1] + n)
+  return starts
 
 
 def _fill_ring(x_bpkd: jax.Array, length: int) -> jax.Array:
@@ -123,15 +157,60 @@ def _fill_ring(x_bpkd: jax.Array, length: int) -> jax.Array:
   return jnp.take(x_bkpd, held, axis=2)
 
 
+class DecodeWeights(NamedTuple):
+  """The model's matrices laid out for one-token steps (`decode_weights`), in the compute dtype.
+
+  Attributes:
+    out_dv: the output projection transposed to [D, V]. XLA's CPU matmul was faster with that
+      layout at batch 64 (8.5 against 11 ms a step for the llama 15m shape's 32000 tokens).
+    qkv: per layer, wq | wk | wv side by side, [D, (H + 2K) * head_dim]: one matmul instead of
+      three; None to use the model's own wq, wk, wv. A one-token step streams every weight from memory once; fewer, wider matmuls
+      stream faster on the CPU (docs/sampling.md).
+    gate_up: per layer, SwiGLU's w_gate | w_up, [D, 2F]; None for GPT-Neo's MLP.
+  """
+  out_dv: jax.Array
+  qkv: tuple[jax.Array, ...] | None
+  gate_up: tuple[jax.Array, ...] | None
+
+
+def decode_weights(model) -> DecodeWeights:
+  """Packs `model`'s weights for `decode_step` (a copy; the model is unchanged)."""
+  dt = jnp.dtype(model.cfg.dtype)
+  out_dv = jnp.transpose(model.output_embedding()).astype(dt)
+  qkv, gate_up = [], []
+  for block in model.blocks:
+    a = block.attn
+    d = a.wq.shape[0]
+    qkv.append(jnp.concatenate([w[...].reshape(d, -1) for w in (a.wq, a.wk, a.wv)],
+                               axis=1).astype(dt))
+    if isinstance(block.mlp, layers.SwiGLU):
+      gate_up.append(jnp.concatenate([block.mlp.w_gate[...], block.mlp.w_up[...]],
+                                     axis=1).astype(dt))
+  return DecodeWeights(out_dv, tuple(qkv), tuple(gate_up) if gate_up else None)
+
+
+def _packed_qkv(cfg: ModelConfig, x_b1d: jax.Array, w_dn: jax.Array):
+  b = x_b1d.shape[0]
+  h, kh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  y = jnp.einsum("btd,dn->btn", x_b1d.astype(w_dn.dtype), w_dn)
+  q, k, v = jnp.split(y, [h * hd, (h + kh) * hd], axis=-1)
+  return q.reshape(b, 1, h, hd), k.reshape(b, 1, kh, hd), v.reshape(b, 1, kh, hd)
+
+
+def _packed_swiglu(mlp, x_b1d: jax.Array, w_dn: jax.Array) -> jax.Array:
+  y = jnp.einsum("btd,dn->btn", x_b1d.astype(w_dn.dtype), w_dn)
+  gate, up = jnp.split(y, 2, axis=-1)
+  return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, mlp.w_down[...].astype(w_dn.dtype))
+
+
 def decode_step(model, cache: KVCache, token_b: jax.Array,
-                out_dv: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+                weights: DecodeWeights | None = None) -> tuple[jax.Array, KVCache]:
   """Feeds one token per row at slot `cache.cur + 1`; returns float32 logits [B, V] and the cache.
 
   The cache arrays are updated with `dynamic_update_slice`, which XLA performs in place when the
-  caller donates the cache (or runs this inside a `while_loop`). `out_dv`, when given, is the
-  model's output projection transposed to [D, V] in the compute dtype (`output_projection`):
-  the same logits, and XLA's CPU matmul was faster with that layout at batch 64 (8.5 against
-  11 ms a step for the llama 15m shape's 32000-token vocabulary).
+  caller donates the cache (or runs this inside a `while_loop`). `weights`, when given, are the
+  model's matrices packed by `decode_weights` (the same network, fewer and wider matmuls);
+  otherwise the model's own modules compute every piece.
   """
   cfg: ModelConfig = model.cfg
   cur = cache.cur + 1
@@ -140,67 +219,113 @@ def decode_step(model, cache: KVCache, token_b: jax.Array,
   x = jnp.take(model.embedding[...], token_b[:, None], axis=0).astype(dt)
   x = model.embed_positions(x, positions_b1)
   ks, vs = [], []
-  for block, k_cache, v_cache in zip(model.blocks, cache.k, cache.v):
-    length = k_cache.shape[2]
-    q, k, v = block.attn.qkv(block.norm1(x))
+  for i, (block, k_chunks, v_chunks) in enumerate(zip(model.blocks, cache.k, cache.v)):
+    length = sum(c.shape[2] for c in k_chunks)
+    if weights is None or weights.qkv is None:
+      q, k, v = block.attn.qkv(block.norm1(x))
+    else:
+      q, k, v = _packed_qkv(cfg, block.norm1(x), weights.qkv[i])
     q, k = block.attn.rotate(q, k, positions_b1, positions_b1)
-    k_bk1d = jnp.swapaxes(k, 1, 2).astype(k_cache.dtype)
-    v_bk1d = jnp.swapaxes(v, 1, 2).astype(v_cache.dtype)
+    k_bk1d = jnp.swapaxes(k, 1, 2).astype(k_chunks[0].dtype)
+    v_bk1d = jnp.swapaxes(v, 1, 2).astype(v_chunks[0].dtype)
     # Attend to the cache as it was plus the new key, so nothing reads the updated cache in this
     # step and the update below can stay in place (with DECODE_COMPILER_OPTIONS). The ring index
     # about to be overwritten holds slot cur - L, which has left the window (or, in a global
     # layer, nothing yet): it is masked.
     slots_l = _ring_slots(cur, length)
     visible_bl = (slots_l[None, :] >= cache.pad_b[:, None]) & (slots_l != cur)[None, :]
-    o = cached_attention(q, k_cache, v_cache, visible_bl, k_bk1d, v_bk1d,
+    o = cached_attention(q, k_chunks, v_chunks, visible_bl, k_bk1d, v_bk1d, cur,
                          scale=block.attn.scale)
     index = jnp.mod(cur, length)
-    zero = jnp.zeros((), jnp.int32)
-    k_cache = jax.lax.dynamic_update_slice(k_cache, k_bk1d, (zero, zero, index, zero))
-    v_cache = jax.lax.dynamic_update_slice(v_cache, v_bk1d, (zero, zero, index, zero))
+    k_chunks = _write(k_chunks, k_bk1d, index)
+    v_chunks = _write(v_chunks, v_bk1d, index)
     x = x + block.attn.out(o)
-    x = x + block.mlp(block.norm2(x))
-    ks.append(k_cache)
-    vs.append(v_cache)
+    if weights is None or weights.gate_up is None:
+      x = x + block.mlp(block.norm2(x))
+    else:
+      x = x + _packed_swiglu(block.mlp, block.norm2(x), weights.gate_up[i])
+    ks.append(k_chunks)
+    vs.append(v_chunks)
   h = model.final_norm(x)
-  if out_dv is None:
+  if weights is None:
     logits = model.logits(h)[:, 0]
   else:
-    logits = jnp.einsum("btd,dv->bv", h, out_dv.astype(h.dtype),
+    logits = jnp.einsum("btd,dv->bv", h, weights.out_dv.astype(h.dtype),
                         preferred_element_type=jnp.float32)
   return logits, KVCache(tuple(ks), tuple(vs), cache.pad_b, cur)
 
 
-def output_projection(model) -> jax.Array:
-  """w_dv [D, V]: the model's output projection, transposed and cast to the compute dtype once,
-  for `decode_step`'s `out_dv`."""
-  return jnp.transpose(model.output_embedding()).astype(jnp.dtype(model.cfg.dtype))
+def _write(chunks: tuple[jax.Array, ...], x_bk1d: jax.Array,
+           index: jax.Array) -> tuple[jax.Array, ...]:
+  """Writes x at ring index `index`: into the chunk holding it; every other chunk rewrites one of
+  its own slots unchanged, so each update stays a one-slot `dynamic_update_slice` in place."""
+  starts = _chunk_starts(c.shape[2] for c in chunks)
+  out = []
+  for c, start in zip(chunks, starts):
+    n = c.shape[2]
+    if len(chunks) == 1:
+      out.append(jax.lax.dynamic_update_slice_in_dim(c, x_bk1d, index, axis=2))
+      continue
+    offset = jnp.clip(index - start, 0, n - 1)
+    hit = (index >= start) & (index < start + n)
+    old = jax.lax.dynamic_slice_in_dim(c, offset, 1, axis=2)
+    out.append(jax.lax.dynamic_update_slice_in_dim(c, jnp.where(hit, x_bk1d, old), offset,
+                                                   axis=2))
+  return tuple(out)
 
 
-def cached_attention(q_b1hd: jax.Array, k_bkld: jax.Array, v_bkld: jax.Array,
-                     visible_bl: jax.Array, k_new_bk1d: jax.Array, v_new_bk1d: jax.Array, *,
+def cached_attention(q_b1hd: jax.Array, k_chunks: tuple[jax.Array, ...],
+                     v_chunks: tuple[jax.Array, ...], visible_bl: jax.Array,
+                     k_new_bk1d: jax.Array, v_new_bk1d: jax.Array, cur: jax.Array, *,
                      scale: float | None) -> jax.Array:
   """One query per row against its cache and its own new key (grouped-query), float32 softmax;
   o_b1hd in q's dtype.
 
-  `visible_bl` masks the cache's L slots; `k_new_bk1d` / `v_new_bk1d` are the key and value of
-  the token being fed, which every row sees, kept apart from the cache so that the caller may
-  update the cache in place afterwards. `scale=None` means 1/sqrt(D) (the model's own
-  convention; GPT-Neo passes 1.0).
+  `k_chunks` / `v_chunks` are a layer's cache chunks [B, K, L_c, D]; `visible_bl` masks the
+  layer's L slots. `k_new_bk1d` / `v_new_bk1d` are the key and value of the token being fed at
+  slot `cur`, which every row sees, kept apart from the cache so that the caller may update the
+  cache in place afterwards. A chunk whose first ring index is not below `cur` holds no written
+  slot yet and is skipped. `scale=None` means 1/sqrt(D) (the model's own convention; GPT-Neo
+  passes 1.0).
   """
   b, _, h, d = q_b1hd.shape
-  kh = k_bkld.shape[1]
+  kh = k_chunks[0].shape[1]
+  g = h // kh
   scale = d ** -0.5 if scale is None else scale
-  q = q_b1hd.reshape(b, kh, h // kh, d)
-  scores = jnp.einsum("bkgd,bkld->bkgl", q, k_bkld,
-                      preferred_element_type=jnp.float32) * scale
-  scores = jnp.where(visible_bl[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
+  q = q_b1hd.reshape(b, kh, g, d)
+  lowest = jnp.finfo(jnp.float32).min
+
+  def part(q, k_bkld, v_bkld, visible_bl):
+    scores = jnp.einsum("bkgd,bkld->bkgl", q, k_bkld,
+                        preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(visible_bl[:, None, None, :], scores, lowest)
+    top = scores.max(-1)
+    e = jnp.exp(scores - top[..., None])
+    o = jnp.einsum("bkgl,bkld->bkgd", e.astype(v_bkld.dtype), v_bkld,
+                   preferred_element_type=jnp.float32)
+    return top, e.sum(-1), o
+
+  def empty(q, k_bkld, v_bkld, visible_bl):
+    del q, k_bkld, v_bkld, visible_bl
+    return (jnp.full((b, kh, g), lowest), jnp.zeros((b, kh, g), jnp.float32),
+            jnp.zeros((b, kh, g, d), jnp.float32))
+
+  parts = []
+  starts = _chunk_starts(c.shape[2] for c in k_chunks)
+  for k_bkld, v_bkld, start, end in zip(k_chunks, v_chunks, starts[:-1], starts[1:]):
+    args = (q, k_bkld, v_bkld, visible_bl[:, start:end])
+    # Chunk 0 always holds a written slot (cur >= 1 in a decode step).
+    parts.append(part(*args) if start == 0 else jax.lax.cond(start < cur, part, empty, *args))
   new = jnp.einsum("bkgd,bkd->bkg", q, k_new_bk1d[:, :, 0],
-                   preferred_element_type=jnp.float32)[..., None] * scale
-  top = jnp.maximum(scores.max(-1, keepdims=True), new)
-  e_cache, e_new = jnp.exp(scores - top), jnp.exp(new - top)
-  denom = e_cache.sum(-1, keepdims=True) + e_new
-  o = jnp.einsum("bkgl,bkld->bkgd", e_cache.astype(v_bkld.dtype), v_bkld,
-                 preferred_element_type=jnp.float32)
-  o = (o + e_new * v_new_bk1d.astype(jnp.float32)) / denom
+                   preferred_element_type=jnp.float32) * scale
+  # The new key is always visible, so `top` is finite and skipped or fully masked chunks
+  # (top = lowest) get weight exp(lowest - top) = 0.
+  top = functools.reduce(jnp.maximum, [m for m, _, _ in parts], new)
+  e_new = jnp.exp(new - top)
+  denom, o = e_new, e_new[..., None] * v_new_bk1d.astype(jnp.float32)
+  for m, l, o_part in parts:
+    w = jnp.exp(m - top)
+    denom = denom + l * w
+    o = o + o_part * w[..., None]
+  o = o / denom[..., None]
   return o.reshape(b, 1, h, d).astype(q_b1hd.dtype)

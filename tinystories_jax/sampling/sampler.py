@@ -76,7 +76,7 @@ class Sampler:
   def __init__(self, model, *, eos_id: int, prompt_bucket: int = 16, stream_chunk: int = 16):
     self.cfg = model.cfg
     self.graphdef, self.params = nnx.split(model)
-    self.out_dv = kv_cache.output_projection(model)
+    self.weights = kv_cache.decode_weights(model)
     self.eos_id = int(eos_id)
     self.prompt_bucket = prompt_bucket
     self.stream_chunk = stream_chunk
@@ -174,7 +174,7 @@ class Sampler:
     while True:
       if step < max_new:
         step = min(step + chunk, max_new)
-        state = _decode(self.graphdef, self.params, self.out_dv, state,
+        state = _decode(self.graphdef, self.params, self.weights, state,
                         jnp.asarray(step, jnp.int32), mode=mode, eos_id=self.eos_id)
       done = np.asarray(state.done_b)[:n] | stopped
       finished = bool(done.all()) or step >= max_new
@@ -234,14 +234,14 @@ def _prefill(graphdef, params, tokens_bp, pad_b, limit_b, keys_b, *, seq_len, bu
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "mode", "eos_id"), donate_argnums=(3,),
                    compiler_options=kv_cache.DECODE_COMPILER_OPTIONS)
-def _decode(graphdef, params, out_dv, state: LoopState, stop_step, *, mode, eos_id):
+def _decode(graphdef, params, weights, state: LoopState, stop_step, *, mode, eos_id):
   model = nnx.merge(graphdef, params)
 
   def cond(s: LoopState):
     return (s.step < stop_step) & ~jnp.all(s.done_b)
 
   def body(s: LoopState):
-    logits_bv, cache = kv_cache.decode_step(model, s.cache, s.last_b, out_dv)
+    logits_bv, cache = kv_cache.decode_step(model, s.cache, s.last_b, weights)
     token_b = select.choose(logits_bv, s.keys_b, s.count_b, mode=mode, eos_id=eos_id)
     return record(s._replace(cache=cache), token_b, eos_id=eos_id)
 
