@@ -66,24 +66,17 @@ class RMSNorm(nnx.Module):
     return (y * self.scale[...].astype(jnp.float32)).astype(self.dtype)
 
 
-def rotary_tables(positions_bt: jax.Array, head_dim: int,
-                  theta: float) -> tuple[jax.Array, jax.Array]:
-  """cos, sin [B, T, 1, head_dim / 2] (float32) of the rotary angles at `positions_bt`."""
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-  angles = positions_bt.astype(jnp.float32)[:, :, None] * inv_freq  # [B, T, D/2]
-  return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
-
-
-def rotary(x_bthd: jax.Array, positions_bt: jax.Array, theta: float,
-           tables: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+def rotary(x_bthd: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
   """Rotary embedding in transformers' rotate-half layout (pairs are i and i + D/2).
 
   llama2.c's `run.c` rotates adjacent pairs (2i, 2i+1) instead; `interop.llama2c` permutes the
-  q/k projection rows on export so both layouts give the same model. `tables`: `rotary_tables`
-  of these positions, computed once by a caller that rotates many tensors at them.
+  q/k projection rows on export so both layouts give the same model.
   """
   d = x_bthd.shape[-1]
-  cos, sin = rotary_tables(positions_bt, d, theta) if tables is None else tables
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  angles = positions_bt.astype(jnp.float32)[:, :, None] * inv_freq  # [B, T, D/2]
+  cos = jnp.cos(angles)[:, :, None, :]
+  sin = jnp.sin(angles)[:, :, None, :]
   x = x_bthd.astype(jnp.float32)
   x1, x2 = x[..., : d // 2], x[..., d // 2:]
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -123,13 +116,11 @@ class Attention(nnx.Module):
     v = jnp.einsum("btd,dhk->bthk", x, self.wv[...].astype(self.dtype))
     return q, k, v
 
-  def rotate(self, q_bthd, k_bskd, q_positions_bt, k_positions_bs, tables=None):
-    """Rotary on q and k (identity for GPT-Neo). `tables`: `rotary_tables` for positions that
-    q and k share."""
+  def rotate(self, q_bthd, k_bskd, q_positions_bt, k_positions_bs):
     if not self.use_rotary:
       return q_bthd, k_bskd
-    return (rotary(q_bthd, q_positions_bt, self.rope_theta, tables),
-            rotary(k_bskd, k_positions_bs, self.rope_theta, tables))
+    return (rotary(q_bthd, q_positions_bt, self.rope_theta),
+            rotary(k_bskd, k_positions_bs, self.rope_theta))
 
   def attend(self, q_bthd, k_bskd, v_bskd, *, q_segment_ids_bt=None, kv_segment_ids_bs=None,
              causal: bool = True):

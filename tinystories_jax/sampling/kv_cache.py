@@ -218,12 +218,6 @@ def decode_step(model, cache: KVCache, token_b: jax.Array,
   dt = jnp.dtype(cfg.dtype)
   x = jnp.take(model.embedding[...], token_b[:, None], axis=0).astype(dt)
   x = model.embed_positions(x, positions_b1)
-  # The rotary angles, computed once for every layer; without the barrier XLA recomputed the
-  # sines and cosines inside each layer's q and k rotation (about 1 ms of a batch-64 step).
-  tables = None
-  if not cfg.is_gpt_neo:
-    tables = jax.lax.optimization_barrier(
-        layers.rotary_tables(positions_b1, cfg.head_dim, cfg.rope_theta))
   ks, vs = [], []
   for i, (block, k_chunks, v_chunks) in enumerate(zip(model.blocks, cache.k, cache.v)):
     length = sum(c.shape[2] for c in k_chunks)
@@ -231,7 +225,7 @@ def decode_step(model, cache: KVCache, token_b: jax.Array,
       q, k, v = block.attn.qkv(block.norm1(x))
     else:
       q, k, v = _packed_qkv(cfg, block.norm1(x), weights.qkv[i])
-    q, k = block.attn.rotate(q, k, positions_b1, positions_b1, tables)
+    q, k = block.attn.rotate(q, k, positions_b1, positions_b1)
     k_bk1d = jnp.swapaxes(k, 1, 2).astype(k_chunks[0].dtype)
     v_bk1d = jnp.swapaxes(v, 1, 2).astype(v_chunks[0].dtype)
     # Attend to the cache as it was plus the new key, so nothing reads the updated cache in this
