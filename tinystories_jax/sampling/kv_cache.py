@@ -20,9 +20,9 @@ slot `a = cur - ((cur - j) mod L)` — the latest slot congruent to j — and a 
 Chunks. A layer's L slots are held as a few separate arrays of consecutive ring indices
 (`chunk_sizes`: 64 slots each, at most 8 chunks), and a decode step attends only to the chunks
 that hold a written slot (a `lax.cond` per chunk, merged with the online-softmax rule). Attention
-over the cache is the largest part of a batched CPU step, and its cost grows with the slots it
-reads: a story's cache is on average half empty, so this halves it (docs/sampling.md). Separate
-arrays, not slices of one, so that no chunk is copied to be read.
+over the cache is a large part of a batched CPU step, and its cost grows with the slots it reads:
+a story's cache is on average half empty, so this reads about half as much (docs/sampling.md).
+Separate arrays, not slices of one, so that no chunk is copied to be read.
 """
 
 from __future__ import annotations
@@ -164,8 +164,8 @@ class DecodeWeights(NamedTuple):
     out_dv: the output projection transposed to [D, V]. XLA's CPU matmul was faster with that
       layout at batch 64 (8.5 against 11 ms a step for the llama 15m shape's 32000 tokens).
     qkv: per layer, wq | wk | wv side by side, [D, (H + 2K) * head_dim]: one matmul instead of
-      three; None to use the model's own wq, wk, wv. A one-token step streams every weight from memory once; fewer, wider matmuls
-      stream faster on the CPU (docs/sampling.md).
+      three (None: use the model's own wq, wk, wv). A one-token step streams every weight from
+      memory once, and fewer, wider matmuls stream faster on the CPU (docs/sampling.md).
     gate_up: per layer, SwiGLU's w_gate | w_up, [D, 2F]; None for GPT-Neo's MLP.
   """
   out_dv: jax.Array
