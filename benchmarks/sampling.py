@@ -5,11 +5,14 @@
   python benchmarks/sampling.py --skip_transformers --output=results.jsonl
 
 Both sides: llama2.c's 15M shape (d 288, 6 layers, 6 heads, vocab 32000, tied embeddings) with
-random weights in float32, a one-token prompt, greedy decoding of exactly --new_tokens tokens
-(the end-of-story token is forbidden, so both do the same work). Ours computes in --dtype and
-every printed row and JSONL row names it; transformers always computes in float32. Figures are new tokens per second
-over --repeats timed runs after one warm-up run (which compiles ours), median reported. The
-transformers model runs on PyTorch's CPU threads (--threads, default: every core).
+random weights, a one-token prompt, greedy decoding of exactly --new_tokens tokens (the
+end-of-story token is forbidden, so both do the same work). Ours computes in --dtype, once for
+each of --matmul_dtypes ("none": --dtype throughout; "bfloat16": `Sampler(matmul_dtype=...)`);
+transformers runs once for each of --transformers_dtypes (its whole model cast to that dtype).
+Every printed row and JSONL row names its dtypes, and each of ours is divided by each peer of the
+same batch size. Figures are new tokens per second over --repeats timed runs after one warm-up
+run (which compiles ours), median reported. The transformers model runs on PyTorch's CPU threads
+(--threads, default: every core).
 """
 
 from __future__ import annotations
@@ -35,10 +38,11 @@ VOCAB = 32000
 EOS = 2
 
 
-def ours(batch: int, new_tokens: int, repeats: int, dtype: str) -> dict:
+def ours(batch: int, new_tokens: int, repeats: int, dtype: str,
+         matmul_dtype: str | None = None) -> dict:
   cfg = presets.llama("15m", vocab_size=VOCAB, dtype=dtype)
   model = models.build(cfg, nnx.Rngs(0))
-  sampler = Sampler(model, eos_id=EOS)
+  sampler = Sampler(model, eos_id=EOS, matmul_dtype=matmul_dtype)
   prompts = [[1]] * batch
   config = SamplerConfig(temperature=0, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
   t0 = time.perf_counter()
@@ -51,11 +55,13 @@ def ours(batch: int, new_tokens: int, repeats: int, dtype: str) -> dict:
     sampler.generate(prompts, config)
     times.append(time.perf_counter() - t0)
   t = statistics.median(times)
-  return {"system": f"tinystories_jax ({dtype})", "batch": batch, "new_tokens": new_tokens,
+  label = dtype if matmul_dtype in (None, dtype) else f"{dtype}, {matmul_dtype} matmuls"
+  return {"system": f"tinystories_jax ({label})", "batch": batch, "new_tokens": new_tokens,
           "seconds": t, "new_tokens_per_s": batch * new_tokens / t, "warmup_s": warmup_s}
 
 
-def transformers_generate(batch: int, new_tokens: int, repeats: int, threads: int) -> dict:
+def transformers_generate(batch: int, new_tokens: int, repeats: int, threads: int,
+                          dtype: str = "float32") -> dict:
   import torch  # noqa: PLC0415
   import transformers  # noqa: PLC0415
 
@@ -68,7 +74,7 @@ def transformers_generate(batch: int, new_tokens: int, repeats: int, threads: in
       rms_norm_eps=cfg.norm_eps, tie_word_embeddings=True, bos_token_id=1, eos_token_id=EOS,
       pad_token_id=0)
   torch.manual_seed(0)
-  model = transformers.LlamaForCausalLM(hf_cfg).eval()
+  model = transformers.LlamaForCausalLM(hf_cfg).eval().to(getattr(torch, dtype))
   ids = torch.ones((batch, 1), dtype=torch.long)
   kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                 pad_token_id=0, attention_mask=torch.ones_like(ids))
@@ -81,7 +87,7 @@ def transformers_generate(batch: int, new_tokens: int, repeats: int, threads: in
       model.generate(ids, **kwargs)
       times.append(time.perf_counter() - t0)
   t = statistics.median(times)
-  return {"system": f"transformers {transformers.__version__} generate (torch "
+  return {"system": f"transformers {transformers.__version__} generate ({dtype}, torch "
                     f"{torch.__version__}, {threads} threads)", "batch": batch,
           "new_tokens": new_tokens, "seconds": t, "new_tokens_per_s": batch * new_tokens / t}
 
@@ -92,6 +98,12 @@ def main(argv=None) -> int:
   parser.add_argument("--new_tokens", type=int, default=200)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  parser.add_argument("--matmul_dtypes", default="none,bfloat16",
+                      help="ours once per entry: none (--dtype throughout) or bfloat16 "
+                           "(Sampler(matmul_dtype=...): matrix products on bfloat16 weights and "
+                           "inputs with float32 accumulation, the rest in --dtype)")
+  parser.add_argument("--transformers_dtypes", default="float32,bfloat16",
+                      help="the transformers peer once per entry")
   parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
   parser.add_argument("--skip_transformers", action="store_true")
   parser.add_argument("--output", default=None, help="append result rows to this JSONL file")
@@ -111,17 +123,32 @@ def main(argv=None) -> int:
              "cpus": os.cpu_count(), "python": platform.python_version(),
              "date": time.strftime("%Y-%m-%d")}
   print(f"llama 15m shape, vocab {VOCAB}, random weights; {machine}")
+  matmuls = [None if m == "none" else m for m in args.matmul_dtypes.split(",")]
+  peers_dtypes = [] if args.skip_transformers else args.transformers_dtypes.split(",")
+  if any(m not in (None, "bfloat16") for m in matmuls) or any(
+      d not in ("float32", "bfloat16") for d in peers_dtypes):
+    print("error: --matmul_dtypes takes none and bfloat16; --transformers_dtypes float32 and "
+          "bfloat16.", file=sys.stderr)
+    return 2
   rows = []
   for b in batches:
-    row = ours(b, args.new_tokens, args.repeats, args.dtype)
-    rows.append(row)
-    print(f"  batch {b:4d}  ours, {args.dtype:8s} {row['new_tokens_per_s']:10.1f} new tokens/s "
-          f"(compile + first run {row['warmup_s']:.1f} s)", flush=True)
-    if not args.skip_transformers:
-      peer = transformers_generate(b, args.new_tokens, args.repeats, args.threads)
-      rows.append(peer)
-      print(f"  batch {b:4d}  transformers, float32 {peer['new_tokens_per_s']:4.1f} new tokens/s "
-            f"-> ours is {row['new_tokens_per_s'] / peer['new_tokens_per_s']:.2f}x", flush=True)
+    ours_rows, peer_rows = [], []
+    for m in matmuls:
+      row = ours(b, args.new_tokens, args.repeats, args.dtype, m)
+      ours_rows.append(row)
+      print(f"  batch {b:4d}  {row['system']:52s} {row['new_tokens_per_s']:8.1f} new tokens/s "
+            f"(compile + first run {row['warmup_s']:.1f} s)", flush=True)
+    for d in peers_dtypes:
+      peer = transformers_generate(b, args.new_tokens, args.repeats, args.threads, d)
+      peer_rows.append(peer)
+      print(f"  batch {b:4d}  {peer['system']:52s} {peer['new_tokens_per_s']:8.1f} new tokens/s",
+            flush=True)
+    for row in ours_rows:
+      row["ratios"] = {p["system"]: row["new_tokens_per_s"] / p["new_tokens_per_s"]
+                       for p in peer_rows}
+      for name, r in row["ratios"].items():
+        print(f"  batch {b:4d}  {row['system']} / {name}: {r:.2f}x", flush=True)
+    rows += ours_rows + peer_rows
   if args.output:
     with open(args.output, "a", encoding="utf-8") as f:
       for row in rows:

@@ -39,6 +39,10 @@ _MAX_NEW = flags.DEFINE_integer("max_new_tokens", None, "Most new tokens per sto
 _MIN_NEW = flags.DEFINE_integer("min_new_tokens", None, "No end of story before this many.")
 _STOP = flags.DEFINE_multi_string("stop", None, "A string that ends a story (repeatable).")
 _SEED = flags.DEFINE_integer("seed", None, "Same seed, same stories (default 0).")
+_MATMUL_DTYPE = flags.DEFINE_enum(
+    "matmul_dtype", None, ["bfloat16"], "Decode matmuls on bfloat16 weights and inputs with "
+    "float32 accumulation, the rest in --dtype: faster on a CPU, the weights rounded "
+    "(docs/sampling.md). Default: --dtype throughout.")
 
 
 def main(argv):
@@ -57,7 +61,7 @@ def main(argv):
   req = command.SampleRequest(
       workdir=_WORKDIR.value, prompt=_PROMPT.value, prompts_file=_PROMPTS_FILE.value,
       output=_OUTPUT.value, num_samples=_NUM_SAMPLES.value, batch_size=_BATCH_SIZE.value,
-      step=_STEP.value, dtype=_DTYPE.value,
+      step=_STEP.value, dtype=_DTYPE.value, matmul_dtype=_MATMUL_DTYPE.value,
       sampler=dict(temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
                    num_beams=_NUM_BEAMS.value, length_penalty=_LENGTH_PENALTY.value,
                    max_new_tokens=_MAX_NEW.value, min_new_tokens=_MIN_NEW.value,

@@ -21,6 +21,10 @@ _MODEL_NAME = flags.DEFINE_string("model_name", None, "Model id clients pass (de
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16", "float16"],
                            "Compute dtype; auto: float32 on CPU, the trained dtype elsewhere.")
+_MATMUL_DTYPE = flags.DEFINE_enum(
+    "matmul_dtype", None, ["bfloat16"], "Decode matmuls on bfloat16 weights and inputs with "
+    "float32 accumulation, the rest in --dtype: faster on a CPU, the weights rounded "
+    "(docs/sampling.md). Default: --dtype throughout.")
 _MAX_BATCH = flags.DEFINE_integer("max_batch", 32, "Most stories decoded together.")
 _MAX_QUEUE = flags.DEFINE_integer("max_queue", 64, "Most requests waiting; more get 429.")
 _GRACE = flags.DEFINE_float("grace_s", 30.0, "Seconds in-flight requests get after SIGTERM.")
@@ -46,7 +50,8 @@ def main(argv):
                           max_tokens=_MAX_TOKENS.value, max_n=_MAX_N.value)
   opts = serving.ServeOptions(
       workdir=_WORKDIR.value, host=_HOST.value, port=_PORT.value, model_name=_MODEL_NAME.value,
-      step=_STEP.value, dtype=_DTYPE.value, max_batch=_MAX_BATCH.value, max_queue=_MAX_QUEUE.value,
+      step=_STEP.value, dtype=_DTYPE.value, matmul_dtype=_MATMUL_DTYPE.value,
+      max_batch=_MAX_BATCH.value, max_queue=_MAX_QUEUE.value,
       grace_s=_GRACE.value, limits=limits)
   try:
     serving.serve(opts)

@@ -54,6 +54,16 @@ def test_plain_text_prompts_take_line_numbers_as_ids(tiny_workdir, tmp_path):
                                                      ("3", "Tom had a dog")]
 
 
+def test_bfloat16_matmuls_are_recorded_in_the_rows(tiny_workdir, tmp_path):
+  prompts = tmp_path / "prompts.txt"
+  prompts.write_text("Once upon a time\n")
+  out = tmp_path / "out.jsonl"
+  command.run_sample(_request(tiny_workdir, prompts_file=str(prompts), output=str(out),
+                              matmul_dtype="bfloat16"), out=io.StringIO())
+  [row] = [json.loads(line) for line in out.read_text().splitlines()]
+  assert row["sampler"]["matmul_dtype"] == "bfloat16" and row["completion_tokens"] > 0
+
+
 def test_a_single_prompt_streams_the_story(tiny_workdir, tmp_path):
   shown = io.StringIO()
   command.run_sample(_request(tiny_workdir, prompt="Once upon a time"), out=shown)

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -12,17 +13,17 @@ import sampling_helpers
 
 
 @pytest.mark.parametrize("chunk", [64, 3], ids=["one-chunk", "chunks-of-3"])
-@pytest.mark.parametrize("packed", [False, True], ids=["modules", "packed"])
+@pytest.mark.parametrize("packed", [None, "columns", "rows"])
 @pytest.mark.parametrize("family", ["gpt_neo", "llama"])
 def test_cached_decode_equals_full_forward_at_every_position(family, packed, chunk, monkeypatch):
   """Two rows with different left padding; window 4 is shorter than the 14 tokens, so the local
   layer's ring buffer wraps several times. `packed`: the step runs on `decode_weights` (what the
-  sampler uses) instead of the model's modules. `chunk` 3 splits the global layer's 22 slots into
+  sampler uses), laid out [in, out] or [out, in], instead of the model's modules. `chunk` 3 splits the global layer's 22 slots into
   8 chunks (most of them empty at first, so skipped) and the local layer's ring of 4 into two,
   which the ring's writes cross."""
   monkeypatch.setattr(kv_cache, "CACHE_CHUNK", chunk)
   model = sampling_helpers.tiny_model(family)
-  weights = kv_cache.decode_weights(model) if packed else None
+  weights = packed and kv_cache.decode_weights(model, rows=packed == "rows")
   rng = np.random.default_rng(0)
   seq_bt = rng.integers(0, 61, (2, 14))
   full_btv = np.asarray(nnx.jit(lambda m, t: m(t))(model, jnp.asarray(seq_bt)))
@@ -71,3 +72,38 @@ def test_cache_bytes_counts_window_layers_by_their_window():
   per_slot = 2 * cfg.num_kv_heads * cfg.head_dim * 4
   assert kv_cache.cache_bytes(cfg, 3, 100) == 3 * per_slot * (100 + 4)
   assert kv_cache.layer_lengths(cfg, 2) == (2, 2)
+
+
+def _steps(model, weights, seq_bt, p):
+  """Prefills the first p tokens of every row, then feeds the rest one step at a time: the
+  logits of every fed position, [B, T - p, V]."""
+  prefill = nnx.jit(lambda m, t, pad: kv_cache.prefill(m, t, pad, seq_bt.shape[1]))
+  step = nnx.jit(kv_cache.decode_step)
+  _, cache = prefill(model, jnp.asarray(seq_bt[:, :p]), jnp.zeros((seq_bt.shape[0],), jnp.int32))
+  out = []
+  for t in range(p, seq_bt.shape[1]):
+    logits_bv, cache = step(model, cache, jnp.asarray(seq_bt[:, t], jnp.int32), weights)
+    out.append(np.asarray(logits_bv))
+  return np.stack(out, axis=1)
+
+
+@pytest.mark.parametrize("family", ["gpt_neo", "llama"])
+def test_bfloat16_matmuls_agree_in_both_layouts_and_track_the_model(family):
+  """16-bit decode weights: every product takes bfloat16 inputs and accumulates in float32, in
+  the [out, in] layout (batch-1 matrix-vector products) as in [in, out]; so the two layouts give
+  the same logits up to float32 summation order, and both stay within bfloat16 rounding of the
+  model's own float32 forward pass (with its weights rounded the same way)."""
+  model = sampling_helpers.tiny_model(family)
+  graphdef, params = nnx.split(model)
+  params = jax.tree.map(lambda x: x.astype(jnp.bfloat16).astype(x.dtype), params)
+  model = nnx.merge(graphdef, params)
+  seq_bt = np.random.default_rng(2).integers(0, 61, (2, 12))
+  full_btv = np.asarray(nnx.jit(lambda m, t: m(t))(model, jnp.asarray(seq_bt)))[:, 6:]
+  cols = _steps(model, kv_cache.decode_weights(model, dtype=jnp.bfloat16), seq_bt, 6)
+  rows = _steps(model, kv_cache.decode_weights(model, rows=True, dtype=jnp.bfloat16), seq_bt, 6)
+  exact = _steps(model, kv_cache.decode_weights(model), seq_bt, 6)
+  np.testing.assert_allclose(exact, full_btv, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(rows, cols, atol=1e-5, rtol=0)
+  scale = np.abs(full_btv).max()
+  err = np.abs(cols - full_btv).max()
+  assert 0 < err < 0.02 * scale, (err, scale)

@@ -182,3 +182,22 @@ def test_prompt_and_setting_errors_name_the_fix(llama):
               dict(min_new_tokens=9, max_new_tokens=8), dict(num_beams=0), dict(stop=("",))):
     with pytest.raises(SamplerError):
       SamplerConfig(**bad)
+
+
+def test_bfloat16_matmuls_write_the_same_story_alone_and_batched(llama):
+  """matmul_dtype="bfloat16": a lone prompt runs the [out, in] matrix-vector layout, a batch the
+  [in, out] one; both compute the same products, so greedy stories match. The sampler's own
+  parameters are rounded (the caller's model is not), and other dtypes are refused."""
+  model, _, _ = llama
+  sampler = Sampler(model, eos_id=EOS, matmul_dtype="bfloat16")
+  config = SamplerConfig(temperature=0, max_new_tokens=16)
+  together = sampler.generate(PROMPTS, config)
+  for i, prompt in enumerate(PROMPTS):
+    [[alone]] = sampler.generate([prompt], config)
+    assert alone.tokens == together[i][0].tokens
+  assert sampler.weights_for(1).rows and not sampler.weights_for(4).rows
+  assert sampler.weights_for(1).out.dtype == jnp.bfloat16
+  w = np.asarray(model.embedding[...])
+  assert w.dtype == np.float32 and not np.array_equal(w, w.astype(jnp.bfloat16).astype(np.float32))
+  with pytest.raises(SamplerError, match="matmul_dtype='int8'"):
+    Sampler(model, eos_id=EOS, matmul_dtype="int8")

@@ -51,7 +51,8 @@ def beam_search(sampler, prompts, config, limits, num_return):
                         jnp.asarray(lim), seq_len=tokens.shape[1] + budget, budget=budget,
                         **settings)
   if max_new > 1:
-    state = _beam_decode(sampler.graphdef, sampler.params, sampler.weights, state,
+    weights = sampler.weights_for(tokens.shape[0] * config.num_beams)
+    state = _beam_decode(sampler.graphdef, sampler.params, weights, state,
                          jnp.asarray(max_new, jnp.int32), **settings)
   seq, score, length, eos = jax.device_get(
       (state.fin_seq, state.fin_score, state.fin_len, state.fin_eos))

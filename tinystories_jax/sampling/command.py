@@ -38,6 +38,7 @@ class SampleRequest:
   batch_size: int = 32
   step: int | None = None
   dtype: str = "auto"
+  matmul_dtype: str | None = None  # Sampler(matmul_dtype=...)
   sampler: dict[str, Any] = dataclasses.field(default_factory=dict)  # SamplerConfig fields
 
 
@@ -120,7 +121,7 @@ def run_sample(req: SampleRequest, out: TextIO = sys.stdout) -> int:
           else read_prompts(req.prompts_file))
   SamplerConfig(**{k: v for k, v in req.sampler.items() if v is not None})  # fail before loading
   loaded = workdir_lib.load(req.workdir, step=req.step, dtype=req.dtype)
-  writer = StoryWriter(loaded)
+  writer = StoryWriter(loaded, matmul_dtype=req.matmul_dtype)
   encoded = [writer.encode_prompt(r.prompt) for r in rows]
   config = sampler_config(req.sampler, max(len(e) for e in encoded), loaded.cfg.max_positions)
   too_long = [r.id for r, e in zip(rows, encoded)
@@ -151,6 +152,8 @@ def _to_file(writer, rows, encoded, config, req, model_name, out) -> int:
     print(f"{req.output} already holds {total - len(jobs)} of {total} rows; writing the rest.",
           file=out)
   sampler = config.to_dict()
+  if req.matmul_dtype:
+    sampler["matmul_dtype"] = req.matmul_dtype
   written = 0
   with open(req.output, "a", encoding="utf-8") as f:
     for start in range(0, len(jobs), req.batch_size):

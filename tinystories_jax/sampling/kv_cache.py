@@ -27,6 +27,7 @@ Separate arrays, not slices of one, so that no chunk is copied to be read.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -157,50 +158,87 @@ def _fill_ring(x_bpkd: jax.Array, length: int) -> jax.Array:
   return jnp.take(x_bkpd, held, axis=2)
 
 
-class DecodeWeights(NamedTuple):
-  """The model's matrices laid out for one-token steps (`decode_weights`), in the compute dtype.
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=("out", "qkv", "o", "up", "down"), meta_fields=("rows",))
+@dataclasses.dataclass(frozen=True)
+class DecodeWeights:
+  """The model's matrices laid out for one-token steps (`decode_weights`).
 
-  Attributes:
-    out_dv: the output projection transposed to [D, V]. XLA's CPU matmul was faster with that
-      layout at batch 64 (8.5 against 11 ms a step for the llama 15m shape's 32000 tokens).
-    qkv: per layer, wq | wk | wv side by side, [D, (H + 2K) * head_dim]: one matmul instead of
-      three (None: use the model's own wq, wk, wv). A one-token step streams every weight from
-      memory once, and fewer, wider matmuls stream faster on the CPU (docs/sampling.md).
-    gate_up: per layer, SwiGLU's w_gate | w_up, [D, 2F]; None for GPT-Neo's MLP.
+  Every matrix is stored as [in, out] ("columns"), or as [out, in] when `rows` is set. Per layer:
+  `qkv` is wq | wk | wv side by side, one matmul instead of three; `o` is wo as [H * hd, D];
+  `up` is SwiGLU's w_gate | w_up side by side (or GPT-Neo's w_in), `down` its w_down (w_out).
+  `out` is the output projection. A one-token step streams every weight from memory once, and
+  fewer, wider matmuls stream faster on the CPU (docs/sampling.md).
+
+  Columns suit XLA:CPU's matrix-matrix products (batch > 1; [D, V] ran the 15m shape's output
+  layer at 8.5 against 11 ms a step at batch 64). Rows suit its matrix-vector products (batch 1)
+  on 16-bit weights: XLA then converts each weight to the compute dtype inside the product, so
+  the step streams half the bytes (docs/sampling.md, "bfloat16 weights").
   """
-  out_dv: jax.Array
-  qkv: tuple[jax.Array, ...] | None
-  gate_up: tuple[jax.Array, ...] | None
+  out: jax.Array
+  qkv: tuple[jax.Array, ...]
+  o: tuple[jax.Array, ...]
+  up: tuple[jax.Array, ...]
+  down: tuple[jax.Array, ...]
+  rows: bool = False
 
 
-def decode_weights(model) -> DecodeWeights:
-  """Packs `model`'s weights for `decode_step` (a copy; the model is unchanged)."""
-  dt = jnp.dtype(model.cfg.dtype)
-  out_dv = jnp.transpose(model.output_embedding()).astype(dt)
-  qkv, gate_up = [], []
+def decode_weights(model, *, rows: bool = False, dtype=None) -> DecodeWeights:
+  """Packs `model`'s weights for `decode_step` (a copy; the model is unchanged).
+
+  Args:
+    model: a `CausalLM`.
+    rows: store matrices as [out, in] (for batch-1 steps on 16-bit weights), else [in, out].
+    dtype: the storage dtype (default: the model's compute dtype). The step computes in the
+      compute dtype either way.
+  """
+  dt = jnp.dtype(dtype or model.cfg.dtype)
+
+  def lay(w_io):
+    return (jnp.transpose(w_io) if rows else w_io).astype(dt)
+
+  qkv, o, up, down = [], [], [], []
   for block in model.blocks:
-    a = block.attn
+    a, mlp = block.attn, block.mlp
     d = a.wq.shape[0]
-    qkv.append(jnp.concatenate([w[...].reshape(d, -1) for w in (a.wq, a.wk, a.wv)],
-                               axis=1).astype(dt))
-    if isinstance(block.mlp, layers.SwiGLU):
-      gate_up.append(jnp.concatenate([block.mlp.w_gate[...], block.mlp.w_up[...]],
-                                     axis=1).astype(dt))
-  return DecodeWeights(out_dv, tuple(qkv), tuple(gate_up) if gate_up else None)
+    qkv.append(lay(jnp.concatenate([w[...].reshape(d, -1) for w in (a.wq, a.wk, a.wv)], axis=1)))
+    o.append(lay(a.wo[...].reshape(-1, d)))
+    if isinstance(mlp, layers.SwiGLU):
+      up.append(lay(jnp.concatenate([mlp.w_gate[...], mlp.w_up[...]], axis=1)))
+      down.append(lay(mlp.w_down[...]))
+    else:
+      up.append(lay(mlp.w_in[...]))
+      down.append(lay(mlp.w_out[...]))
+  out = model.output_embedding()  # [V, D]
+  out = (out if rows else jnp.transpose(out)).astype(dt)
+  return DecodeWeights(out, tuple(qkv), tuple(o), tuple(up), tuple(down), rows)
 
 
-def _packed_qkv(cfg: ModelConfig, x_b1d: jax.Array, w_dn: jax.Array):
-  b = x_b1d.shape[0]
-  h, kh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-  y = jnp.einsum("btd,dn->btn", x_b1d.astype(w_dn.dtype), w_dn)
-  q, k, v = jnp.split(y, [h * hd, (h + kh) * hd], axis=-1)
-  return q.reshape(b, 1, h, hd), k.reshape(b, 1, kh, hd), v.reshape(b, 1, kh, hd)
+def _linear(x_btk: jax.Array, w: jax.Array, rows: bool,
+            dtype: jnp.dtype | None = None) -> jax.Array:
+  """x @ w for a one-token step, returned in `dtype` (default x's); w laid out as
+  `DecodeWeights` says.
 
-
-def _packed_swiglu(mlp, x_b1d: jax.Array, w_dn: jax.Array) -> jax.Array:
-  y = jnp.einsum("btd,dn->btn", x_b1d.astype(w_dn.dtype), w_dn)
-  gate, up = jnp.split(y, 2, axis=-1)
-  return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, mlp.w_down[...].astype(w_dn.dtype))
+  16-bit weights: x is rounded to w's dtype and the products accumulate in float32 (XLA:CPU
+  ran [64, 288] x [288, 32000] so at about twice its float32 rate, and 6x faster than with a
+  16-bit result). Otherwise everything computes in `dtype`.
+  """
+  dt = jnp.dtype(dtype or x_btk.dtype)
+  if w.dtype.itemsize != 2:
+    x_btk, w = x_btk.astype(dt), w.astype(dt)
+    if rows:
+      return (x_btk[:, 0] @ w.T)[:, None]
+    return jnp.einsum("btk,kn->btn", x_btk, w)
+  x_btk = x_btk.astype(w.dtype)
+  if not rows:
+    return jnp.einsum("btk,kn->btn", x_btk, w, preferred_element_type=jnp.float32).astype(dt)
+  # The barrier keeps the conversion of w inside the loop body, fused into the matrix-vector
+  # product (the same products as above: 16-bit values are exact in float32): XLA would
+  # otherwise hoist a float32 copy of every weight out of the loop and stream that, the very
+  # bytes the 16-bit storage saves.
+  x_btk, w = jax.lax.optimization_barrier((x_btk, w))
+  y_bn = x_btk[:, 0].astype(jnp.float32) @ w.astype(jnp.float32).T
+  return y_bn[:, None].astype(dt)
 
 
 def decode_step(model, cache: KVCache, token_b: jax.Array,
@@ -216,16 +254,21 @@ def decode_step(model, cache: KVCache, token_b: jax.Array,
   cur = cache.cur + 1
   positions_b1 = (cur - cache.pad_b)[:, None].astype(jnp.int32)
   dt = jnp.dtype(cfg.dtype)
+  b = token_b.shape[0]
   x = jnp.take(model.embedding[...], token_b[:, None], axis=0).astype(dt)
   x = model.embed_positions(x, positions_b1)
   ks, vs = [], []
   for i, (block, k_chunks, v_chunks) in enumerate(zip(model.blocks, cache.k, cache.v)):
+    attn, mlp = block.attn, block.mlp
     length = sum(c.shape[2] for c in k_chunks)
-    if weights is None or weights.qkv is None:
-      q, k, v = block.attn.qkv(block.norm1(x))
+    if weights is None:
+      q, k, v = attn.qkv(block.norm1(x))
     else:
-      q, k, v = _packed_qkv(cfg, block.norm1(x), weights.qkv[i])
-    q, k = block.attn.rotate(q, k, positions_b1, positions_b1)
+      h, kh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+      y = _linear(block.norm1(x), weights.qkv[i], weights.rows, dt)
+      q, k, v = jnp.split(y, [h * hd, (h + kh) * hd], axis=-1)
+      q, k, v = q.reshape(b, 1, h, hd), k.reshape(b, 1, kh, hd), v.reshape(b, 1, kh, hd)
+    q, k = attn.rotate(q, k, positions_b1, positions_b1)
     k_bk1d = jnp.swapaxes(k, 1, 2).astype(k_chunks[0].dtype)
     v_bk1d = jnp.swapaxes(v, 1, 2).astype(v_chunks[0].dtype)
     # Attend to the cache as it was plus the new key, so nothing reads the updated cache in this
@@ -235,23 +278,31 @@ def decode_step(model, cache: KVCache, token_b: jax.Array,
     slots_l = _ring_slots(cur, length)
     visible_bl = (slots_l[None, :] >= cache.pad_b[:, None]) & (slots_l != cur)[None, :]
     o = cached_attention(q, k_chunks, v_chunks, visible_bl, k_bk1d, v_bk1d, cur,
-                         scale=block.attn.scale)
+                         scale=attn.scale)
     index = jnp.mod(cur, length)
     k_chunks = _write(k_chunks, k_bk1d, index)
     v_chunks = _write(v_chunks, v_bk1d, index)
-    x = x + block.attn.out(o)
-    if weights is None or weights.gate_up is None:
-      x = x + block.mlp(block.norm2(x))
+    if weights is None:
+      x = x + attn.out(o)
+      x = x + mlp(block.norm2(x))
     else:
-      x = x + _packed_swiglu(block.mlp, block.norm2(x), weights.gate_up[i])
+      y = _linear(o.reshape(b, 1, -1), weights.o[i], weights.rows, dt)
+      x = x + (y if attn.bo is None else y + attn.bo[...].astype(dt))
+      y = _linear(block.norm2(x), weights.up[i], weights.rows, dt)
+      if isinstance(mlp, layers.SwiGLU):
+        gate, up = jnp.split(y, 2, axis=-1)
+        y = _linear(jax.nn.silu(gate) * up, weights.down[i], weights.rows, dt)
+      else:
+        y = jax.nn.gelu(y + mlp.b_in[...].astype(dt), approximate=True)
+        y = _linear(y, weights.down[i], weights.rows, dt) + mlp.b_out[...].astype(dt)
+      x = x + y
     ks.append(k_chunks)
     vs.append(v_chunks)
   h = model.final_norm(x)
   if weights is None:
     logits = model.logits(h)[:, 0]
   else:
-    logits = jnp.einsum("btd,dv->bv", h, weights.out_dv.astype(h.dtype),
-                        preferred_element_type=jnp.float32)
+    logits = _linear(h, weights.out, weights.rows, jnp.float32)[:, 0]
   return logits, KVCache(tuple(ks), tuple(vs), cache.pad_b, cur)
 
 

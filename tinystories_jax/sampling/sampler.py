@@ -71,15 +71,38 @@ class Sampler:
     eos_id: the end-of-story token id.
     prompt_bucket: prompts are left-padded to a multiple of this many tokens.
     stream_chunk: tokens decoded per device call when streaming or checking stop strings.
+    matmul_dtype: "bfloat16" makes every matrix product of a decode step take bfloat16 inputs
+      (weights stored in bfloat16, activations rounded) and accumulate in float32; attention,
+      norms and the softmax keep the model's dtype. The parameters are rounded to bfloat16 once,
+      here, so the prompt's pass uses the same weights. On a CPU this streams half the weight
+      bytes at batch 1 and runs XLA's faster bfloat16 matmul at larger batches
+      (docs/sampling.md, "bfloat16 matmuls"); the stories are those of the rounded model. None
+      (default): the model's own dtype throughout (for a bfloat16 model that is the same).
   """
 
-  def __init__(self, model, *, eos_id: int, prompt_bucket: int = 16, stream_chunk: int = 16):
+  def __init__(self, model, *, eos_id: int, prompt_bucket: int = 16, stream_chunk: int = 16,
+               matmul_dtype: str | None = None):
     self.cfg = model.cfg
     self.graphdef, self.params = nnx.split(model)
-    self.weights = kv_cache.decode_weights(model)
+    if matmul_dtype not in (None, "bfloat16"):
+      raise SamplerError(f"matmul_dtype={matmul_dtype!r}: use bfloat16, or None for the model's "
+                         "own dtype.")
+    self.matmul_dtype = jnp.dtype(matmul_dtype or model.cfg.dtype)
+    if matmul_dtype:
+      self.params = jax.tree.map(_round_to(jnp.bfloat16), self.params)
+    self._weights: dict[bool, kv_cache.DecodeWeights] = {}
     self.eos_id = int(eos_id)
     self.prompt_bucket = prompt_bucket
     self.stream_chunk = stream_chunk
+
+  def weights_for(self, batch: int) -> kv_cache.DecodeWeights:
+    """The decode step's packed weights for a padded batch of `batch` rows (built once each):
+    [out, in] rows for one row on 16-bit weights, [in, out] columns otherwise."""
+    rows = batch == 1 and self.matmul_dtype.itemsize == 2
+    if rows not in self._weights:
+      model = nnx.merge(self.graphdef, self.params)
+      self._weights[rows] = kv_cache.decode_weights(model, rows=rows, dtype=self.matmul_dtype)
+    return self._weights[rows]
 
   def max_sequence(self) -> int:
     """Most slots (prompt + new tokens) a sequence may use: the model's `max_positions`."""
@@ -174,7 +197,7 @@ class Sampler:
     while True:
       if step < max_new:
         step = min(step + chunk, max_new)
-        state = _decode(self.graphdef, self.params, self.weights, state,
+        state = _decode(self.graphdef, self.params, self.weights_for(len(strm)), state,
                         jnp.asarray(step, jnp.int32), mode=mode, eos_id=self.eos_id)
       done = np.asarray(state.done_b)[:n] | stopped
       finished = bool(done.all()) or step >= max_new
@@ -195,6 +218,14 @@ class Sampler:
     rows = _rows(host[0][:n], host[1][:n])
     return [Completion(r, "stop" if (host[2][i] or stopped[i]) else "length")
             for i, r in enumerate(rows)]
+
+
+def _round_to(dtype):
+  def f(x):
+    if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.floating):
+      return x.astype(dtype).astype(x.dtype)
+    return x
+  return f
 
 
 def _rows(tokens_bn: np.ndarray, count_b: np.ndarray) -> list[list[int]]:

@@ -33,10 +33,12 @@ class StoryCompletion:
 class StoryWriter:
   """Text-level sampling over a loaded workdir (thread-compatible, not thread-safe)."""
 
-  def __init__(self, loaded: LoadedModel, *, stream_chunk: int = 16):
+  def __init__(self, loaded: LoadedModel, *, stream_chunk: int = 16,
+               matmul_dtype: str | None = None):
     self.loaded = loaded
     self.tokenizer = loaded.tokenizer
-    self.sampler = Sampler(loaded.model, eos_id=self.tokenizer.eos_id, stream_chunk=stream_chunk)
+    self.sampler = Sampler(loaded.model, eos_id=self.tokenizer.eos_id, stream_chunk=stream_chunk,
+                           matmul_dtype=matmul_dtype)
 
   def encode_prompt(self, prompt: str) -> list[int]:
     """BOS followed by the prompt's tokens."""

@@ -35,6 +35,7 @@ class ServeOptions:
   model_name: str | None = None  # default: the workdir's directory name
   step: int | None = None
   dtype: str = "auto"
+  matmul_dtype: str | None = None  # Sampler(matmul_dtype=...)
   max_batch: int = 32
   max_queue: int = 64
   grace_s: float = 30.0
@@ -104,7 +105,7 @@ def serve(opts: ServeOptions, out: TextIO = sys.stdout) -> None:
   if opts.max_batch < 1 or opts.max_queue < 0 or opts.grace_s < 0:
     raise SamplerError("--max_batch must be at least 1, --max_queue and --grace_s at least 0.")
   loaded = sampling.load(opts.workdir, step=opts.step, dtype=opts.dtype)
-  writer = sampling.StoryWriter(loaded)
+  writer = sampling.StoryWriter(loaded, matmul_dtype=opts.matmul_dtype)
   model_id = opts.model_name or pathlib.Path(opts.workdir).absolute().name
   if opts.warmup:  # compile the batch-of-one shapes before the first client waits for them
     writer.complete(["Once upon a time"], SamplerConfig(max_new_tokens=2))
