@@ -19,6 +19,8 @@ Sections, each guarded so one failure does not end the run, in this order:
              cuDNN, XLA, jax's stock Pallas (Triton) `mha` and its Mosaic GPU kernel (forward)
   sweep      our kernel's tile sizes
   pipeline   benchmarks/input_pipeline.py (needs grain), in a child process
+  sampling   benchmarks/sampling.py at batch 1, 64 and 256 (ours in float32 and with bfloat16
+             matmuls; transformers' generate in float32 and bfloat16), in a child process
 Every row goes to $OUT/gpu_check.jsonl as it is measured; the tables go to $OUT/gpu_check.md and,
 shortened, to stdout at the end. `--budget_s` bounds the whole run: sections past it are skipped
 with a row saying so.
@@ -43,7 +45,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-SECTIONS = ("versions", "kernel_check", "matmul", "train", "attention", "sweep", "pipeline")
+SECTIONS = ("versions", "kernel_check", "matmul", "train", "attention", "sweep", "pipeline",
+            "sampling")
 # (family, preset, vocab, batch, seq, overrides): the shapes of the baselines.
 # TinyStories-33M comes before llama 42M, the slowest to compile and run, so that a budget that
 # runs out leaves the shape with the most earlier figures unmeasured. `--train_shapes` picks by
@@ -334,6 +337,18 @@ def section_pipeline(run: Run, args) -> None:
         run.emit({"kind": "pipeline", **json.loads(line)})
 
 
+def section_sampling(run: Run, args) -> None:
+  out = pathlib.Path(args.out) / "sampling.jsonl"
+  argv = [str(REPO / "benchmarks" / "sampling.py"), f"--output={out}"]
+  argv += (["--batch_sizes=1,2", "--new_tokens=8", "--repeats=1"] if args.smoke
+           else ["--batch_sizes=1,64,256", "--repeats=3"])
+  _child(run, argv, "sampling", timeout=max(30.0, run.deadline - time.time()))
+  if out.exists():
+    for line in out.read_text().splitlines():
+      if line.strip():
+        run.emit({"kind": "sampling", **json.loads(line)})
+
+
 # ------------------------------------------------------------------------------------------------
 # tables
 
@@ -415,6 +430,12 @@ def write_tables(run: Run) -> None:
   if any(r.get("kind") == "train" and "system" in r for r in run.rows):
     parts += ["", _train_table(run.rows)]
   parts += ["", *(f"- {line}" for line in _ratios(run.rows))]
+  sampled = [r for r in run.rows if r.get("kind") == "sampling" and "new_tokens_per_s" in r]
+  if sampled:
+    parts += ["", "| sampling, llama 15m shape | batch | new tokens/s | ratios |", "|---|---|---|---|"]
+    parts += [f"| {r['system']} | {r['batch']} | {r['new_tokens_per_s']:.0f} | "
+              + ", ".join(f"{v:.2f}x {k.split(' (')[1].split(',')[0]}"
+                          for k, v in r.get("ratios", {}).items()) + " |" for r in sampled]
   sweep = [r for r in run.rows if r.get("kind") == "attention_sweep" and "fwdbwd_ms" in r]
   if sweep:
     parts += ["", "| sweep shape | window | blocks (fwd q, k; dQ q, k; dK/dV q, k) | fwd+bwd ms |",

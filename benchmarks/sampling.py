@@ -12,7 +12,7 @@ transformers runs once for each of --transformers_dtypes (its whole model cast t
 Every printed row and JSONL row names its dtypes, and each of ours is divided by each peer of the
 same batch size. Figures are new tokens per second over --repeats timed runs after one warm-up
 run (which compiles ours), median reported. The transformers model runs on PyTorch's CPU threads
-(--threads, default: every core).
+(--threads, default: every core), or on the GPU where PyTorch sees one.
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ def transformers_generate(batch: int, new_tokens: int, repeats: int, threads: in
   import transformers  # noqa: PLC0415
 
   torch.set_num_threads(threads)
+  device = "cuda" if torch.cuda.is_available() else "cpu"
   cfg = presets.llama("15m", vocab_size=VOCAB)
   hf_cfg = transformers.LlamaConfig(
       vocab_size=VOCAB, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
@@ -74,8 +75,9 @@ def transformers_generate(batch: int, new_tokens: int, repeats: int, threads: in
       rms_norm_eps=cfg.norm_eps, tie_word_embeddings=True, bos_token_id=1, eos_token_id=EOS,
       pad_token_id=0)
   torch.manual_seed(0)
-  model = transformers.LlamaForCausalLM(hf_cfg).eval().to(getattr(torch, dtype))
-  ids = torch.ones((batch, 1), dtype=torch.long)
+  model = transformers.LlamaForCausalLM(hf_cfg).eval().to(device=device,
+                                                          dtype=getattr(torch, dtype))
+  ids = torch.ones((batch, 1), dtype=torch.long, device=device)
   kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                 pad_token_id=0, attention_mask=torch.ones_like(ids))
   with torch.inference_mode():
@@ -85,10 +87,13 @@ def transformers_generate(batch: int, new_tokens: int, repeats: int, threads: in
     for _ in range(repeats):
       t0 = time.perf_counter()
       model.generate(ids, **kwargs)
+      if device == "cuda":
+        torch.cuda.synchronize()
       times.append(time.perf_counter() - t0)
   t = statistics.median(times)
+  where = "cuda" if device == "cuda" else f"{threads} threads"
   return {"system": f"transformers {transformers.__version__} generate ({dtype}, torch "
-                    f"{torch.__version__}, {threads} threads)", "batch": batch,
+                    f"{torch.__version__}, {where})", "batch": batch,
           "new_tokens": new_tokens, "seconds": t, "new_tokens_per_s": batch * new_tokens / t}
 
 
@@ -130,7 +135,6 @@ def main(argv=None) -> int:
     print("error: --matmul_dtypes takes none and bfloat16; --transformers_dtypes float32 and "
           "bfloat16.", file=sys.stderr)
     return 2
-  rows = []
   for b in batches:
     ours_rows, peer_rows = [], []
     for m in matmuls:
@@ -148,11 +152,10 @@ def main(argv=None) -> int:
                        for p in peer_rows}
       for name, r in row["ratios"].items():
         print(f"  batch {b:4d}  {row['system']} / {name}: {r:.2f}x", flush=True)
-    rows += ours_rows + peer_rows
-  if args.output:
-    with open(args.output, "a", encoding="utf-8") as f:
-      for row in rows:
-        f.write(json.dumps(dict(row, **machine)) + "\n")
+    if args.output:  # batch by batch, so a run cut short keeps what it measured
+      with open(args.output, "a", encoding="utf-8") as f:
+        for row in ours_rows + peer_rows:
+          f.write(json.dumps(dict(row, **machine)) + "\n")
   return 0
 
 
