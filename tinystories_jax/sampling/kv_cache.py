@@ -173,7 +173,7 @@ class DecodeWeights:
   Columns suit XLA:CPU's matrix-matrix products (batch > 1; [D, V] ran the 15m shape's output
   layer at 8.5 against 11 ms a step at batch 64). Rows suit its matrix-vector products (batch 1)
   on 16-bit weights: XLA then converts each weight to the compute dtype inside the product, so
-  the step streams half the bytes (docs/sampling.md, "bfloat16 weights").
+  the step streams half the bytes (docs/sampling.md, "bfloat16 matmuls").
   """
   out: jax.Array
   qkv: tuple[jax.Array, ...]
