@@ -18,9 +18,9 @@ import sampling_helpers
 def test_cached_decode_equals_full_forward_at_every_position(family, packed, chunk, monkeypatch):
   """Two rows with different left padding; window 4 is shorter than the 14 tokens, so the local
   layer's ring buffer wraps several times. `packed`: the step runs on `decode_weights` (what the
-  sampler uses), laid out [in, out] or [out, in], instead of the model's modules. `chunk` 3 splits the global layer's 22 slots into
-  8 chunks (most of them empty at first, so skipped) and the local layer's ring of 4 into two,
-  which the ring's writes cross."""
+  sampler uses), laid out [in, out] or [out, in], instead of the model's modules. `chunk` 3
+  splits the global layer's 22 slots into 8 chunks (most of them empty at first, so skipped) and
+  the local layer's ring of 4 into two, which the ring's writes cross."""
   monkeypatch.setattr(kv_cache, "CACHE_CHUNK", chunk)
   model = sampling_helpers.tiny_model(family)
   weights = packed and kv_cache.decode_weights(model, rows=packed == "rows")
