@@ -432,9 +432,10 @@ def write_tables(run: Run) -> None:
   parts += ["", *(f"- {line}" for line in _ratios(run.rows))]
   sampled = [r for r in run.rows if r.get("kind") == "sampling" and "new_tokens_per_s" in r]
   if sampled:
-    parts += ["", "| sampling, llama 15m shape | batch | new tokens/s | ratios |", "|---|---|---|---|"]
+    parts += ["", "| sampling, llama 15m shape | batch | new tokens/s | ours / transformers |",
+              "|---|---|---|---|"]
     parts += [f"| {r['system']} | {r['batch']} | {r['new_tokens_per_s']:.0f} | "
-              + ", ".join(f"{v:.2f}x {k.split(' (')[1].split(',')[0]}"
+              + ", ".join(f"{v:.2f}x vs {k.split(' (')[1].split(',')[0]}"
                           for k, v in r.get("ratios", {}).items()) + " |" for r in sampled]
   sweep = [r for r in run.rows if r.get("kind") == "attention_sweep" and "fwdbwd_ms" in r]
   if sweep:
