@@ -109,6 +109,18 @@ def test_the_key_never_appears_in_errors(server, fake, monkeypatch):
   assert "[redacted key]" in str(info.value)  # The server echoed it; we scrubbed it.
 
 
+def test_a_short_placeholder_key_does_not_garble_messages():
+  message = "The prompt (238 tokens) plus max_tokens (500) exceeds the model's 512 positions."
+  # Local servers accept any key, and "x" or "EMPTY" are common choices: only a whole-token
+  # occurrence of the key is a leak.
+  assert client_lib.redact_key(message, "x") == message
+  assert client_lib.redact_key("key x was refused", "x") == "key [redacted key] was refused"
+  assert client_lib.redact_key("bad key 'sk-a1.b2' given", "sk-a1.b2") == (
+      "bad key '[redacted key]' given")
+  assert client_lib.redact_key("Bearer sk-abc123xyz", "sk-abc123xyz") == "Bearer [redacted key]"
+  assert client_lib.redact_key(message, "") == message
+
+
 def test_structured_output_falls_back_to_free_text(server, fake):
   fake.structured_output = False
   scripted(fake, [Reply(text="Grammar: 8")])

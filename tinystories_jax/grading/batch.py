@@ -23,7 +23,7 @@ from typing import Any
 import openai
 
 from tinystories_jax.grading.client import (AuthStop, ClientConfig, UnusableAnswer, Usage,
-                                            read_answer, resolve_api_key)
+                                            read_answer, redact_key, resolve_api_key)
 
 ENDPOINT = "/v1/chat/completions"
 TERMINAL = ("completed", "failed", "expired", "cancelled")
@@ -96,7 +96,7 @@ class BatchRunner:
       raise AuthStop(f"The endpoint refused our credentials while trying to {what} "
                      f"(HTTP {e.status_code}); check the API key and --base_url.") from None
     except openai.APIStatusError as e:
-      message = str(e.message).replace(self._key, "[redacted key]")
+      message = redact_key(str(e.message), self._key)
       raise RuntimeError(f"Could not {what}: HTTP {e.status_code}: {message}") from None
 
   # ---- submission -----------------------------------------------------------------------

@@ -15,6 +15,7 @@ import email.utils
 import logging as std_logging
 import os
 import random
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
@@ -149,6 +150,18 @@ def resolve_api_key(config: ClientConfig) -> str:
       "local OpenAI-compatible server.")
 
 
+def redact_key(text: str, key: str) -> str:
+  """`text` with every occurrence of `key` that stands as a whole token replaced.
+
+  A key counts as written where no letter or digit touches it on either side, so a short
+  placeholder key such as "x" or "EMPTY" (which local servers accept) does not garble the words
+  it happens to be part of ("max_tokens"), while a real key quoted in an error is still removed.
+  """
+  if not key or key == _PLACEHOLDER_KEY:
+    return text
+  return re.sub(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])", "[redacted key]", text)
+
+
 def retry_after_s(headers) -> float | None:
   """Seconds the server asked us to wait (Retry-After-Ms, Retry-After seconds or HTTP date)."""
   if headers is None:
@@ -206,9 +219,7 @@ class ChatClient:
 
   def redact(self, text: str) -> str:
     """`text` with the API key removed, for anything that is logged or written."""
-    if self._key and self._key != _PLACEHOLDER_KEY:
-      text = text.replace(self._key, "[redacted key]")
-    return text
+    return redact_key(text, self._key)
 
   def _backoff_s(self, retry: int) -> float:
     cap = min(self.config.backoff_max_s, self.config.backoff_initial_s * 2.0**retry)
