@@ -20,7 +20,8 @@ Sections, each guarded so one failure does not end the run, in this order:
   sweep      our kernel's tile sizes
   pipeline   benchmarks/input_pipeline.py (needs grain), in a child process
   sampling   benchmarks/sampling.py at batch 1, 64 and 256 (ours in float32 and with bfloat16
-             matmuls; transformers' generate in float32 and bfloat16), in a child process
+             matmuls, each with a chunked and a whole KV cache; transformers' generate in float32
+             and bfloat16), in a child process
 Every row goes to $OUT/gpu_check.jsonl as it is measured; the tables go to $OUT/gpu_check.md and,
 shortened, to stdout at the end. `--budget_s` bounds the whole run: sections past it are skipped
 with a row saying so.
@@ -340,6 +341,8 @@ def section_pipeline(run: Run, args) -> None:
 def section_sampling(run: Run, args) -> None:
   out = pathlib.Path(args.out) / "sampling.jsonl"
   argv = [str(REPO / "benchmarks" / "sampling.py"), f"--output={out}"]
+  # Both cache layouts: the sampler keeps the cache whole off the CPU without a GPU figure yet.
+  argv += ["--cache_layouts=chunked,whole"]
   argv += (["--batch_sizes=1,2", "--new_tokens=8", "--repeats=1"] if args.smoke
            else ["--batch_sizes=1,64,256", "--repeats=3"])
   _child(run, argv, "sampling", timeout=max(30.0, run.deadline - time.time()))

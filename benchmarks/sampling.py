@@ -2,13 +2,15 @@
 
   python benchmarks/sampling.py                          # llama 15m shape, batch 1 and 64, CPU
   python benchmarks/sampling.py --batch_sizes=1,64,256   # on a GPU
+  python benchmarks/sampling.py --cache_layouts=chunked,whole --skip_transformers
   python benchmarks/sampling.py --skip_transformers --output=results.jsonl
 
 Both sides: llama2.c's 15M shape (d 288, 6 layers, 6 heads, vocab 32000, tied embeddings) with
 random weights, a one-token prompt, greedy decoding of exactly --new_tokens tokens (the
 end-of-story token is forbidden, so both do the same work). Ours computes in --dtype, once for
-each of --matmul_dtypes ("none": --dtype throughout; "bfloat16": `Sampler(matmul_dtype=...)`);
-transformers runs once for each of --transformers_dtypes (its whole model cast to that dtype).
+each of --matmul_dtypes ("none": --dtype throughout; "bfloat16": `Sampler(matmul_dtype=...)`)
+and each of --cache_layouts ("auto": the sampler's own choice; "chunked" or "whole":
+`Sampler(chunked_cache=...)`); transformers runs once for each of --transformers_dtypes (its whole model cast to that dtype).
 Every printed row and JSONL row names its dtypes, and each of ours is divided by each peer of the
 same batch size. Figures are new tokens per second over --repeats timed runs after one warm-up
 run (which compiles ours), median reported. The transformers model runs on PyTorch's CPU threads
@@ -39,10 +41,11 @@ EOS = 2
 
 
 def ours(batch: int, new_tokens: int, repeats: int, dtype: str,
-         matmul_dtype: str | None = None) -> dict:
+         matmul_dtype: str | None = None, cache: str = "auto") -> dict:
   cfg = presets.llama("15m", vocab_size=VOCAB, dtype=dtype)
   model = models.build(cfg, nnx.Rngs(0))
-  sampler = Sampler(model, eos_id=EOS, matmul_dtype=matmul_dtype)
+  sampler = Sampler(model, eos_id=EOS, matmul_dtype=matmul_dtype,
+                    chunked_cache=None if cache == "auto" else cache == "chunked")
   prompts = [[1]] * batch
   config = SamplerConfig(temperature=0, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
   t0 = time.perf_counter()
@@ -56,6 +59,8 @@ def ours(batch: int, new_tokens: int, repeats: int, dtype: str,
     times.append(time.perf_counter() - t0)
   t = statistics.median(times)
   label = dtype if matmul_dtype in (None, dtype) else f"{dtype}, {matmul_dtype} matmuls"
+  if cache != "auto":
+    label += f", {cache} cache"
   return {"system": f"tinystories_jax ({label})", "batch": batch, "new_tokens": new_tokens,
           "seconds": t, "new_tokens_per_s": batch * new_tokens / t, "warmup_s": warmup_s}
 
@@ -107,6 +112,10 @@ def main(argv=None) -> int:
                       help="ours once per entry: none (--dtype throughout) or bfloat16 "
                            "(Sampler(matmul_dtype=...): matrix products on bfloat16 weights and "
                            "inputs with float32 accumulation, the rest in --dtype)")
+  parser.add_argument("--cache_layouts", default="auto",
+                      help="ours once per entry and matmul dtype: auto (the sampler's default: "
+                           "chunked on a CPU, whole elsewhere), chunked or whole "
+                           "(Sampler(chunked_cache=...))")
   parser.add_argument("--transformers_dtypes", default="float32,bfloat16",
                       help="the transformers peer once per entry")
   parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -130,22 +139,25 @@ def main(argv=None) -> int:
   print(f"llama 15m shape, vocab {VOCAB}, random weights; {machine}")
   matmuls = [None if m == "none" else m for m in args.matmul_dtypes.split(",")]
   peers_dtypes = [] if args.skip_transformers else args.transformers_dtypes.split(",")
+  caches = args.cache_layouts.split(",")
   if any(m not in (None, "bfloat16") for m in matmuls) or any(
-      d not in ("float32", "bfloat16") for d in peers_dtypes):
+      d not in ("float32", "bfloat16") for d in peers_dtypes) or any(
+      c not in ("auto", "chunked", "whole") for c in caches):
     print("error: --matmul_dtypes takes none and bfloat16; --transformers_dtypes float32 and "
-          "bfloat16.", file=sys.stderr)
+          "bfloat16; --cache_layouts auto, chunked and whole.", file=sys.stderr)
     return 2
   for b in batches:
     ours_rows, peer_rows = [], []
     for m in matmuls:
-      row = ours(b, args.new_tokens, args.repeats, args.dtype, m)
-      ours_rows.append(row)
-      print(f"  batch {b:4d}  {row['system']:52s} {row['new_tokens_per_s']:8.1f} new tokens/s "
-            f"(compile + first run {row['warmup_s']:.1f} s)", flush=True)
+      for c in caches:
+        row = ours(b, args.new_tokens, args.repeats, args.dtype, m, c)
+        ours_rows.append(row)
+        print(f"  batch {b:4d}  {row['system']:62s} {row['new_tokens_per_s']:8.1f} new tokens/s "
+              f"(compile + first run {row['warmup_s']:.1f} s)", flush=True)
     for d in peers_dtypes:
       peer = transformers_generate(b, args.new_tokens, args.repeats, args.threads, d)
       peer_rows.append(peer)
-      print(f"  batch {b:4d}  {peer['system']:52s} {peer['new_tokens_per_s']:8.1f} new tokens/s",
+      print(f"  batch {b:4d}  {peer['system']:62s} {peer['new_tokens_per_s']:8.1f} new tokens/s",
             flush=True)
     for row in ours_rows:
       row["ratios"] = {p["system"]: row["new_tokens_per_s"] / p["new_tokens_per_s"]

@@ -12,7 +12,7 @@ from tinystories_jax.sampling import kv_cache
 import sampling_helpers
 
 
-@pytest.mark.parametrize("chunk", [64, 3], ids=["one-chunk", "chunks-of-3"])
+@pytest.mark.parametrize("chunk", [64, 3, "whole"], ids=["one-chunk", "chunks-of-3", "whole"])
 @pytest.mark.parametrize("packed", [None, "columns", "rows"])
 @pytest.mark.parametrize("family", ["gpt_neo", "llama"])
 def test_cached_decode_equals_full_forward_at_every_position(family, packed, chunk, monkeypatch):
@@ -20,8 +20,10 @@ def test_cached_decode_equals_full_forward_at_every_position(family, packed, chu
   layer's ring buffer wraps several times. `packed`: the step runs on `decode_weights` (what the
   sampler uses), laid out [in, out] or [out, in], instead of the model's modules. `chunk` 3
   splits the global layer's 22 slots into 8 chunks (most of them empty at first, so skipped) and
-  the local layer's ring of 4 into two, which the ring's writes cross."""
-  monkeypatch.setattr(kv_cache, "CACHE_CHUNK", chunk)
+  the local layer's ring of 4 into two, which the ring's writes cross. "whole": `chunked=False`
+  keeps one array per layer even with 3-slot chunks configured."""
+  chunked = chunk != "whole"
+  monkeypatch.setattr(kv_cache, "CACHE_CHUNK", chunk if chunked else 3)
   model = sampling_helpers.tiny_model(family)
   weights = packed and kv_cache.decode_weights(model, rows=packed == "rows")
   rng = np.random.default_rng(0)
@@ -35,7 +37,8 @@ def test_cached_decode_equals_full_forward_at_every_position(family, packed, chu
   pad_b = jnp.asarray([p - n for n in prompt_lens], jnp.int32)
   seq_len = p + 14
 
-  prefill = nnx.jit(lambda m, t, pad: kv_cache.prefill(m, t, pad, seq_len, all_logits=True))
+  prefill = nnx.jit(lambda m, t, pad: kv_cache.prefill(m, t, pad, seq_len, all_logits=True,
+                                                       chunked=chunked))
   step = nnx.jit(kv_cache.decode_step)
   logits_bpv, cache = prefill(model, jnp.asarray(tokens_bp), pad_b)
   logits_bpv = np.asarray(logits_bpv)
@@ -43,8 +46,8 @@ def test_cached_decode_equals_full_forward_at_every_position(family, packed, chu
     np.testing.assert_allclose(logits_bpv[b, p - n:], full_btv[b, :n], atol=1e-5, rtol=0)
   # Feed each row's own next tokens; row 0 is 3 tokens behind row 1 in its own positions.
   # The local layer's cache is the window, not the sequence.
-  assert [c.shape[2] for c in cache.k[1]] == ([4] if chunk == 64 else [3, 1])
-  assert [c.shape[2] for c in cache.k[0]] == ([seq_len] if chunk == 64 else [3] * 7 + [1])
+  assert [c.shape[2] for c in cache.k[1]] == ([3, 1] if chunk == 3 else [4])
+  assert [c.shape[2] for c in cache.k[0]] == ([3] * 7 + [1] if chunk == 3 else [seq_len])
   for i in range(14 - max(prompt_lens)):
     token_b = jnp.asarray([seq_bt[b, n + i] for b, n in enumerate(prompt_lens)], jnp.int32)
     logits_bv, cache = step(model, cache, token_b, weights)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tinystories_jax.sampling import Sampler, SamplerConfig, SamplerError
+from tinystories_jax.sampling import Sampler, SamplerConfig, SamplerError, kv_cache
 
 import sampling_helpers
 
@@ -182,6 +182,22 @@ def test_prompt_and_setting_errors_name_the_fix(llama):
               dict(min_new_tokens=9, max_new_tokens=8), dict(num_beams=0), dict(stop=("",))):
     with pytest.raises(SamplerError):
       SamplerConfig(**bad)
+
+
+def test_chunked_and_whole_caches_write_the_same_stories(setup):
+  """40 new tokens after a 16-slot prompt bucket: an 80-slot cache, two chunks (64 + 16) when
+  chunked, of which the second is skipped until written. Greedy, sampled and beam output match
+  the whole-cache layout; the default chunks on a CPU only."""
+  model, default, _ = setup
+  assert default.chunked_cache == (jax.default_backend() == "cpu")
+  chunked = Sampler(model, eos_id=EOS, chunked_cache=True)
+  whole = Sampler(model, eos_id=EOS, chunked_cache=False)
+  for config in (SamplerConfig(temperature=0, max_new_tokens=40),
+                 SamplerConfig(**SAMPLING, max_new_tokens=40, seed=3),
+                 SamplerConfig(temperature=0, num_beams=2, max_new_tokens=40)):
+    a, b = chunked.generate(PROMPTS, config), whole.generate(PROMPTS, config)
+    assert [[c.tokens for c in r] for r in a] == [[c.tokens for c in r] for r in b], config
+  assert len(kv_cache.chunk_sizes(80)) == 2 and kv_cache.chunk_sizes(80, chunked=False) == (80,)
 
 
 def test_bfloat16_matmuls_write_the_same_story_alone_and_batched(llama):

@@ -49,7 +49,7 @@ def beam_search(sampler, prompts, config, limits, num_return):
                   min_new=config.min_new_tokens, eos_id=sampler.eos_id)
   state = _beam_prefill(sampler.graphdef, sampler.params, jnp.asarray(tokens), jnp.asarray(pad),
                         jnp.asarray(lim), seq_len=tokens.shape[1] + budget, budget=budget,
-                        **settings)
+                        chunked=sampler.chunked_cache, **settings)
   if max_new > 1:
     weights = sampler.weights_for(tokens.shape[0] * config.num_beams)
     state = _beam_decode(sampler.graphdef, sampler.params, weights, state,
@@ -119,11 +119,11 @@ def _step(state: BeamState, logits_bnv: jax.Array, *, num_beams, length_penalty,
 _STATIC = ("graphdef", "num_beams", "length_penalty", "min_new", "eos_id")
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC + ("seq_len", "budget"))
+@functools.partial(jax.jit, static_argnames=_STATIC + ("seq_len", "budget", "chunked"))
 def _beam_prefill(graphdef, params, tokens_bp, pad_b, limit_b, *, seq_len, budget, num_beams,
-                  length_penalty, min_new, eos_id):
+                  length_penalty, min_new, eos_id, chunked):
   model = nnx.merge(graphdef, params)
-  logits_bv, cache = kv_cache.prefill(model, tokens_bp, pad_b, seq_len)
+  logits_bv, cache = kv_cache.prefill(model, tokens_bp, pad_b, seq_len, chunked=chunked)
   b, n = tokens_bp.shape[0], num_beams
   cache = kv_cache.KVCache(jax.tree.map(lambda x: jnp.repeat(x, n, axis=0), cache.k),
                            jax.tree.map(lambda x: jnp.repeat(x, n, axis=0), cache.v),

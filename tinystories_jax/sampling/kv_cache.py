@@ -22,7 +22,10 @@ Chunks. A layer's L slots are held as a few separate arrays of consecutive ring 
 that hold a written slot (a `lax.cond` per chunk, merged with the online-softmax rule). Attention
 over the cache is a large part of a batched CPU step, and its cost grows with the slots it reads:
 a story's cache is on average half empty, so this reads about half as much (docs/sampling.md).
-Separate arrays, not slices of one, so that no chunk is copied to be read.
+Separate arrays, not slices of one, so that no chunk is copied to be read. `prefill(...,
+chunked=False)` keeps each layer's cache whole instead: one array, every slot attended under the
+mask, no `lax.cond`. The sampler does that off the CPU, where reading a few hundred cached slots is
+cheap next to a conditional that XLA may run by copying its predicate to the host.
 """
 
 from __future__ import annotations
@@ -49,8 +52,11 @@ CACHE_CHUNK = 64
 MAX_CHUNKS = 8
 
 
-def chunk_sizes(length: int) -> tuple[int, ...]:
-  """Slots of each chunk of a `length`-slot layer cache (consecutive ring indices)."""
+def chunk_sizes(length: int, chunked: bool = True) -> tuple[int, ...]:
+  """Slots of each chunk of a `length`-slot layer cache (consecutive ring indices); one chunk of
+  `length` slots when not `chunked`."""
+  if not chunked:
+    return (length,)
   size = max(CACHE_CHUNK, -(-length // MAX_CHUNKS))
   return tuple(min(size, length - start) for start in range(0, length, size))
 
@@ -95,7 +101,7 @@ def _positions(pad_b: jax.Array, slots: jax.Array) -> jax.Array:
 
 
 def prefill(model, tokens_bp: jax.Array, pad_b: jax.Array, seq_len: int,
-            *, all_logits: bool = False) -> tuple[jax.Array, KVCache]:
+            *, all_logits: bool = False, chunked: bool = True) -> tuple[jax.Array, KVCache]:
   """Runs the left-padded prompts through the model and fills a cache of `seq_len` slots.
 
   Args:
@@ -104,6 +110,8 @@ def prefill(model, tokens_bp: jax.Array, pad_b: jax.Array, seq_len: int,
     pad_b: int32 [B], padding slots per row; every row needs at least one real token.
     seq_len: slots the cache holds, P + the most new tokens to decode.
     all_logits: return logits at every slot [B, P, V] instead of the last [B, V].
+    chunked: hold each layer's cache in `chunk_sizes` chunks (decode steps skip the empty ones)
+      rather than as one array; `decode_step` follows whichever layout the cache has.
 
   Returns:
     (float32 logits of the last slot [B, V] (or all slots), the filled cache).
@@ -127,16 +135,16 @@ def prefill(model, tokens_bp: jax.Array, pad_b: jax.Array, seq_len: int,
     o = block.attn.attend(q, k, v, q_segment_ids_bt=seg_bp, kv_segment_ids_bs=seg_bp)
     x = x + block.attn.out(o)
     x = x + block.mlp(block.norm2(x))
-    ks.append(_split(_fill_ring(k, length)))
-    vs.append(_split(_fill_ring(v, length)))
+    ks.append(_split(_fill_ring(k, length), chunked))
+    vs.append(_split(_fill_ring(v, length), chunked))
   h = model.final_norm(x if all_logits else x[:, -1:])
   logits = model.logits(h)
   cache = KVCache(tuple(ks), tuple(vs), pad_b.astype(jnp.int32), jnp.asarray(p - 1, jnp.int32))
   return (logits if all_logits else logits[:, 0]), cache
 
 
-def _split(x_bkld: jax.Array) -> tuple[jax.Array, ...]:
-  starts = _chunk_starts(chunk_sizes(x_bkld.shape[2]))
+def _split(x_bkld: jax.Array, chunked: bool) -> tuple[jax.Array, ...]:
+  starts = _chunk_starts(chunk_sizes(x_bkld.shape[2], chunked))
   return tuple(x_bkld[:, :, a:b] for a, b in zip(starts[:-1], starts[1:]))
 
 

@@ -78,10 +78,15 @@ class Sampler:
       bytes at batch 1 and runs XLA's faster bfloat16 matmul at larger batches
       (docs/sampling.md, "bfloat16 matmuls"); the stories are those of the rounded model. None
       (default): the model's own dtype throughout (for a bfloat16 model that is the same).
+    chunked_cache: hold each layer's KV cache in chunks and let a decode step skip the chunks
+      nothing has been written to yet (a `lax.cond` each), or keep it whole and attend to every
+      slot under the mask. None (default): chunked on a CPU, where a batched step's attention is
+      bound by the cache bytes it reads and this halves them on average (docs/sampling.md);
+      whole elsewhere.
   """
 
   def __init__(self, model, *, eos_id: int, prompt_bucket: int = 16, stream_chunk: int = 16,
-               matmul_dtype: str | None = None):
+               matmul_dtype: str | None = None, chunked_cache: bool | None = None):
     self.cfg = model.cfg
     self.graphdef, self.params = nnx.split(model)
     if matmul_dtype not in (None, "bfloat16"):
@@ -91,6 +96,8 @@ class Sampler:
     if matmul_dtype:
       self.params = jax.tree.map(_round_to(jnp.bfloat16), self.params)
     self._weights: dict[bool, kv_cache.DecodeWeights] = {}
+    self.chunked_cache = (jax.default_backend() == "cpu" if chunked_cache is None
+                          else bool(chunked_cache))
     self.eos_id = int(eos_id)
     self.prompt_bucket = prompt_bucket
     self.stream_chunk = stream_chunk
@@ -192,7 +199,7 @@ class Sampler:
     keys = select.row_keys(seeds, strm)
     state = _prefill(self.graphdef, self.params, jnp.asarray(tokens), jnp.asarray(pad),
                      jnp.asarray(lim), keys, seq_len=seq_len, budget=budget, mode=mode,
-                     eos_id=self.eos_id)
+                     eos_id=self.eos_id, chunked=self.chunked_cache)
     chunk = self.stream_chunk if on_update is not None else max_new
     stopped = np.zeros((n,), bool)
     step = 1  # the prefill chose the first token
@@ -250,11 +257,12 @@ def record(state: LoopState, token_b: jax.Array, *, eos_id: int) -> LoopState:
                         count_b=count_b, done_b=done_b, eos_b=eos_b, step=state.step + 1)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "seq_len", "budget", "mode", "eos_id"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "seq_len", "budget", "mode", "eos_id",
+                                             "chunked"))
 def _prefill(graphdef, params, tokens_bp, pad_b, limit_b, keys_b, *, seq_len, budget, mode,
-             eos_id):
+             eos_id, chunked):
   model = nnx.merge(graphdef, params)
-  logits_bv, cache = kv_cache.prefill(model, tokens_bp, pad_b, seq_len)
+  logits_bv, cache = kv_cache.prefill(model, tokens_bp, pad_b, seq_len, chunked=chunked)
   b = tokens_bp.shape[0]
   zeros = jnp.zeros((b,), jnp.int32)
   state = LoopState(cache=cache, tokens_bn=jnp.full((b, budget), -1, jnp.int32),
