@@ -45,6 +45,9 @@ _FEATURE_PROBABILITY = flags.DEFINE_float(
 _MIN_WORDS = flags.DEFINE_integer("min_words", 60, "Reject stories shorter than this.")
 _MAX_WORDS = flags.DEFINE_integer("max_words", 600, "Reject stories longer than this.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature for stories.")
+_MAX_TOKENS = flags.DEFINE_integer(
+    "max_tokens", 1000, "Answer cap for each story request; lower it for a local server with a "
+    "short context (a 600-word story is about 800 tokens).")
 _PRICES = flags.DEFINE_string(
     "prices", "", "Extra prices MODEL=IN:OUT (USD per million tokens), comma separated.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
@@ -77,7 +80,7 @@ def main(argv):
         features=prompts.parse_features(_FEATURES.value),
         feature_probability=_FEATURE_PROBABILITY.value,
         limits=quality.Limits(_MIN_WORDS.value, _MAX_WORDS.value),
-        temperature=_TEMPERATURE.value, prices=pricing.parse_prices(_PRICES.value),
+        max_tokens=_MAX_TOKENS.value, temperature=_TEMPERATURE.value, prices=pricing.parse_prices(_PRICES.value),
         progress=_PROGRESS.value, mode=_MODE.value,
         batch=batch.BatchConfig(max_requests=_BATCH_MAX_REQUESTS.value,
                                 max_rounds=_BATCH_MAX_ROUNDS.value,

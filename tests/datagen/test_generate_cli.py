@@ -137,6 +137,49 @@ def test_killed_run_resumes_with_each_story_exactly_once(server, fake, tmp_path)
   assert fake.stats["requests"] == requests
 
 
+def test_a_refusing_endpoint_stops_the_run_and_the_rerun_sends_again(server, fake, tmp_path):
+  """A local server that caps answers below our default refuses every request: the run stops
+  after FAILURE_STREAK failures in a row, naming the server's error, instead of burning through
+  every plan. The rerun with --max_tokens under the cap resumes and sends the failed plans
+  again, first (plan 0 becomes story 0)."""
+  seen = []
+
+  def handler(body, attempt):
+    del attempt
+    seen.append(body["max_tokens"])
+    if body["max_tokens"] > 300:
+      return Reply(status=422, error=f"max_tokens must be at most 300, got {body['max_tokens']}")
+    return fake.default_reply(body, 0)
+
+  fake.chat_handler = handler
+  out = tmp_path / "s.jsonl"
+  base = ["--num_stories=30", f"--output={out}", f"--base_url={server.base_url}",
+          "--concurrency=1", *FAST]
+  result = run_generate(base)
+  assert result.returncode != 0 and "Traceback" not in result.stderr
+  assert "The last 20 requests all failed" in result.stderr, result.stderr
+  assert "HTTP 422: max_tokens must be at most 300, got 1000" in result.stderr
+  assert len(seen) == 20  # 422 is not retried, and nothing is sent past the streak
+  seen.clear()
+  result = run_generate(base + ["--max_tokens=300"])
+  assert result.returncode == 0, result.stderr
+  assert set(seen) == {300}
+  kept = read_rows(out)
+  assert len(kept) == 30 and sorted(r["index"] for r in kept) == list(range(30))
+  stats = json.loads((tmp_path / "s.stats.json").read_text())
+  assert stats["rejected_by_reason"] == {"request_failed": 20} and stats["attempts"] == 50
+
+
+def test_a_hopeless_rejection_rate_stops_with_the_reasons(server, fake, tmp_path):
+  fake.chat_handler = lambda body, attempt: Reply(text="I'm sorry, but I cannot write that.")
+  out = tmp_path / "s.jsonl"
+  result = run_generate(["--num_stories=1", f"--output={out}", f"--base_url={server.base_url}",
+                         *FAST])
+  assert result.returncode != 0 and "Traceback" not in result.stderr
+  assert "Stopped after 23 prompts with only 0 of 1 stories kept; rejected: refusal 23." in (
+      result.stderr), result.stderr
+
+
 def test_resume_with_other_settings_is_refused(server, fake, tmp_path):
   del fake
   out = tmp_path / "s.jsonl"
@@ -149,6 +192,7 @@ def test_resume_with_other_settings_is_refused(server, fake, tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--num_stories=0"], "at least 1"),
+    (["--max_tokens=0"], "--max_tokens must be at least 1"),
     (["--features=sparkles"], "Unknown story feature"),
     (["--words=/no/such/file.txt"], "does not exist"),
 ])

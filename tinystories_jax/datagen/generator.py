@@ -7,7 +7,10 @@ Files, for `--output=stories.jsonl`:
   stories.txt             the kept stories (or Instruct texts) separated by `<|endoftext|>` lines
   stories.stats.json      rejection rates, vocabulary share, n-gram diversity, tokens and cost
 Plan `i` (words, features, Instruct fields) depends only on (seed, i); a killed run, restarted
-with the same flags, finishes the plans it lost and never repeats one that was recorded.
+with the same flags, finishes the plans it lost and never repeats one that was answered. A plan
+whose request failed (the endpoint's error, not a judged answer) is sent again by the next run,
+and a run stops, with the endpoint's error, once FAILURE_STREAK requests in a row have failed:
+a wrong --model or an answer cap the server refuses then costs a rerun, not a thousand errors.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from tinystories_jax.grading.client import (ChatClient, ChatError, ClientConfig,
 from tinystories_jax.grading.journal import Journal, read_rows
 
 END_OF_TEXT = "<|endoftext|>"
+# Requests in a row that failed (after their retries) before a run stops.
+FAILURE_STREAK = 20
 
 
 class GenerationError(ValueError):
@@ -83,9 +88,29 @@ class GenerateConfig:
       raise GenerationError(f"Unknown --mode {self.mode!r}; use online or batch.")
     if self.num_stories < 1:
       raise GenerationError(f"--num_stories must be at least 1, got {self.num_stories}.")
+    if self.max_tokens < 1:
+      raise GenerationError(f"--max_tokens must be at least 1, got {self.max_tokens}.")
     if not self.output.endswith(".jsonl"):
       raise GenerationError(f"--output must be a .jsonl file, got {self.output}; the .txt "
                             "layout is written beside it.")
+
+
+def rejection_summary(rejected_path: str) -> str:
+  """The commonest rejection reasons in a rejected-rows file, with the latest error message of
+  failed requests, e.g. "rejected: request_failed 32 (last error: HTTP 422: ...)"."""
+  reasons: collections.Counter = collections.Counter()
+  last_error = None
+  for row in read_rows(rejected_path):
+    reasons[row.get("reason", "?")] += 1
+    if row.get("error"):
+      last_error = str(row["error"])
+  if not reasons:
+    return "nothing was rejected"
+  parts = [f"{reason} {n}" for reason, n in reasons.most_common(3)]
+  text = "rejected: " + ", ".join(parts)
+  if last_error:
+    text += f" (last error: {last_error[:200]})"
+  return text
 
 
 def sibling(output: str, suffix: str) -> str:
@@ -111,8 +136,15 @@ class Generation:
     for row in read_rows(self.kept.path):
       self.seen.add(quality.fingerprint(row["story"]))
       self.done.add(row["index"])
+    failed: set[int] = set()
     for row in read_rows(self.rejected.path):
-      self.done.add(row["index"])
+      (failed if row.get("reason") == "request_failed" else self.done).add(row["index"])
+    retry = failed - self.done
+    if retry:
+      logging.info("Sending %d plans again whose requests failed in an earlier run.", len(retry))
+    # Requests that failed since the last answer, and the latest failure's error.
+    self.failed_in_a_row = 0
+    self.last_error = ""
 
   def close(self) -> None:
     self.kept.close()
@@ -144,12 +176,17 @@ class Generation:
     config = self.config
     if self.kept_count >= config.num_stories:
       return []
+    if self.failing():
+      raise GenerationError(
+          f"The last {self.failed_in_a_row} requests all failed; the latest with: "
+          f"{self.last_error[:300]}. Nothing is lost: fix the endpoint, --model or --max_tokens "
+          "and rerun the same command to go on (failed requests are sent again).")
     max_plans = int(config.num_stories * config.max_plans_factor) + 20
     if len(self.done) >= max_plans:
       raise GenerationError(
           f"Stopped after {len(self.done)} prompts with only {self.kept_count} of "
-          f"{config.num_stories} stories kept; see the reasons in {self.rejected.path} and "
-          "fix the model or the limits.")
+          f"{config.num_stories} stories kept; {rejection_summary(self.rejected.path)}. "
+          f"Every reason is in {self.rejected.path}; fix the model, the endpoint or the limits.")
     return self.next_indices(min(config.num_stories - self.kept_count,
                                  max_plans - len(self.done)))
 
@@ -172,8 +209,17 @@ class Generation:
       self.seen.add(quality.fingerprint(story))
     return reason
 
+  def failing(self) -> bool:
+    """Whether FAILURE_STREAK requests in a row have failed (no new request should start)."""
+    return self.failed_in_a_row >= FAILURE_STREAK
+
   def record_rejected(self, row: dict[str, Any], reason: str) -> None:
     self.rejected.append(row | {"reason": reason})
+    if reason == "request_failed":
+      self.failed_in_a_row += 1
+      self.last_error = str(row.get("error", ""))
+    else:
+      self.failed_in_a_row = 0
     self.done.add(row["index"])
 
   def record_kept(self, plan: prompts_lib.StoryPlan, row: dict[str, Any], story: str,
@@ -198,6 +244,7 @@ class Generation:
           summary=summary if "Summary" in fields else None,
           random_sentence=sentence if "Random sentence" in fields else None), story)
     self.kept.append(row)
+    self.failed_in_a_row = 0
     self.done.add(plan.index)
 
 
@@ -205,6 +252,8 @@ async def _generate_online(gen: Generation, client: ChatClient, bar: tqdm.tqdm) 
   config = gen.config
 
   async def handle(index: int) -> None:
+    if gen.failing():  # left unrecorded: the next run sends it
+      return
     plan = gen.plan(index)
     row = gen.base_row(plan)
     usage = Usage()
