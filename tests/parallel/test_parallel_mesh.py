@@ -26,6 +26,7 @@ def test_resolve_shape_fills_the_rest():
 @pytest.mark.parametrize("sizes, match", [
     ((3, -1, 1), "does not divide the 8 available devices"),
     ((2, 2, 1), "uses 4 devices but 8 are available"),
+    ((4, 4, 1), "uses 16 devices but 8 are available.*mesh.cpu_devices=16 splits it"),
     ((-1, -1, 1), "At most one mesh axis may be -1"),
     ((0, 1, 1), "must be positive or -1"),
 ])

@@ -32,8 +32,11 @@ class MeshConfig:
     return (self.data, self.fsdp, self.tensor)
 
 
-def resolve_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
+def resolve_shape(cfg: MeshConfig, num_devices: int,
+                  platform: str | None = None) -> tuple[int, int, int]:
   """Turns the requested sizes into concrete ones that multiply to `num_devices`.
+
+  `platform` "cpu" adds to a too-large mesh's error how to get more CPU devices.
 
   Raises:
     MeshError: the sizes are invalid or do not divide the device count.
@@ -54,15 +57,17 @@ def resolve_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
                       f"divides {num_devices}.")
     sizes[sizes.index(-1)] = num_devices // fixed
   elif fixed != num_devices:
+    hint = (f" On a CPU, --config.mesh.cpu_devices={fixed} splits it into {fixed} devices."
+            if platform == "cpu" and fixed > num_devices else "")
     raise MeshError(f"The mesh ({spec}) uses {fixed} devices but {num_devices} are available; "
-                    f"make the sizes multiply to {num_devices} or set one of them to -1.")
+                    f"make the sizes multiply to {num_devices} or set one of them to -1.{hint}")
   return tuple(sizes)
 
 
 def make_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
   """Builds the `(data, fsdp, tensor)` mesh over `devices` (default: all devices)."""
   devices = jax.devices() if devices is None else list(devices)
-  shape = resolve_shape(cfg, len(devices))
+  shape = resolve_shape(cfg, len(devices), devices[0].platform if devices else None)
   # Auto axes: the step gives explicit in/out shardings and lets XLA propagate the rest
   # (jax.make_mesh would default to Explicit axes, which type-check every intermediate).
   auto = (jax.sharding.AxisType.Auto,) * len(AXES)
