@@ -194,7 +194,11 @@ train_command() {
   done
   # mesh.distributed=True: every worker joins the job; JAX reads the slice's workers from the VM
   # metadata. nohup + setsid: training outlives the ssh session; SIGTERM on preemption saves.
-  echo "if pgrep -f tinystories_jax.train > /dev/null; then echo \"\$(hostname): already training\"; else cd ~/tinystories-jax && mkdir -p $WORKDIR && setsid nohup ~/venv/bin/python -m tinystories_jax.train --config=$CONFIG --workdir=$WORKDIR --config.data.dir=$REMOTE_DATA --config.mesh.distributed=True$flags > ~/train.log 2>&1 < /dev/null & fi"
+  # The guard matches only a command line that starts with the venv's python: the shell running
+  # this very string also contains "tinystories_jax.train", and a bare pattern matched it. The
+  # whole background group writes to the log (and execs the trainer), so nothing holds the ssh
+  # session's output open and the ssh command returns at once.
+  echo "if pgrep -f \"^\$HOME/venv/bin/python -m tinystories_jax[.]train\" > /dev/null; then echo \"\$(hostname): already training\"; else { cd ~/tinystories-jax && mkdir -p $WORKDIR && exec setsid nohup ~/venv/bin/python -m tinystories_jax.train --config=$CONFIG --workdir=$WORKDIR --config.data.dir=$REMOTE_DATA --config.mesh.distributed=True$flags; } > ~/train.log 2>&1 < /dev/null & fi"
 }
 
 do_train() {

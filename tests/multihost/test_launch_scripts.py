@@ -5,8 +5,10 @@ runs for real, as the two local CPU processes of the `two_processes` fixture.
 """
 
 import os
+import shlex
 import shutil
 import subprocess
+import time
 
 import pytest
 
@@ -67,6 +69,41 @@ def test_tpu_vm_up_dry_run():
                "--config.mesh.distributed=True", "--config.train.steps=100", "> ~/train.log"):
     assert part in train
   assert "hosts" not in out.stderr
+
+
+def test_tpu_vm_train_command_starts_once_per_worker(tmp_path):
+  """The remote command itself, run as sshd would (`bash -c`), against a stand-in venv python
+  that records its start and sleeps: the first run starts it, the second sees it running. The
+  guard once matched the shell's own command line, so no worker ever started."""
+  out = run("tpu_vm.sh", "--type=v4-32", "--bucket=b", "train")
+  [ssh] = [c for c in commands(out) if " ssh " in c]
+  [remote] = [a[len("--command="):] for a in shlex.split(ssh) if a.startswith("--command=")]
+  remote = remote.replace("/mnt/b/", f"{tmp_path}/mnt/b/")  # the bucket's mount point
+  home = tmp_path / "home"
+  (home / "tinystories-jax").mkdir(parents=True)
+  (home / "venv" / "bin").mkdir(parents=True)
+  python = home / "venv" / "bin" / "python"
+  python.write_text('#!/usr/bin/env bash\necho started >> "$HOME/started"\n'
+                    'exec -a "$0 $*" sleep 30\n')
+  python.chmod(0o755)
+  e = dict(env(), HOME=str(home))
+  try:
+    # Returns at once (the ssh session must not wait for training), output captured.
+    first = subprocess.run(["bash", "-c", remote], env=e, capture_output=True, text=True,
+                           timeout=10)
+    assert first.returncode == 0, first.stderr
+    for _ in range(100):
+      if (home / "started").exists():
+        break
+      time.sleep(0.05)
+    assert "already training" not in first.stdout
+    second = subprocess.run(["bash", "-c", remote], env=e, capture_output=True, text=True,
+                            timeout=30)
+    assert "already training" in second.stdout
+    assert (home / "started").read_text().count("started") == 1
+    assert (tmp_path / "mnt" / "b" / "tinystories").is_dir()
+  finally:
+    subprocess.run(["pkill", "-f", f"^{home}/venv/bin/python -m tinystories_jax"], check=False)
 
 
 def test_tpu_vm_other_commands_dry_run():
