@@ -31,6 +31,10 @@ def _fail(workdir, overrides, config="configs/quickstart.py"):
     ({"train.stepz": 3}, "--config.train.stepz: invalid config override"),
     ({"model.name": "7b"}, "model.name='7b'"),
     ({"train.loss": "sparse"}, "train.loss='sparse' is not one of"),
+    ({"model.attention": "cudnn"},
+     "model.attention='cudnn' cannot run this model here: cuDNN attention needs an NVIDIA GPU"),
+    ({"model.attention": "pallas"},
+     "model.attention='pallas' cannot run this model here: pallas flash attention supports head_dim"),
 ])
 def test_bad_input_is_one_sentence(tiny_data, tmp_path, extra, expected):
   line = _fail(str(tmp_path / "w"), tiny_overrides(tiny_data, **extra))
@@ -56,3 +60,25 @@ def test_workdir_from_another_run_is_refused(tiny_data, tmp_path):
   run2 = config_lib.run_config(tiny_config(tiny_data, **{"train.steps": 99, "mesh.data": 8}))
   config_lib.check_workdir_config(saved, loop.prepare_run(run2, str(tmp_path / "x")).config_json,
                                   str(workdir))
+
+
+def test_resume_on_data_with_another_tokenizer_is_refused(tiny_data, tmp_path):
+  """data.dir may move on a resume, but the token ids must mean what they meant: another
+  tokenizer is refused before the workdir's own tokenizer.model is touched."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  from tinystories_jax.data import pipeline, preparation  # pylint: disable=import-outside-toplevel
+  from tinystories_jax.training import loop  # pylint: disable=import-outside-toplevel
+  other = tmp_path / "other"
+  preparation.prepare(preparation.PrepareOptions(inputs="synthetic", output_dir=str(other),
+                                                 vocab_size=512, synthetic_stories=300, seed=1))
+  workdir = tmp_path / "w"
+  workdir.mkdir()
+  ours = pipeline.PreparedData.load(tiny_data).tokenizer_path
+  shutil.copyfile(ours, workdir / "tokenizer.model")
+  before = (workdir / "tokenizer.model").read_bytes()
+  copy = tmp_path / "copy"  # the same data elsewhere: accepted
+  shutil.copytree(tiny_data, copy)
+  loop.prepare_run(config_lib.run_config(tiny_config(copy)), str(workdir))
+  with pytest.raises(config_lib.ConfigError, match="was tokenized with another tokenizer"):
+    loop.prepare_run(config_lib.run_config(tiny_config(other)), str(workdir))
+  assert (workdir / "tokenizer.model").read_bytes() == before

@@ -249,6 +249,25 @@ def _cudnn_problem(dtype, head_dim: int, backend: str | None = None) -> str | No
   return None
 
 
+def unsupported_reason(impl: str, dtype, head_dim: int,
+                       backend: str | None = None) -> str | None:
+  """Why `impl` cannot serve a model of this dtype and head size on `backend` (default: JAX's),
+  in one sentence naming the alternative; None when it can (or when only a call can tell)."""
+  backend = backend or jax.default_backend()
+  if impl == "cudnn":
+    return _cudnn_problem(dtype, head_dim, backend)
+  if impl == "pallas":
+    try:
+      import importlib  # noqa: PLC0415
+
+      module = importlib.import_module(_PALLAS_MODULE)
+    except ModuleNotFoundError:
+      return f"attention impl 'pallas' needs {_PALLAS_MODULE}, which this installation lacks."
+    ok, why = module.supports(head_dim, dtype, backend)
+    return None if ok else why
+  return None
+
+
 def cudnn_attention(q_bthd, k_bskd, v_bskd, *, causal, window, q_segment_ids_bt,
                     kv_segment_ids_bs, scale):
   """`jax.nn.dot_product_attention(implementation="cudnn")`: NVIDIA GPUs, bf16/fp16, D % 8 == 0."""
@@ -297,6 +316,7 @@ from tinystories_jax.models import attention_cpu  # noqa: E402,F401
 
 __all__ = [
     "AttentionUnsupported", "attention", "attention_mask", "choose_auto", "implementations",
+    "unsupported_reason",
     "reference_attention", "register_attention", "structural_mask", "xla_attention",
     "cudnn_attention", "pallas_attention",
 ]

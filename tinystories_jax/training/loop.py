@@ -103,6 +103,9 @@ def resolve_model(run: RunConfig, vocab_size: int) -> ModelConfig:
   if m.attention not in attn.implementations():
     raise ConfigError(f"model.attention={m.attention!r} is not one of "
                       f"{attn.implementations()}.")
+  why = attn.unsupported_reason(m.attention, cfg.dtype, cfg.head_dim)
+  if why:
+    raise ConfigError(f"model.attention={m.attention!r} cannot run this model here: {why}")
   if cfg.max_positions < run.train.seq_len:
     raise ConfigError(f"train.seq_len={run.train.seq_len} exceeds the model's "
                       f"{cfg.max_positions} positions; lower train.seq_len.")
@@ -167,7 +170,37 @@ def prepare_run(run: RunConfig, workdir: str) -> _Run:
   saved = read_workdir_config(workdir)
   if saved is not None:
     check_workdir_config(saved, config_json, workdir)
+  check_same_tokenizer(workdir, data)
   return _Run(run, workdir, data, model_cfg, mesh, config_json)
+
+
+def check_same_tokenizer(workdir: str, data: pipeline.PreparedData) -> None:
+  """Refuses data tokenized otherwise than the run in `workdir` was (data.dir may change on a
+  resume, e.g. to a copy on another disk, but not to another tokenizer's token ids).
+
+  Raises:
+    ConfigError: the workdir's tokenizer.model and the data's differ in their pieces or ids.
+  """
+  from tinystories_jax.data.errors import DataError  # pylint: disable=g-import-not-at-top
+  from tinystories_jax.data.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+  saved = os.path.join(workdir, "tokenizer.model")
+  if not os.path.isfile(saved) or not data.tokenizer_path.is_file():
+    return
+  try:
+    a = Tokenizer(saved)
+  except DataError:  # not a SentencePiece model (an imported tokenizer of another kind)
+    return
+  b = Tokenizer(data.tokenizer_path)
+  if a.sha256 == b.sha256:
+    return
+  ids = lambda t: (t.vocab_size, t.bos_id, t.eos_id, t.pad_id, t.unk_id)  # noqa: E731
+  if ids(a) == ids(b) and all(a.sp.IdToPiece(i) == b.sp.IdToPiece(i)
+                              for i in range(a.vocab_size)):
+    return
+  raise ConfigError(
+      f"data.dir={data.dir} was tokenized with another tokenizer than this run's "
+      f"({saved}); resume on data prepared with `prepare --tokenizer={saved}`, or train into a "
+      "new workdir.")
 
 
 def _write_workdir_files(r: _Run) -> None:
