@@ -1,7 +1,9 @@
 """llama2.c-shaped models with llama2.c's training recipe.
 
-  python -m tinystories_jax.prepare --input=roneneldan/TinyStories --output_dir=runs/llama-data \\
-      --vocab_size=4096
+  python -m tinystories_jax.prepare \\
+      --input=hf://roneneldan/TinyStories/TinyStoriesV2-GPT4-train.txt \\
+      --valid_input=hf://roneneldan/TinyStories/TinyStoriesV2-GPT4-valid.txt \\
+      --output_dir=runs/llama-data --vocab_size=4096
   python -m tinystories_jax.train --config=configs/llama.py:15m --workdir=runs/llama-15m \\
       --config.data.dir=runs/llama-data
 

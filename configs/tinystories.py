@@ -1,15 +1,16 @@
 """The paper's seven GPT-Neo models with the released model cards' recipe.
 
-  python -m tinystories_jax.prepare --input=roneneldan/TinyStories \\
+  python -m tinystories_jax.prepare \\
+      --input=hf://roneneldan/TinyStories/TinyStoriesV2-GPT4-train.txt \\
+      --valid_input=hf://roneneldan/TinyStories/TinyStoriesV2-GPT4-valid.txt \\
       --output_dir=runs/tinystories-data --vocab_size=10000
   python -m tinystories_jax.train --config=configs/tinystories.py:33m --workdir=runs/33m \\
       --config.data.dir=runs/tinystories-data
 
 Names: 1m, 3m, 8m, 28m, 33m, 1layer-21m, 2layers-33m. Recipe (TinyStories model cards): AdamW,
 learning rate 5e-4 constant, weight decay 0.1, betas 0.9 / 0.95, context 512, batch 80 sequences
-with 16 accumulation steps (1280 sequences, 655K tokens per step). On one H100 at bfloat16 the 33m
-model runs roughly 1M tokens/s; loss reaches ~1.2 nats (GPT-Neo tokenizer) after a few thousand
-steps.
+with 16 accumulation steps (1280 sequences, 655K tokens per step). Measured throughput is in
+benchmarks/results/ (hf:// inputs need `pip install 'tinystories-jax[hf]'` and the network).
 """
 
 import importlib.util
