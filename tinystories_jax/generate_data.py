@@ -90,6 +90,10 @@ def main(argv):
           client_lib.StopRun, ValueError, RuntimeError) as e:
     print(str(e), file=sys.stderr)
     sys.exit(1)
+  except OSError as e:  # e.g. --output under an existing file, or in a read-only place
+    print(f"{e.filename or _OUTPUT.value}: {e.strerror or e}; --output must be a .jsonl path "
+          "this user can write.", file=sys.stderr)
+    sys.exit(1)
   print(generator.describe(stats))
 
 

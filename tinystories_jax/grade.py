@@ -88,6 +88,10 @@ def main(argv):
           RuntimeError) as e:
     print(str(e), file=sys.stderr)
     sys.exit(1)
+  except OSError as e:  # e.g. --output_dir names an existing file, or a read-only place
+    print(f"{e.filename or _OUTPUT_DIR.value}: {e.strerror or e}; --output_dir must be a "
+          "directory this user can write.", file=sys.stderr)
+    sys.exit(1)
   print(f"{summary['graded']} graded, {summary['failed']} failed; report in "
         f"{_OUTPUT_DIR.value}/report.md")
 

@@ -64,6 +64,10 @@ def main(argv):
   except DataError as e:
     print(f"prepare: {e}", file=sys.stderr)
     sys.exit(2)
+  except OSError as e:  # the output directory cannot be made or written
+    print(f"prepare: cannot write {e.filename or opts.output_dir} ({e.strerror or e}): choose "
+          "another --output_dir.", file=sys.stderr)
+    sys.exit(2)
   splits = metadata["splits"]
   print(f"prepared {opts.output_dir}: vocab {metadata['vocab_size']}, "
         + ", ".join(f"{k} {v['stories']} stories / {v['tokens']} tokens" for k, v in splits.items()))

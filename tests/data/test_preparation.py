@@ -79,6 +79,39 @@ def test_other_tokenizer_refused_and_nothing_damaged(prepared):
   assert _digest(out) == before
 
 
+def test_failed_overwrite_leaves_the_old_directory_usable(tmp_path):
+  """--overwrite with a vocabulary the corpus cannot hold fails before any new tokenizer or
+  shard is written: the old metadata and shards stay, and rerunning the old command reuses
+  them."""
+  out = tmp_path / "data"
+  meta = preparation.prepare(_opts(out))
+  before = _digest(out)
+  with pytest.raises(DataError, match="more than this corpus supports"):
+    preparation.prepare(_opts(out, vocab_size=30000, overwrite=True, seed=3))
+  assert {k: v for k, v in _digest(out).items() if k != "clean"} == {
+      k: v for k, v in before.items() if k != "clean"}
+  assert preparation.prepare(_opts(out)) == meta
+
+
+def test_given_tokenizer_needs_story_framing_and_pads_with_eos_without_pad(tmp_path):
+  import sentencepiece as spm  # pylint: disable=import-outside-toplevel
+  stories = list(synthetic.generate(300, seed=2))
+
+  def sp_model(path, **ids):
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(stories), model_prefix=str(path),
+                                   vocab_size=300, model_type="bpe", **ids)
+    return str(path) + ".model"
+
+  no_bos = sp_model(tmp_path / "nobos", bos_id=-1, eos_id=-1, pad_id=-1, unk_id=0)
+  with pytest.raises(DataError, match="no beginning- or end-of-story piece.*drop --tokenizer"):
+    preparation.prepare(_opts(tmp_path / "a", tokenizer=no_bos, vocab_size=0))
+  assert not (tmp_path / "a" / "metadata.json").exists()
+  # llama2.c's layout: unk 0, bos 1, eos 2, no pad piece.
+  no_pad = sp_model(tmp_path / "nopad", unk_id=0, bos_id=1, eos_id=2, pad_id=-1)
+  meta = preparation.prepare(_opts(tmp_path / "b", tokenizer=no_pad, vocab_size=0))
+  assert meta["pad_id"] == meta["eos_id"] == 2
+
+
 def test_interrupted_run_resumes_from_finished_stages(tmp_path):
   out = tmp_path / "data"
   meta = preparation.prepare(_opts(out, keep_clean_text=True))
@@ -129,8 +162,14 @@ def _cli(*args):
 
 def test_cli_errors_are_one_sentence(tmp_path):
   (tmp_path / "bad.jsonl").write_text('{"text": "ok story with words"}\n{oops\n')
+  (tmp_path / "a_file").write_text("")
   cases = [
       ([f"--input={tmp_path / 'missing.txt'}", f"--output_dir={tmp_path / 'o'}"], "does not exist"),
+      (["--input=synthetic", "--synthetic_stories=50", f"--output_dir={tmp_path / 'a_file'}"],
+       "choose another --output_dir"),
+      (["--input=synthetic", "--synthetic_stories=40", "--vocab_size=512",
+        f"--output_dir={tmp_path / 'v'}"],
+       "the validation split is empty (40 stories, --valid_fraction=0.01 held out none)"),
       ([f"--input={tmp_path / 'bad.jsonl'}", f"--output_dir={tmp_path / 'o'}"],
        "bad.jsonl:2: malformed JSON"),
   ]

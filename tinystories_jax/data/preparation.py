@@ -205,6 +205,7 @@ class Preparer:
     self.opts = opts
     self.out = pathlib.Path(opts.output_dir)
     self.workers = opts.num_workers or os.cpu_count() or 1
+    self._retire_metadata = False  # an --overwrite run's old metadata.json, still in place
 
   # -- fingerprints -------------------------------------------------------------------------
 
@@ -229,6 +230,11 @@ class Preparer:
     if given_tok is not None and o.vocab_size and o.vocab_size != given_tok.vocab_size:
       raise DataError(f"--vocab_size={o.vocab_size} disagrees with the tokenizer {o.tokenizer} "
                       f"({given_tok.vocab_size} pieces): drop --vocab_size or pass the right one.")
+    if given_tok is not None and min(given_tok.bos_id, given_tok.eos_id) < 0:
+      raise DataError(
+          f"the tokenizer {o.tokenizer} has no beginning- or end-of-story piece (bos_id="
+          f"{given_tok.bos_id}, eos_id={given_tok.eos_id}), and every story is framed BOS ... "
+          "EOS: train it with bos_id and eos_id set, or drop --tokenizer to train one here.")
     train_files, train_records = _describe_inputs(o.inputs, o)
     sources = [_SplitSource("train", train_files, train_records)]
     if o.valid_inputs:
@@ -245,7 +251,10 @@ class Preparer:
         raise DataError(
             f"{self.out} already holds token shards prepared from other inputs or with another "
             "tokenizer (its metadata.json differs): choose a new --output_dir or pass --overwrite.")
-      (self.out / "metadata.json").unlink()
+      # Retired only once a new tokenizer or shard is about to be written: an --overwrite run
+      # that fails before that (an impossible vocabulary, an empty corpus) leaves the old
+      # directory as it was.
+      self._retire_metadata = True
     self.out.mkdir(parents=True, exist_ok=True)
 
     input_bytes = sum(r.get("bytes", r.get("stories", 0) * 600) for s in sources for r in s.records)
@@ -253,10 +262,16 @@ class Preparer:
     with _pool(workers, o.min_words) as self.pmap:
       return self._run_stages(sources, fingerprint, given_tok)
 
+  def _retire_old_metadata(self) -> None:
+    if self._retire_metadata:
+      (self.out / "metadata.json").unlink(missing_ok=True)
+      self._retire_metadata = False
+
   def _run_stages(self, sources, fingerprint, given_tok) -> dict:
     o = self.opts
     stats, sample = self._clean_all(sources, fingerprint)
     tok = given_tok or self._tokenizer(sample, fingerprint)
+    self._retire_old_metadata()
     tok_path = self.out / "tokenizer.model"
     if not tok_path.is_file() or tok_path.read_bytes() != tok.serialized:
       _atomic_write_bytes(tok_path, tok.serialized)
@@ -270,7 +285,10 @@ class Preparer:
         "format_version": FORMAT_VERSION,
         "fingerprint": fingerprint,
         "vocab_size": tok.vocab_size,
-        "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id, "unk_id": tok.unk_id,
+        # pad_id: the id padding slots hold (always masked); the tokenizer's own pad piece, or
+        # its EOS where it has none (llama2.c's tokenizer), never -1, which no embedding row has.
+        "bos_id": tok.bos_id, "eos_id": tok.eos_id,
+        "pad_id": tok.pad_id if tok.pad_id >= 0 else tok.eos_id, "unk_id": tok.unk_id,
         "token_dtype": np.dtype(dtype).name,
         "tokenizer": {"file": "tokenizer.model", "sha256": tok.sha256,
                       "trained_here": given_tok is None, "source": o.tokenizer},
@@ -337,8 +355,12 @@ class Preparer:
         raise DataError("the corpus is empty after cleaning (no story kept): check --input and the "
                         f"cleaning counts {json.dumps(stats['train'])}.")
       if counts["valid"] == 0:
-        raise DataError("the validation split is empty: pass --valid_input=PATHS or "
-                        "--valid_fraction=F (e.g. 0.01).")
+        total = counts["train"]
+        enough = min(0.5, max(0.01, 5 / max(total, 1)))
+        raise DataError(
+            f"the validation split is empty ({total} stories, --valid_fraction="
+            f"{o.valid_fraction} held out none): pass --valid_input=PATHS or a --valid_fraction "
+            f"that keeps a few stories of {total} (e.g. {enough:.2g}).")
       for n in SPLITS:
         os.replace(clean_dir / f"{n}.jsonl.tmp", clean_dir / f"{n}.jsonl")
       _atomic_write_json(marker, {"fingerprint": fingerprint, "stats": stats, "counts": counts})
@@ -380,6 +402,7 @@ class Preparer:
     model = tokenizer_lib.train_sentencepiece(sample, vocab_size=vocab_size,
                                               num_threads=self.workers)
     tok = tokenizer_lib.Tokenizer(model)
+    self._retire_old_metadata()
     _atomic_write_bytes(path, model)
     _atomic_write_json(meta_path, {"fingerprint": fingerprint, "sha256": tok.sha256,
                                    "vocab_size": vocab_size, "sample_stories": len(sample)})
