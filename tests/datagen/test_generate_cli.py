@@ -193,6 +193,8 @@ def test_resume_with_other_settings_is_refused(server, fake, tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--num_stories=0"], "at least 1"),
     (["--max_tokens=0"], "--max_tokens must be at least 1"),
+    (["--min_words=500", "--max_words=100"], "leave no story length"),
+    (["--feature_probability=1.5"], "is not a probability"),
     (["--features=sparkles"], "Unknown story feature"),
     (["--words=/no/such/file.txt"], "does not exist"),
 ])

@@ -20,6 +20,12 @@ LIMITS = quality.Limits(min_words=40, max_words=120)
     ("Sure! Here is a story for you:\n\n" + GOOD, "chatter"),
     ("Title: Max and the Ball\n\n" + GOOD, "chatter"),
     (GOOD + "\n\nI hope you enjoyed this story!", "chatter"),
+    ("**Max and the Happy Ball**\n\n" + GOOD, "chatter"),
+    ("__Max and the Ball__\n" + GOOD, "chatter"),
+    ("Max and the Happy Ball\n\n" + GOOD, "chatter"),
+    # Paragraphs and dialogue are not titles.
+    (GOOD.replace("Max was sad. ", "Max was sad.\n\n"), None),
+    ("\"Let's play!\" said Max.\n\n" + GOOD, None),
     ("Il était une fois un chien très heureux qui s'appelait Max. " * 6, "not_english"),
     ("Max was happy. He played with his ball.", "too_short"),
     (GOOD + " " + GOOD, "too_long"),

@@ -90,6 +90,13 @@ class GenerateConfig:
       raise GenerationError(f"--num_stories must be at least 1, got {self.num_stories}.")
     if self.max_tokens < 1:
       raise GenerationError(f"--max_tokens must be at least 1, got {self.max_tokens}.")
+    if not 1 <= self.limits.min_words <= self.limits.max_words:
+      raise GenerationError(
+          f"--min_words={self.limits.min_words} and --max_words={self.limits.max_words} leave no "
+          "story length: use 1 <= --min_words <= --max_words.")
+    if not 0.0 <= self.feature_probability <= 1.0:
+      raise GenerationError(f"--feature_probability={self.feature_probability} is not a "
+                            "probability: use a value from 0 to 1.")
     if not self.output.endswith(".jsonl"):
       raise GenerationError(f"--output must be a .jsonl file, got {self.output}; the .txt "
                             "layout is written beside it.")

@@ -28,6 +28,9 @@ _CHATTER_START = re.compile(
 _CHATTER_END = re.compile(
     r"(i hope (you|this|that)|let me know|hope you enjoy|feel free to|would you like)[^\n]*\W*$",
     re.IGNORECASE)
+# A title line above the story: markdown bold or underscores ("**The Happy Ball**"), or a few
+# words with no closing punctuation standing alone before a blank line ("The Happy Ball\n\n").
+_TITLE = re.compile(r"\s*(\*\*|__)[^\n]{1,100}?(\*\*|__)[ \t]*(\n|$)|[^\n.!?\"'”’]{1,60}\n\s*\n")
 _WORD = re.compile(r"[A-Za-z]+(?:'[a-z]+)?")
 
 # Words every story needs whatever its topic; not counted as outside the basic vocabulary.
@@ -91,7 +94,8 @@ def check_story(story: str, required: dict[str, str], limits: Limits,
   if _REFUSAL.search(story):
     return "refusal"
   first_line = story.split("\n", 1)[0]
-  if _CHATTER_START.search(first_line) or _CHATTER_END.search(story[-200:]):
+  if (_CHATTER_START.search(first_line) or _CHATTER_END.search(story[-200:])
+      or _TITLE.match(story)):
     return "chatter"
   if not _looks_english(story):
     return "not_english"
