@@ -220,8 +220,10 @@ def initialize(opts: DistributedOptions, env: Mapping[str, str] | None = None) -
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   where = kwargs.get("coordinator_address", "the address the cluster provides")
   logging.info("Joining a multi-process job (%s) through %s; processes wait up to %d s for each "
-               "other, and stop if one is silent for %d s.", launch.source, where,
-               opts.init_timeout_s, opts.heartbeat_timeout_s)
+               "other, and stop if one is silent for %d s. If a process never joins, JAX's "
+               "runtime ends the others with a fatal DEADLINE_EXCEEDED error and a stack dump "
+               "(not catchable here): start every process, or raise --distributed_init_timeout.",
+               launch.source, where, opts.init_timeout_s, opts.heartbeat_timeout_s)
   try:
     jax.distributed.initialize(**kwargs)
   except (RuntimeError, ValueError, TypeError) as e:
