@@ -71,6 +71,12 @@ def test_damaged_latest_falls_back_with_a_warning(tmp_path, caplog):
   assert r.step == 1
   np.testing.assert_array_equal(np.asarray(r.params["norm"]), np.ones(8))
   assert any("step 2" in m and "falling back to step 1" in m for m in caplog.messages)
+  # The damaged step is set aside, not deleted, and the resumed run can write step 2 again.
+  [moved] = os.listdir(str(tmp_path) + "-unreadable")
+  assert moved.startswith("2-") and ck.steps() == [1]
+  _save(ck, 2, 3.0)
+  ck.wait()
+  assert ck.steps() == [1, 2]
   ck.close()
 
 

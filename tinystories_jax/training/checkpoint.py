@@ -8,13 +8,17 @@ Layout under WORKDIR/checkpoints/<step>/ (one Orbax composite checkpoint per ste
 
 Orbax writes each step into a temporary directory and renames it only once every item is complete,
 so a process killed mid-save leaves no step that looks finished. A step that still fails to read
-(a damaged disk, a hand-deleted file) is skipped with a warning and the previous one is used.
+(a damaged disk, a hand-deleted file) is skipped with a warning, moved to
+WORKDIR/checkpoints-unreadable/<step>-<time>/ (so the resumed run can save that step again), and the
+previous one is used.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import sys
+import time
 from typing import Any
 
 import jax
@@ -97,6 +101,23 @@ class Checkpointer:
     return Restored(step, out["params"], out["opt_state"], dict(out["data_iter"]),
                     dict(out["meta"]))
 
+  def _set_aside(self, step: int) -> str | None:
+    """Moves an unreadable step out of the checkpoint directory (kept for a look, never read
+    again), so that the run, resumed from an older step, can save that step number anew."""
+    if jax.process_index() != 0:
+      return None
+    src = os.path.join(self.directory, str(step))
+    dst = os.path.join(self.directory + "-unreadable", f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+    try:
+      os.makedirs(os.path.dirname(dst), exist_ok=True)
+      os.rename(src, dst)
+    except OSError as e:
+      logging.warning("Could not move the unreadable step %d aside (%s); saving that step again "
+                      "will fail until %s is removed.", step, e, src)
+      return None
+    self._manager.reload()
+    return dst
+
   def restore_latest(self, abstract_params: Any, abstract_opt_state: Any) -> Restored | None:
     """Restores the newest readable step onto the shardings in the abstract trees.
 
@@ -118,14 +139,37 @@ class Checkpointer:
       except Exception as e:  # pylint: disable=broad-except
         # Any failure to read one step (truncated array file, missing item, bad JSON) means that
         # step is unusable; an older complete one is better than stopping.
+        _quiet_abandoned_reads()
         fallback = (f"falling back to step {steps[i + 1]}" if i + 1 < len(steps)
                     else "no older checkpoint remains")
-        logging.warning("Checkpoint step %d in %s is unreadable (%s: %s); %s.", step,
-                        self.directory, type(e).__name__, str(e).splitlines()[0][:300], fallback)
+        moved = self._set_aside(step)
+        logging.warning("Checkpoint step %d in %s is unreadable (%s: %s); %s. %s", step,
+                        self.directory, type(e).__name__, str(e).splitlines()[0][:300], fallback,
+                        f"It was moved to {moved}." if moved else "")
     if steps:
       raise RuntimeError(f"No checkpoint in {self.directory} could be read (tried steps {steps}); "
                          "move the directory away to start fresh.")
     return None
+
+
+def _quiet_abandoned_reads() -> None:
+  """After a failed restore, the other reads of that step still complete in TensorStore's
+  threads and try to wake the restore's event loop, which has closed: each prints an ignored
+  `RuntimeError: Event loop is closed` traceback (a dozen for one damaged step). They are
+  harmless, and the step's failure is already reported in one line, so this drops exactly those
+  from `sys.unraisablehook` (installed once; everything else goes to the previous hook)."""
+  previous = sys.unraisablehook
+  if getattr(previous, "drops_closed_loop_wakeups", False):
+    return
+
+  def hook(unraisable):
+    if (isinstance(unraisable.exc_value, RuntimeError)
+        and str(unraisable.exc_value) == "Event loop is closed"):
+      return
+    previous(unraisable)
+
+  hook.drops_closed_loop_wakeups = True
+  sys.unraisablehook = hook
 
 
 def _check_tree(restored: Any, abstract: Any, name: str) -> None:
