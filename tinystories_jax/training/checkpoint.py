@@ -103,20 +103,25 @@ class Checkpointer:
 
   def _set_aside(self, step: int) -> str | None:
     """Moves an unreadable step out of the checkpoint directory (kept for a look, never read
-    again), so that the run, resumed from an older step, can save that step number anew."""
-    if jax.process_index() != 0:
-      return None
+    again), so that the run, resumed from an older step, can save that step number anew.
+    Process 0 moves it; every process then reloads the step list (after a barrier when there
+    are several), since each would otherwise refuse to save a step it still lists."""
     src = os.path.join(self.directory, str(step))
     dst = os.path.join(self.directory + "-unreadable", f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
-    try:
-      os.makedirs(os.path.dirname(dst), exist_ok=True)
-      os.rename(src, dst)
-    except OSError as e:
-      logging.warning("Could not move the unreadable step %d aside (%s); saving that step again "
-                      "will fail until %s is removed.", step, e, src)
-      return None
+    moved = None
+    if jax.process_index() == 0:
+      try:
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        os.rename(src, dst)
+        moved = dst
+      except OSError as e:
+        logging.warning("Could not move the unreadable step %d aside (%s); saving that step "
+                        "again will fail until %s is removed.", step, e, src)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f"checkpoint step {step} set aside")
     self._manager.reload()
-    return dst
+    return moved
 
   def restore_latest(self, abstract_params: Any, abstract_opt_state: Any) -> Restored | None:
     """Restores the newest readable step onto the shardings in the abstract trees.
