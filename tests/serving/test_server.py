@@ -126,6 +126,9 @@ def test_malformed_requests_get_openai_errors(client, server):
       ("/completions", json.dumps({"prompt": "x" * 5000}).encode(), 413, "body_too_large"),
       ("/completions", json.dumps({"prompt": "Tom " * 700}).encode(), 422,
        "context_length_exceeded"),
+      ("/completions", json.dumps({"prompt": "x", "stream": True, "stream_options": "yes"}
+                                  ).encode(), 400, "invalid_type"),
+      ("/completions", b"[" * 1900 + b"]" * 1900, 400, "invalid_json"),  # nested past recursion
   ]
   for path, body, status, code in cases:
     r = httpx.post(url + path, content=body, headers={"Content-Type": "application/json"},
@@ -135,6 +138,8 @@ def test_malformed_requests_get_openai_errors(client, server):
     assert set(r.json()["error"]) == {"message", "type", "param", "code"}
   r = httpx.get(url.replace("/v1", "/nowhere"))
   assert r.status_code == 404 and "error" in r.json()
+  r = httpx.get(url + "/completions")
+  assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error"
 
 
 def test_a_full_queue_gets_429_and_shutdown_gets_503(writer):
@@ -145,6 +150,41 @@ def test_a_full_queue_gets_429_and_shutdown_gets_503(writer):
     engine.begin_shutdown(0)
     r = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
     assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
+
+
+def test_an_unexpected_error_still_answers_in_openai_json(writer, monkeypatch):
+  from tinystories_jax.serving import app as app_lib  # pylint: disable=import-outside-toplevel
+
+  async def broken(self, request):
+    raise RuntimeError("boom")
+
+  monkeypatch.setattr(app_lib.Service, "list_models", broken)
+  with TestClient(create_app(Engine(writer), model_id=MODEL, limits=LIMITS),
+                  raise_server_exceptions=False) as http:
+    r = http.get("/v1/models")
+  assert r.status_code == 500
+  assert r.json()["error"]["code"] == "internal_error" and "boom" not in r.text
+
+
+def test_a_queued_stream_turned_away_at_shutdown_gets_503(writer):
+  """The stream's headers wait for its first event: a request still queued when shutdown begins
+  gets a 503 status, not 200 and an error event."""
+  engine = Engine(writer, max_queue=1)  # never started: the request waits in the queue
+  out = {}
+  with TestClient(create_app(engine, model_id=MODEL, limits=LIMITS)) as http:
+    def post():
+      out["r"] = http.post("/v1/completions",
+                           json={"prompt": "x", "max_tokens": 2, "stream": True})
+    thread = threading.Thread(target=post)
+    thread.start()
+    for _ in range(200):
+      if engine._queue:  # pylint: disable=protected-access
+        break
+      threading.Event().wait(0.01)
+    engine.begin_shutdown(0)
+    thread.join(30)
+  assert out["r"].status_code == 503
+  assert out["r"].json()["error"]["code"] == "shutting_down"
 
 
 def test_compatible_requests_share_one_batch_and_keep_their_own_text(writer):

@@ -15,6 +15,7 @@ import secrets
 import time
 from typing import Any
 
+from absl import logging
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -76,6 +77,8 @@ class Service:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
       raise APIError(400, f"The request body is not valid JSON ({e}).",
                      code="invalid_json") from None
+    except RecursionError:
+      raise APIError(400, "The request body nests JSON too deeply.", code="invalid_json") from None
 
   async def completions(self, request: Request):
     return await self._generate(request, "completion")
@@ -89,6 +92,10 @@ class Service:
       req = protocol.parse_generation(body, kind, self.limits)
       if req.model is not None and req.model != self.model_id:
         raise self._unknown_model(req.model)
+      stream_options = body.get("stream_options") if isinstance(body, dict) else None
+      if stream_options is not None and not isinstance(stream_options, dict):
+        raise APIError(400, "'stream_options' must be an object, e.g. {\"include_usage\": true}.",
+                       param="stream_options", code="invalid_type")
       if isinstance(body, dict) and body.get("seed") is None:
         # Without a seed, OpenAI's API samples afresh each time; so does this server.
         req.config = type(req.config)(**dict(req.config.to_dict(), seed=secrets.randbits(32)))
@@ -101,8 +108,14 @@ class Service:
                                      code="client_disconnected"))
     rid = protocol.new_id(kind)
     if req.stream:
-      include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-      return StreamingResponse(self._events(job, rid, include_usage),
+      include_usage = bool((stream_options or {}).get("include_usage"))
+      # The headers wait for the job's first event, so a request that never starts (turned
+      # away at shutdown, say) still gets its error status rather than 200 and an error event.
+      first = await job.events.get()
+      if first[0] == "error":
+        job.cancelled = True
+        return error_response(first[1])
+      return StreamingResponse(self._events(job, rid, include_usage, first),
                                media_type="text/event-stream",
                                headers={"Cache-Control": "no-cache"})
     kind_, payload = await job.events.get()
@@ -148,8 +161,9 @@ class Service:
     prompt_tokens = sum(len(e) for e in job.encoded) * job.request.n
     return protocol.usage(prompt_tokens, sum(s.completion_tokens for s in stories))
 
-  async def _events(self, job: Job, rid: str, include_usage: bool):
+  async def _events(self, job: Job, rid: str, include_usage: bool, first: tuple):
     kind = job.request.kind
+    pending = [first]
 
     def sse(obj) -> str:
       return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
@@ -159,7 +173,7 @@ class Service:
         for i in range(job.rows):
           yield sse(protocol.chunk_body(kind, rid, self.model_id, i, None, None, first=True))
       while True:
-        event, *payload = await job.events.get()
+        event, *payload = pending.pop() if pending else await job.events.get()
         if event == "text":
           index, piece = payload
           yield sse(protocol.chunk_body(kind, rid, self.model_id, index, piece, None))
@@ -190,6 +204,13 @@ async def _http_error(request: Request, exc: HTTPException):
   return error_response(APIError(exc.status_code, str(exc.detail), code="http_error"))
 
 
+async def _internal_error(request: Request, exc: Exception):
+  """Anything unexpected still answers in OpenAI's error JSON (the traceback goes to the log)."""
+  logging.error("Unexpected error on %s %s: %r", request.method, request.url.path, exc)
+  return error_response(APIError(500, "The server hit an unexpected error; the request was "
+                                 "not completed.", code="internal_error"))
+
+
 def create_app(engine: Engine, *, model_id: str, limits: Limits | None = None) -> Starlette:
   """The ASGI app over a started (or to-be-started) engine."""
   service = Service(engine, model_id=model_id, limits=limits or Limits())
@@ -199,6 +220,7 @@ def create_app(engine: Engine, *, model_id: str, limits: Limits | None = None) -
       Route("/v1/completions", service.completions, methods=["POST"]),
       Route("/v1/chat/completions", service.chat_completions, methods=["POST"]),
   ]
-  app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
+  app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error,
+                                                     Exception: _internal_error})
   app.state.service = service
   return app

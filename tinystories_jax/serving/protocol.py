@@ -29,7 +29,8 @@ class APIError(Exception):
 
   def body(self) -> dict[str, Any]:
     kind = {400: "invalid_request_error", 404: "invalid_request_error",
-            413: "invalid_request_error", 422: "invalid_request_error",
+            405: "invalid_request_error", 413: "invalid_request_error",
+            422: "invalid_request_error",
             429: "rate_limit_error", 503: "server_error"}.get(self.status, "server_error")
     return {"error": {"message": self.message, "type": kind, "param": self.param,
                       "code": self.code}}
