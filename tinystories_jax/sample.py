@@ -8,7 +8,7 @@
 
 A single --prompt streams its story to the terminal; --prompts_file (JSONL with id and prompt, or
 one prompt a line) writes JSONL rows {"id", "prompt", "completion", "model", "sampler"} to
---output, the file `grade` reads. Unset sampler flags take `SamplerConfig`'s defaults. See
+--output, the file `grade` reads (or to stdout without --output). Unset sampler flags take `SamplerConfig`'s defaults. See
 docs/sampling.md.
 """
 
@@ -20,8 +20,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a training run or `i
 _PROMPT = flags.DEFINE_string("prompt", None, "A story beginning to continue.")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "JSONL with id and prompt per line, or "
                                     "one plain-text prompt a line.")
-_OUTPUT = flags.DEFINE_string("output", None, "Completions JSONL to write (needed for "
-                              "--prompts_file; a rerun skips rows already there).")
+_OUTPUT = flags.DEFINE_string("output", None, "Completions JSONL to append to (a rerun skips "
+                              "rows already there); without it --prompts_file rows go to stdout.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Stories per prompt.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Stories decoded together.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
@@ -51,9 +51,6 @@ def main(argv):
   if not _WORKDIR.value:
     print("error: pass --workdir=DIR, the workdir of a training run or of `interop import-*`.",
           file=sys.stderr)
-    sys.exit(2)
-  if _PROMPTS_FILE.value and not _OUTPUT.value:
-    print("error: --prompts_file needs --output=FILE.jsonl for the completions.", file=sys.stderr)
     sys.exit(2)
   logging.set_verbosity(logging.WARNING)  # checkpoint-library chatter would bury the story
   # Imported here so that flag errors are reported without waiting for JAX to load.

@@ -21,7 +21,9 @@ def _request(workdir, **kw):
 
 def test_prompts_file_writes_grading_rows_and_resumes(tiny_workdir, tmp_path):
   prompts = tmp_path / "prompts.jsonl"
-  prompts.write_text(json.dumps({"id": "a", "prompt": "Tom went", "set": "x"}) + "\n\n" +
+  # Other fields are carried over, but never over what the command writes.
+  prompts.write_text(json.dumps({"id": "a", "prompt": "Tom went", "set": "x",
+                                 "completion": "a reference", "model": "someone"}) + "\n\n" +
                      json.dumps({"id": 7, "prompt": "Lily"}) + "\n")
   out = tmp_path / "out.jsonl"
   log = io.StringIO()
@@ -29,9 +31,10 @@ def test_prompts_file_writes_grading_rows_and_resumes(tiny_workdir, tmp_path):
                                      num_samples=2), out=log) == 4
   rows = [json.loads(line) for line in out.read_text().splitlines()]
   assert [r["id"] for r in rows] == ["a#0", "a#1", "7#0", "7#1"]
-  assert [r["prompt_id"] for r in rows] == ["a", "a", "7", "7"]
+  assert [r["prompt_id"] for r in rows] == ["a", "a", 7, 7]  # as the prompts file wrote them
   assert rows[0]["set"] == "x" and "set" not in rows[2]
   assert rows[0]["model"] == f"{tiny_workdir}@7"
+  assert rows[0]["completion"] != "a reference"
   assert rows[0]["sampler"]["max_new_tokens"] == 6 and rows[0]["sampler"]["seed"] == 1
   assert all(isinstance(r["completion"], str) and r["completion_tokens"] <= 6 for r in rows)
   assert rows[0]["completion"] != rows[1]["completion"]  # two samples, not one twice
@@ -52,6 +55,25 @@ def test_plain_text_prompts_take_line_numbers_as_ids(tiny_workdir, tmp_path):
   rows = [json.loads(line) for line in out.read_text().splitlines()]
   assert [(r["id"], r["prompt"]) for r in rows] == [("1", "Once upon a time"),
                                                      ("3", "Tom had a dog")]
+
+
+def test_without_output_rows_go_to_stdout_and_ids_keep_their_type(tiny_workdir, tmp_path):
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text(json.dumps({"id": 7, "prompt": "Lily"}) + "\n")
+  shown = io.StringIO()
+  assert command.run_sample(_request(tiny_workdir, prompts_file=str(prompts)), out=shown) == 1
+  [row] = [json.loads(line) for line in shown.getvalue().splitlines()]
+  assert row["id"] == 7 and row["prompt_id"] == 7 and row["prompt"] == "Lily"
+
+
+def test_a_plain_text_prompt_may_start_with_a_brace(tmp_path):
+  path = tmp_path / "p.txt"
+  path.write_text("{Lily} found a box\nTom ran\n")
+  assert [(r.id, r.prompt) for r in command.read_prompts(str(path))] == [
+      ("1", "{Lily} found a box"), ("2", "Tom ran")]
+  path.write_text('{"id": 1, "prompt": "a"\n')  # meant as JSONL, broken
+  with pytest.raises(SamplerError, match="line 1 is not valid JSON"):
+    command.read_prompts(str(path))
 
 
 def test_bfloat16_matmuls_are_recorded_in_the_rows(tiny_workdir, tmp_path):

@@ -98,7 +98,9 @@ def read_completions(paths: list[str]) -> list[Completion]:
         seen[(model, row_id)] = path
         items.append(Completion(
             id=row_id, model=model, prompt=row["prompt"], completion=row["completion"],
-            source=path, prompt_id=row.get("prompt_id"), sampler=row.get("sampler")))
+            source=path,
+            prompt_id=None if row.get("prompt_id") is None else str(row["prompt_id"]),
+            sampler=row.get("sampler")))
   return items
 
 

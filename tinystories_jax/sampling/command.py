@@ -8,6 +8,7 @@ appended as soon as it is done, and rerunning with the same --output skips the r
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -21,10 +22,17 @@ from tinystories_jax.sampling.text import StoryWriter
 
 @dataclasses.dataclass
 class PromptRow:
-  """One prompt to continue: its id, text, and the file's other fields."""
+  """One prompt to continue: its id (as text, and as the file wrote it), text, and the file's
+  other fields."""
   id: str
   prompt: str
   extra: dict[str, Any]
+  raw_id: Any = None
+
+  @property
+  def out_id(self) -> Any:
+    """The id as the prompts file wrote it (a number stays a number), else the text form."""
+    return self.id if self.raw_id is None else self.raw_id
 
 
 @dataclasses.dataclass
@@ -55,7 +63,15 @@ def read_prompts(path: str) -> list[PromptRow]:
   if not lines:
     raise SamplerError(f"prompts file {path} holds no prompts; write one prompt a line.")
   rows, seen = [], set()
-  as_json = lines[0][1].lstrip().startswith("{")
+  # JSONL when the first line is a JSON object, or was meant to be one ('{"'); a plain-text
+  # prompt may itself start with a brace ("{Lily} found a box").
+  first = lines[0][1].strip()
+  as_json = first.startswith('{"')
+  if first.startswith("{") and not as_json:
+    try:
+      as_json = isinstance(json.loads(first), dict)
+    except json.JSONDecodeError:
+      as_json = False
   for n, line in lines:
     where = f"{path} line {n}"
     if not as_json:
@@ -74,7 +90,7 @@ def read_prompts(path: str) -> list[PromptRow]:
       raise SamplerError(f"{where} repeats id {row_id!r}; ids must be unique.")
     seen.add(row_id)
     extra = {k: v for k, v in obj.items() if k not in ("id", "prompt")}
-    rows.append(PromptRow(row_id, obj["prompt"], extra))
+    rows.append(PromptRow(row_id, obj["prompt"], extra, obj.get("id")))
   return rows
 
 
@@ -132,7 +148,7 @@ def run_sample(req: SampleRequest, out: TextIO = sys.stdout) -> int:
         f"model's {loaded.cfg.max_positions} positions leave room for "
         f"{writer.max_prompt_tokens(config.max_new_tokens)} prompt tokens; shorten it or lower "
         "--max_new_tokens.")
-  if req.output is None:
+  if req.output is None and req.prompts_file is None:
     return _to_terminal(writer, rows, encoded, config, req, out)
   return _to_file(writer, rows, encoded, config, req, loaded.name, out)
 
@@ -145,9 +161,13 @@ def _jobs(rows, num_samples):
 
 
 def _to_file(writer, rows, encoded, config, req, model_name, out) -> int:
-  done = _done_ids(req.output)
+  """Writes completion rows to --output (skipping ids already there), or as JSONL to `out`
+  when there is no --output (progress then goes to stderr)."""
+  to_out = req.output is None
+  done = set() if to_out else _done_ids(req.output)
   jobs = [j for j in _jobs(rows, req.num_samples) if j[2] not in done]
   total = len(rows) * req.num_samples
+  progress = sys.stderr if to_out else out
   if done:
     print(f"{req.output} already holds {total - len(jobs)} of {total} rows; writing the rest.",
           file=out)
@@ -155,7 +175,7 @@ def _to_file(writer, rows, encoded, config, req, model_name, out) -> int:
   if req.matmul_dtype:
     sampler["matmul_dtype"] = req.matmul_dtype
   written = 0
-  with open(req.output, "a", encoding="utf-8") as f:
+  with contextlib.nullcontext(out) if to_out else open(req.output, "a", encoding="utf-8") as f:
     for start in range(0, len(jobs), req.batch_size):
       batch = jobs[start:start + req.batch_size]
       stories = writer.complete(
@@ -163,14 +183,19 @@ def _to_file(writer, rows, encoded, config, req, model_name, out) -> int:
           encoded=[encoded[i] for i, _, _ in batch],
           streams=[i * req.num_samples + k for i, k, _ in batch])
       for (i, k, out_id), [story] in zip(batch, stories):
-        row = {"id": out_id, "prompt": rows[i].prompt, "completion": story.text,
-               "model": model_name, "sampler": sampler, "prompt_id": rows[i].id, "sample": k,
-               "finish_reason": story.finish_reason,
-               "completion_tokens": story.completion_tokens, **rows[i].extra}
+        # The file's other fields first: what this command writes may not be overridden by
+        # them (a prompts file carrying a reference "completion", say).
+        row = {**rows[i].extra,
+               "id": rows[i].out_id if req.num_samples == 1 else out_id,
+               "prompt": rows[i].prompt, "completion": story.text,
+               "model": model_name, "sampler": sampler, "prompt_id": rows[i].out_id,
+               "sample": k, "finish_reason": story.finish_reason,
+               "completion_tokens": story.completion_tokens}
         f.write(json.dumps(row, ensure_ascii=False) + "\n")
       f.flush()
       written += len(batch)
-      print(f"{len(done) + written}/{total} completions in {req.output}", file=out, flush=True)
+      print(f"{len(done) + written}/{total} completions "
+            f"{'written' if to_out else 'in ' + req.output}", file=progress, flush=True)
   return written
 
 
