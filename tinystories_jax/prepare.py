@@ -4,7 +4,7 @@ r"""Prepares a story corpus for training: clean, train a tokenizer, write token 
       --valid_input=TinyStoriesV2-GPT4-valid.txt --output_dir=data/ts-v2-4k --vocab_size=4096
 
   python -m tinystories_jax.prepare --input=synthetic --output_dir=runs/quickstart-data \
-      --vocab_size=2048
+      --vocab_size=1024
 
 See BUILD.md ("prepare") for every flag and the output layout.
 """

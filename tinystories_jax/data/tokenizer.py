@@ -45,7 +45,7 @@ def train_sentencepiece(stories: Iterable[str], *, vocab_size: int, num_threads:
   min_vocab = 256 + 4 + 1
   if vocab_size < min_vocab:
     raise DataError(f"--vocab_size={vocab_size} is too small: byte fallback alone needs {min_vocab} "
-                    "pieces; use at least 512.")
+                    f"pieces; use at least {min_vocab} (512 or more leaves room for words).")
   model = _ModelBuffer()
   try:
     spm.SentencePieceTrainer.train(
