@@ -10,7 +10,8 @@ random weights, a one-token prompt, greedy decoding of exactly --new_tokens toke
 end-of-story token is forbidden, so both do the same work). Ours computes in --dtype, once for
 each of --matmul_dtypes ("none": --dtype throughout; "bfloat16": `Sampler(matmul_dtype=...)`)
 and each of --cache_layouts ("auto": the sampler's own choice; "chunked" or "whole":
-`Sampler(chunked_cache=...)`); transformers runs once for each of --transformers_dtypes (its whole model cast to that dtype).
+`Sampler(chunked_cache=...)`); transformers runs once for each of --transformers_dtypes (its
+whole model cast to that dtype).
 Every printed row and JSONL row names its dtypes, and each of ours is divided by each peer of the
 same batch size. Figures are new tokens per second over --repeats timed runs after one warm-up
 run (which compiles ours), median reported. The transformers model runs on PyTorch's CPU threads

@@ -64,9 +64,9 @@ def main(argv):
   except DataError as e:
     print(f"prepare: {e}", file=sys.stderr)
     sys.exit(2)
-  except OSError as e:  # the output directory cannot be made or written
-    print(f"prepare: cannot write {e.filename or opts.output_dir} ({e.strerror or e}): choose "
-          "another --output_dir.", file=sys.stderr)
+  except OSError as e:  # e.g. --output_dir names an existing file, or a read-only place
+    print(f"prepare: {e.filename or opts.output_dir}: {e.strerror or e}; check that --output_dir "
+          "is a directory this user can write (and the inputs readable).", file=sys.stderr)
     sys.exit(2)
   splits = metadata["splits"]
   print(f"prepared {opts.output_dir}: vocab {metadata['vocab_size']}, "

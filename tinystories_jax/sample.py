@@ -8,8 +8,8 @@
 
 A single --prompt streams its story to the terminal; --prompts_file (JSONL with id and prompt, or
 one prompt a line) writes JSONL rows {"id", "prompt", "completion", "model", "sampler"} to
---output, the file `grade` reads (or to stdout without --output). Unset sampler flags take `SamplerConfig`'s defaults. See
-docs/sampling.md.
+--output, the file `grade` reads (or to stdout without --output). Unset sampler flags take
+`SamplerConfig`'s defaults. See docs/sampling.md.
 """
 
 import sys

@@ -166,7 +166,7 @@ def test_cli_errors_are_one_sentence(tmp_path):
   cases = [
       ([f"--input={tmp_path / 'missing.txt'}", f"--output_dir={tmp_path / 'o'}"], "does not exist"),
       (["--input=synthetic", "--synthetic_stories=50", f"--output_dir={tmp_path / 'a_file'}"],
-       "choose another --output_dir"),
+       "is a directory this user can write"),
       (["--input=synthetic", "--synthetic_stories=40", "--vocab_size=512",
         f"--output_dir={tmp_path / 'v'}"],
        "the validation split is empty (40 stories, --valid_fraction=0.01 held out none)"),

@@ -34,7 +34,8 @@ def _fail(workdir, overrides, config="configs/quickstart.py"):
     ({"model.attention": "cudnn"},
      "model.attention='cudnn' cannot run this model here: cuDNN attention needs an NVIDIA GPU"),
     ({"model.attention": "pallas"},
-     "model.attention='pallas' cannot run this model here: pallas flash attention supports head_dim"),
+     "model.attention='pallas' cannot run this model here: pallas flash attention supports "
+     "head_dim"),
 ])
 def test_bad_input_is_one_sentence(tiny_data, tmp_path, extra, expected):
   line = _fail(str(tmp_path / "w"), tiny_overrides(tiny_data, **extra))

@@ -30,7 +30,8 @@ _CHATTER_END = re.compile(
     re.IGNORECASE)
 # A title line above the story: markdown bold or underscores ("**The Happy Ball**"), or a few
 # words with no closing punctuation standing alone before a blank line ("The Happy Ball\n\n").
-_TITLE = re.compile(r"\s*(\*\*|__)[^\n]{1,100}?(\*\*|__)[ \t]*(\n|$)|[^\n.!?\"'”’]{1,60}\n\s*\n")
+_TITLE = re.compile(r"\s*(\*\*|__)[^\n]{1,100}?(\*\*|__)[ \t]*(\n|$)"
+                    r"|[^\n.!?\"'”’]{1,60}\n\s*\n")
 _WORD = re.compile(r"[A-Za-z]+(?:'[a-z]+)?")
 
 # Words every story needs whatever its topic; not counted as outside the basic vocabulary.
