@@ -169,10 +169,15 @@ def _train_ours(run: Run, args, shape) -> None:
     run.emit(row)
 
 
-def _train_peers(run: Run, args, index: int) -> None:
+def _train_peers(run: Run, args, index: int, shape) -> None:
+  family, name, vocab, batch, seq, _ = shape
+  if run.out_of_time():  # a child would still import torch and time at least one model
+    run.emit({"kind": "train", "system": "peers", "model": f"{family}:{name}", "vocab": vocab,
+              "batch": batch, "seq": seq, "skipped": "time budget spent"})
+    return
   argv = [str(pathlib.Path(__file__).resolve()), "--peers_child", f"--peer_shape={index}",
           f"--out={args.out}", f"--train_steps={args.train_steps}",
-          f"--budget_s={max(30.0, run.deadline - time.time()):.0f}"]
+          f"--budget_s={max(1.0, run.deadline - time.time()):.0f}"]
   if args.smoke:
     argv.append("--smoke")
   if args.smoke_compile:
@@ -200,9 +205,17 @@ def section_train(run: Run, args) -> None:
       if not _shape_wanted(shape, wanted):
         continue
       if "ours" in systems:
+        before = len(run.rows)
         _train_ours(run, args, shape)
+        measured = any("tokens_per_s" in r for r in run.rows[before:])
+        if not measured and "peers" in systems:
+          family, name, vocab, batch, seq, _ = shape
+          run.emit({"kind": "train", "system": "peers", "model": f"{family}:{name}",
+                    "vocab": vocab, "batch": batch, "seq": seq,
+                    "skipped": "none of ours measured at this shape"})
+          continue
       if "peers" in systems:
-        _train_peers(run, args, index)
+        _train_peers(run, args, index, shape)
   finally:
     run.deadline = full_deadline
 
@@ -340,12 +353,15 @@ def section_pipeline(run: Run, args) -> None:
 
 def section_sampling(run: Run, args) -> None:
   out = pathlib.Path(args.out) / "sampling.jsonl"
-  argv = [str(REPO / "benchmarks" / "sampling.py"), f"--output={out}"]
+  # The child starts no configuration past the budget; the timeout gives one that is running
+  # then a minute more.
+  argv = [str(REPO / "benchmarks" / "sampling.py"), f"--output={out}",
+          f"--budget_s={max(1.0, run.deadline - time.time()):.0f}"]
   # Both cache layouts: the sampler keeps the cache whole off the CPU without a GPU figure yet.
   argv += ["--cache_layouts=chunked,whole"]
   argv += (["--batch_sizes=1,2", "--new_tokens=8", "--repeats=1"] if args.smoke
            else ["--batch_sizes=1,64,256", "--repeats=3"])
-  _child(run, argv, "sampling", timeout=max(30.0, run.deadline - time.time()))
+  _child(run, argv, "sampling", timeout=max(30.0, run.deadline - time.time()) + 60)
   if out.exists():
     for line in out.read_text().splitlines():
       if line.strip():
@@ -365,7 +381,7 @@ def _train_table(rows: list[dict]) -> str:
     system = r["system"] + (f" ({r['attention']}, {r.get('loss_impl', 'chunked')} loss"
                             f"{', scan' if r.get('scan_layers') else ''})"
                             if "attention" in r else "")
-    shape = f"{r['batch']}x{r['seq']}"
+    shape = f"{r.get('batch', '?')}x{r.get('seq', '?')}"
     if "tokens_per_s" in r:
       out.append(f"| {r['model']} | {r['vocab']} | {shape} | {system} | "
                  f"{r['tokens_per_s'] / 1e6:.3f}M | {r['model_tflops']:.0f} |")
@@ -423,29 +439,44 @@ def write_tables(run: Run) -> None:
   for r in run.rows:
     if r.get("kind") == "ceiling":
       parts.append(f"bf16 matmul {r['n']}^3: {r['tflops']:.1f} TFLOP/s")
-    if r.get("kind") == "kernel_check":
+    if r.get("kind") == "kernel_check" and "B" in r:
       parts.append(f"kernel check B{r['B']} T{r['T']} H{r['H']} K{r['K']} D{r['D']} {r['dtype']} "
                    f"window {r['window']} segments {r['segments']}: "
                    f"{'ok' if r.get('ok') else 'FAILED'} "
                    f"(max rel err {r.get('max_rel_err', float('nan')):.1e}) {r.get('error', '')}")
-  if any(r.get("kind") == "attention" for r in run.rows):
+  if any(r.get("kind") == "attention" and "B" in r for r in run.rows):
     parts += ["", attention_bench.table(run.rows)]
   if any(r.get("kind") == "train" and "system" in r for r in run.rows):
     parts += ["", _train_table(run.rows)]
   parts += ["", *(f"- {line}" for line in _ratios(run.rows))]
-  sampled = [r for r in run.rows if r.get("kind") == "sampling" and "new_tokens_per_s" in r]
+  sampled = [r for r in run.rows if r.get("kind") == "sampling"]
   if sampled:
     parts += ["", "| sampling, llama 15m shape | batch | new tokens/s | ours / transformers |",
               "|---|---|---|---|"]
-    parts += [f"| {r['system']} | {r['batch']} | {r['new_tokens_per_s']:.0f} | "
-              + ", ".join(f"{v:.2f}x vs {k.split(' (')[1].split(',')[0]}"
-                          for k, v in r.get("ratios", {}).items()) + " |" for r in sampled]
+    for r in sampled:
+      if "new_tokens_per_s" not in r:
+        parts.append(f"| {r.get('system', '?')} | {r.get('batch', '?')} | - | "
+                     f"{str(r.get('skipped') or r.get('error', ''))[:70]} |")
+        continue
+      peers = [p for p in sampled if p.get("batch") == r["batch"] and "new_tokens_per_s" in p
+               and p["system"].startswith("transformers")]
+      ratios = ("" if r["system"].startswith("transformers") else ", ".join(
+          f"{r['new_tokens_per_s'] / p['new_tokens_per_s']:.2f}x vs "
+          f"{p['system'].split(' (')[1].split(',')[0]}" for p in peers))
+      parts.append(f"| {r['system']} | {r['batch']} | {r['new_tokens_per_s']:.0f} | {ratios} |")
   sweep = [r for r in run.rows if r.get("kind") == "attention_sweep" and "fwdbwd_ms" in r]
   if sweep:
     parts += ["", "| sweep shape | window | blocks (fwd q, k; dQ q, k; dK/dV q, k) | fwd+bwd ms |",
               "|---|---|---|---|"]
     parts += [f"| {r['B']},{r['T']},{r['H']},{r['D']} | {r['window']} | {r['blocks']} | "
               f"{r['fwdbwd_ms']:.3f} |" for r in sweep]
+  # Whole sections skipped for time or failed (their rows carry no shape of their own).
+  section_notes = [r for r in run.rows if set(r) <= {"time", "kind", "skipped", "error",
+                                                      "traceback"} and len(r) > 2]
+  if section_notes:
+    parts += ["", *(f"- section {r['kind']}: "
+                    + (f"skipped ({r['skipped']})" if "skipped" in r
+                       else f"failed ({str(r.get('error', ''))[:200]})") for r in section_notes)]
   text = "\n".join(parts) + "\n"
   run.md_path.write_text(text)
   print("\n" + text)
@@ -479,6 +510,11 @@ def main() -> None:
     return
   import jax  # noqa: PLC0415
   args.on_accelerator = jax.default_backend() in ("gpu", "tpu")
+  if not args.on_accelerator and not args.smoke:
+    # A GPU whose CUDA backend failed to start leaves JAX on the CPU: the full shapes would then
+    # run interpreted there until the call's time ran out.
+    parser.error(f"JAX sees no GPU or TPU (backend {jax.default_backend()!r}); check the CUDA "
+                 "install (JAX_PLATFORMS=cuda shows why it failed), or pass --smoke on a CPU.")
   wanted = [s.strip() for s in args.sections.split(",") if s.strip()]
   unknown = sorted(set(wanted) - set(SECTIONS))
   if unknown:

@@ -12,15 +12,18 @@ each of --matmul_dtypes ("none": --dtype throughout; "bfloat16": `Sampler(matmul
 and each of --cache_layouts ("auto": the sampler's own choice; "chunked" or "whole":
 `Sampler(chunked_cache=...)`); transformers runs once for each of --transformers_dtypes (its
 whole model cast to that dtype).
-Every printed row and JSONL row names its dtypes, and each of ours is divided by each peer of the
-same batch size. Figures are new tokens per second over --repeats timed runs after one warm-up
+Every printed row and JSONL row names its dtypes; the printout divides each of ours by each peer
+of the same batch size. Rows are appended to --output as they are measured; a configuration that
+fails, or starts past --budget_s, gets a row saying so and the run goes on. Figures are new tokens per second over --repeats timed runs after one warm-up
 run (which compiles ours), median reported. The transformers model runs on PyTorch's CPU threads
-(--threads, default: every core), or on the GPU where PyTorch sees one.
+(--threads, default: every core), or on the GPU where PyTorch sees one; there both sides' float32
+matmuls use TF32 (JAX's default on a GPU, and PyTorch set to "high" to match).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -73,6 +76,10 @@ def transformers_generate(batch: int, new_tokens: int, repeats: int, threads: in
 
   torch.set_num_threads(threads)
   device = "cuda" if torch.cuda.is_available() else "cpu"
+  if device == "cuda":
+    # JAX runs float32 matmuls on a GPU with TF32 inputs by default; PyTorch does not. Match it,
+    # so that the two "float32" columns do the same arithmetic.
+    torch.set_float32_matmul_precision("high")
   cfg = presets.llama("15m", vocab_size=VOCAB)
   hf_cfg = transformers.LlamaConfig(
       vocab_size=VOCAB, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
@@ -97,7 +104,7 @@ def transformers_generate(batch: int, new_tokens: int, repeats: int, threads: in
         torch.cuda.synchronize()
       times.append(time.perf_counter() - t0)
   t = statistics.median(times)
-  where = "cuda" if device == "cuda" else f"{threads} threads"
+  where = "cuda, TF32 matmuls" if device == "cuda" else f"{threads} threads"
   return {"system": f"transformers {transformers.__version__} generate ({dtype}, torch "
                     f"{torch.__version__}, {where})", "batch": batch,
           "new_tokens": new_tokens, "seconds": t, "new_tokens_per_s": batch * new_tokens / t}
@@ -121,7 +128,11 @@ def main(argv=None) -> int:
                       help="the transformers peer once per entry")
   parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
   parser.add_argument("--skip_transformers", action="store_true")
-  parser.add_argument("--output", default=None, help="append result rows to this JSONL file")
+  parser.add_argument("--output", default=None,
+                      help="append result rows to this JSONL file, each as it is measured")
+  parser.add_argument("--budget_s", type=float, default=None,
+                      help="start no configuration after this many seconds (later ones get "
+                           "a 'skipped' row)")
   args = parser.parse_args(argv)
   try:
     batches = [int(b) for b in args.batch_sizes.split(",")]
@@ -147,28 +158,48 @@ def main(argv=None) -> int:
     print("error: --matmul_dtypes takes none and bfloat16; --transformers_dtypes float32 and "
           "bfloat16; --cache_layouts auto, chunked and whole.", file=sys.stderr)
     return 2
+  deadline = time.time() + args.budget_s if args.budget_s else None
+
+  def write(row):  # each row as soon as it is measured: a run cut short keeps what it measured
+    if args.output:
+      with open(args.output, "a", encoding="utf-8") as f:
+        f.write(json.dumps(dict(row, **machine)) + "\n")
+
+  def measure(label, batch, fn):
+    """One configuration, unless the budget is spent; a failure becomes a row, not the end."""
+    if deadline is not None and time.time() > deadline:
+      row = {"system": label, "batch": batch, "skipped": "time budget spent"}
+    else:
+      try:
+        row = fn()
+      except Exception as e:  # noqa: BLE001 - the other configurations still run
+        row = {"system": label, "batch": batch, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+    write(row)
+    if "new_tokens_per_s" in row:
+      extra = f" (compile + first run {row['warmup_s']:.1f} s)" if "warmup_s" in row else ""
+      print(f"  batch {batch:4d}  {row['system']:62s} {row['new_tokens_per_s']:8.1f} new "
+            f"tokens/s{extra}", flush=True)
+    else:
+      print(f"  batch {batch:4d}  {label}: {row.get('skipped') or row.get('error')}", flush=True)
+    return row
+
   for b in batches:
     ours_rows, peer_rows = [], []
     for m in matmuls:
       for c in caches:
-        row = ours(b, args.new_tokens, args.repeats, args.dtype, m, c)
-        ours_rows.append(row)
-        print(f"  batch {b:4d}  {row['system']:62s} {row['new_tokens_per_s']:8.1f} new tokens/s "
-              f"(compile + first run {row['warmup_s']:.1f} s)", flush=True)
+        ours_rows.append(measure(
+            f"tinystories_jax ({args.dtype}, matmuls {m or args.dtype}, {c} cache)", b,
+            functools.partial(ours, b, args.new_tokens, args.repeats, args.dtype, m, c)))
     for d in peers_dtypes:
-      peer = transformers_generate(b, args.new_tokens, args.repeats, args.threads, d)
-      peer_rows.append(peer)
-      print(f"  batch {b:4d}  {peer['system']:62s} {peer['new_tokens_per_s']:8.1f} new tokens/s",
-            flush=True)
+      peer_rows.append(measure(
+          f"transformers generate ({d})", b,
+          functools.partial(transformers_generate, b, args.new_tokens, args.repeats,
+                            args.threads, d)))
     for row in ours_rows:
-      row["ratios"] = {p["system"]: row["new_tokens_per_s"] / p["new_tokens_per_s"]
-                       for p in peer_rows}
-      for name, r in row["ratios"].items():
-        print(f"  batch {b:4d}  {row['system']} / {name}: {r:.2f}x", flush=True)
-    if args.output:  # batch by batch, so a run cut short keeps what it measured
-      with open(args.output, "a", encoding="utf-8") as f:
-        for row in ours_rows + peer_rows:
-          f.write(json.dumps(dict(row, **machine)) + "\n")
+      for p in peer_rows:
+        if "new_tokens_per_s" in row and "new_tokens_per_s" in p:
+          print(f"  batch {b:4d}  {row['system']} / {p['system']}: "
+                f"{row['new_tokens_per_s'] / p['new_tokens_per_s']:.2f}x", flush=True)
   return 0
 
 
