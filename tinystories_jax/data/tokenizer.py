@@ -120,6 +120,15 @@ class Tokenizer:
   def vocab_size(self) -> int:
     return self.sp.GetPieceSize()
 
+  def same_as(self, other: "Tokenizer") -> bool:
+    """Whether both give every id the same piece and the same special ids (the same file, or
+    one saved again)."""
+    if self.sha256 == other.sha256:
+      return True
+    ids = lambda t: (t.vocab_size, t.bos_id, t.eos_id, t.pad_id, t.unk_id)  # noqa: E731
+    return ids(self) == ids(other) and all(
+        self.sp.IdToPiece(i) == other.sp.IdToPiece(i) for i in range(self.vocab_size))
+
   @property
   def bos_id(self) -> int:
     return self.sp.bos_id()

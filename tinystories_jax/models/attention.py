@@ -125,14 +125,20 @@ def choose_auto(dtype, head_dim: int, window: int | None, backend: str | None = 
   return "xla"
 
 
-def _pallas_supports(head_dim: int, dtype, backend: str) -> bool:
+def _pallas_support(head_dim: int, dtype, backend: str) -> tuple[bool, str]:
+  """The kernel module's `supports(...)`: (ok, why not, naming the alternative)."""
   try:
     import importlib  # noqa: PLC0415
 
     module = importlib.import_module(_PALLAS_MODULE)
   except ImportError:
-    return False
-  return bool(module.supports(head_dim, dtype, backend)[0])
+    return False, f"attention impl 'pallas' needs {_PALLAS_MODULE}, which this installation lacks."
+  ok, why = module.supports(head_dim, dtype, backend)
+  return bool(ok), why
+
+
+def _pallas_supports(head_dim: int, dtype, backend: str) -> bool:
+  return _pallas_support(head_dim, dtype, backend)[0]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -257,13 +263,7 @@ def unsupported_reason(impl: str, dtype, head_dim: int,
   if impl == "cudnn":
     return _cudnn_problem(dtype, head_dim, backend)
   if impl == "pallas":
-    try:
-      import importlib  # noqa: PLC0415
-
-      module = importlib.import_module(_PALLAS_MODULE)
-    except ModuleNotFoundError:
-      return f"attention impl 'pallas' needs {_PALLAS_MODULE}, which this installation lacks."
-    ok, why = module.supports(head_dim, dtype, backend)
+    ok, why = _pallas_support(head_dim, dtype, backend)
     return None if ok else why
   return None
 

@@ -190,12 +190,7 @@ def check_same_tokenizer(workdir: str, data: pipeline.PreparedData) -> None:
     a = Tokenizer(saved)
   except DataError:  # not a SentencePiece model (an imported tokenizer of another kind)
     return
-  b = Tokenizer(data.tokenizer_path)
-  if a.sha256 == b.sha256:
-    return
-  ids = lambda t: (t.vocab_size, t.bos_id, t.eos_id, t.pad_id, t.unk_id)  # noqa: E731
-  if ids(a) == ids(b) and all(a.sp.IdToPiece(i) == b.sp.IdToPiece(i)
-                              for i in range(a.vocab_size)):
+  if a.same_as(Tokenizer(data.tokenizer_path)):
     return
   raise ConfigError(
       f"data.dir={data.dir} was tokenized with another tokenizer than this run's "
