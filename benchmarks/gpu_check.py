@@ -10,8 +10,8 @@ Sections, each guarded so one failure does not end the run, in this order:
              the features the timed shapes leave out (GQA, MQA, segments, padding, float32)
   matmul     bf16 matmul ceiling, 8192^3, median of timed calls after warm-up
   train      per model shape: our train step (tinystories_jax.training.benchmark) for each
-             attention:loss[:scan] variant (--train_variants), then the transformers peer at the
-             same shape
+             attention:loss[:scan][:padN] variant (--train_variants), then the transformers
+             peer at the same shape
              (LlamaForCausalLM + torch.compile; GPTNeoForCausalLM eager and compiled; bf16
              autocast, AdamW, grad clip, random tokens) in a child process, so the two frameworks
              do not share the GPU's memory pool and a run cut short still pairs what it measured
@@ -60,8 +60,9 @@ SMOKE_TRAIN_SHAPES = (
     ("gpt_neo", "1m", 512, 4, 64, {"num_heads": 4, "num_layers": 2, "window": 16,
                                    "attention_layers": ("global", "local")}),
 )
-# attention:loss[:scan] variants of our step timed at every shape (":scan" sets scan_layers).
-TRAIN_VARIANTS = "pallas:plain,pallas:fused"
+# attention:loss[:scan][:padN] variants of our step timed at every shape (":scan" sets
+# scan_layers; ":padN" the fused loss's vocab padding multiple, ":pad1" none).
+TRAIN_VARIANTS = "pallas:fused"
 
 
 class Run:
@@ -146,23 +147,35 @@ def _train_ours(run: Run, args, shape) -> None:
   family, name, vocab, batch, seq, overrides = shape
   variants = [v.strip().split(":") for v in args.train_variants.split(",") if v.strip()]
   if args.smoke:
-    variants = [("pallas", "chunked"), ("xla", "chunked", "scan")]
+    variants = [("pallas", "fused"), ("xla", "chunked", "scan")]
   for impl, loss, *extra in variants:
     scan = "scan" in extra
+    # "padN": the fused loss pads the output projection to a multiple of N rows (pad1: none).
+    pad = next((int(x[3:]) for x in extra if x.startswith("pad")), None)
     row = {"kind": "train", "system": "ours", "model": f"{family}:{name}", "vocab": vocab,
            "batch": batch, "seq": seq, "attention": impl, "loss_impl": loss}
     if scan:
       row["scan_layers"] = True
+    if pad is not None:
+      row["loss_vocab_multiple"] = pad
     if run.out_of_time():
       run.emit({**row, "skipped": "time budget spent"})
       continue
     try:
       cfg = presets.get(family, name, vocab_size=vocab, dtype="bfloat16", attention_impl=impl,
                         scan_layers=scan, **overrides)
+      trace_dir = None
+      if _shape_wanted(shape, _names(args.profile), empty_means_all=False):
+        trace_dir = str(pathlib.Path(args.out) / "profile" / (
+            f"{name}-{vocab}-{impl}-{loss}{'-scan' if scan else ''}"
+            f"{'' if pad is None else f'-pad{pad}'}"))
       with fa.force_interpret(args.smoke or not args.on_accelerator):
-        result = benchmark.measure_train_throughput(cfg, batch_size=batch, seq_len=seq,
-                                                    steps=3 if args.smoke else args.train_steps,
-                                                    warmup=3, loss=loss)
+        result = benchmark.measure_train_throughput(
+            cfg, batch_size=batch, seq_len=seq, steps=3 if args.smoke else args.train_steps,
+            warmup=3, loss=loss, trace_dir=trace_dir,
+            **({} if pad is None else {"loss_vocab_multiple": pad}))
+      if trace_dir:
+        row["trace"] = trace_dir
       row.update(result)
     except Exception as e:  # noqa: BLE001
       row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -190,14 +203,35 @@ def _train_peers(run: Run, args, index: int, shape) -> None:
     run.rows += [json.loads(line) for line in f if line.strip()]
 
 
-def _shape_wanted(shape, wanted: set[str]) -> bool:
+def _names(text: str) -> set[str]:
+  return {x.strip() for x in text.split(",") if x.strip()}
+
+
+def _shape_wanted(shape, wanted: set[str], empty_means_all: bool = True) -> bool:
   _, name, vocab, *_ = shape
-  return not wanted or name in wanted or f"{name}/{vocab}" in wanted
+  if not wanted:
+    return empty_means_all
+  return name in wanted or f"{name}/{vocab}" in wanted
+
+
+def _pack_traces(run: Run, args) -> None:
+  """Packs the XProf traces into one `$OUT/profiles.tar.gz` (what comes back from a machine
+  is a few files, not a deep folder tree); `benchmarks/profile_summary.py` reads it."""
+  import shutil  # noqa: PLC0415
+  import tarfile  # noqa: PLC0415
+  root = pathlib.Path(args.out) / "profile"
+  if not root.is_dir():
+    return
+  archive = pathlib.Path(args.out) / "profiles.tar.gz"
+  with tarfile.open(archive, "w:gz") as tar:
+    tar.add(root, arcname="profile")
+  shutil.rmtree(root)
+  run.emit({"kind": "profile", "archive": str(archive), "bytes": archive.stat().st_size})
 
 
 def section_train(run: Run, args) -> None:
   systems = {x.strip() for x in args.train_systems.split(",")}
-  wanted = {x.strip() for x in args.train_shapes.split(",") if x.strip()}
+  wanted = _names(args.train_shapes)
   # Leave the sections after this one their share of the budget.
   full_deadline, run.deadline = run.deadline, run.deadline - args.reserve_s
   try:
@@ -218,6 +252,7 @@ def section_train(run: Run, args) -> None:
         _train_peers(run, args, index, shape)
   finally:
     run.deadline = full_deadline
+    _pack_traces(run, args)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -372,15 +407,23 @@ def section_sampling(run: Run, args) -> None:
 # tables
 
 
+def _variant(r: dict) -> str:
+  """How a row of ours was run: attention, loss, and the options set."""
+  text = f"{r['attention']}, {r.get('loss_impl', 'chunked')} loss"
+  if r.get("scan_layers"):
+    text += ", scan"
+  if "loss_vocab_multiple" in r:
+    text += f", vocab padded to x{r['loss_vocab_multiple']}"
+  return text
+
+
 def _train_table(rows: list[dict]) -> str:
   out = ["| model | vocab | batch x seq | system | tokens/s | model TFLOP/s |",
          "|---|---|---|---|---|---|"]
   for r in rows:
     if r.get("kind") != "train" or "system" not in r:
       continue
-    system = r["system"] + (f" ({r['attention']}, {r.get('loss_impl', 'chunked')} loss"
-                            f"{', scan' if r.get('scan_layers') else ''})"
-                            if "attention" in r else "")
+    system = r["system"] + (f" ({_variant(r)})" if "attention" in r else "")
     shape = f"{r.get('batch', '?')}x{r.get('seq', '?')}"
     if "tokens_per_s" in r:
       out.append(f"| {r['model']} | {r['vocab']} | {shape} | {system} | "
@@ -416,15 +459,12 @@ def _ratios(rows: list[dict]) -> list[str]:
       continue
     for p in train:
       if p["system"] != "ours" and (p["model"], p["vocab"]) == (r["model"], r["vocab"]):
-        lines.append(f"train {r['model']} vocab {r['vocab']} ours ({r['attention']}, "
-                     f"{r.get('loss_impl', 'chunked')} loss"
-                     f"{', scan' if r.get('scan_layers') else ''}) / "
+        lines.append(f"train {r['model']} vocab {r['vocab']} ours ({_variant(r)}) / "
                      f"{p['system']} = {r['tokens_per_s'] / p['tokens_per_s']:.2f}x")
   ceiling = next((r["tflops"] for r in rows if r.get("kind") == "ceiling"), None)
   for r in train:
     if ceiling and r["system"] == "ours" and r["model"] == "llama:42m":
-      lines.append(f"train llama:42m ({r['attention']}, {r.get('loss_impl', 'chunked')} loss) "
-                   f"model FLOP/s = "
+      lines.append(f"train llama:42m ({_variant(r)}) model FLOP/s = "
                    f"{100 * r['model_tflops'] / ceiling:.0f}% of the measured matmul ceiling")
   return lines
 
@@ -497,6 +537,9 @@ def main() -> None:
                            "default: all")
   parser.add_argument("--train_variants", default=TRAIN_VARIANTS,
                       help="our step's attention:loss pairs timed at every train shape")
+  parser.add_argument("--profile", default="",
+                      help="train shapes (preset/vocab or preset) whose rows of ours also write "
+                           "an XProf trace of 3 steps, packed into $OUT/profiles.tar.gz")
   parser.add_argument("--reserve_s", type=float, default=0.0,
                       help="seconds of the budget the train section leaves to the later sections")
   parser.add_argument("--train_steps", type=int, default=15, help="timed steps per train row")
@@ -522,8 +565,9 @@ def main() -> None:
   shapes = SMOKE_TRAIN_SHAPES if args.smoke else TRAIN_SHAPES
   names = {x.strip() for x in args.train_shapes.split(",") if x.strip()}
   known = {n for _, p, v, *_ in shapes for n in (p, f"{p}/{v}")}
-  if names - known:
-    parser.error(f"unknown --train_shapes {sorted(names - known)}; choose from {sorted(known)}")
+  for flag, names in (("--train_shapes", names), ("--profile", _names(args.profile))):
+    if names - known:
+      parser.error(f"unknown {flag} {sorted(names - known)}; choose from {sorted(known)}")
   for name in SECTIONS:
     if name not in wanted:
       continue

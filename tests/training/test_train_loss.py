@@ -43,17 +43,19 @@ def _objective(fn, h, w, targets, mask, z_weight=1e-2):
   return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(h, w)
 
 
+@pytest.mark.parametrize("vocab_multiple", [1, 16, 128])  # 50 rows: unpadded, 64, 128
 @pytest.mark.parametrize("z_weight", [0.0, 1e-2])
-def test_fused_equals_plain_in_float32(z_weight):
+def test_fused_equals_plain_in_float32(z_weight, vocab_multiple):
   seed = np.random.SeedSequence().entropy % 2**31
   h, w, targets, mask = _inputs(seed=seed)
+  fused = lambda *a: loss_lib.fused_loss_sums(*a, vocab_multiple=vocab_multiple)
   (v_plain, s_plain), g_plain = _objective(loss_lib.plain_loss_sums, h, w, targets, mask, z_weight)
-  (v_fused, s_fused), g_fused = _objective(loss_lib.fused_loss_sums, h, w, targets, mask, z_weight)
+  (v_fused, s_fused), g_fused = _objective(fused, h, w, targets, mask, z_weight)
   np.testing.assert_allclose(v_fused, v_plain, rtol=1e-5, err_msg=f"seed {seed}")
   np.testing.assert_allclose(s_fused.z, s_plain.z, rtol=1e-5)
   np.testing.assert_allclose(s_fused.count, float(mask.sum()))
   for a, b in zip(g_fused, g_plain):
-    assert a.dtype == b.dtype
+    assert a.dtype == b.dtype and a.shape == b.shape
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=f"seed {seed}")
 
 
@@ -107,3 +109,9 @@ def test_unknown_impl_is_rejected():
   h, w, targets, mask = _inputs()
   with pytest.raises(ValueError, match="plain"):
     loss_lib.loss_sums(h, w, targets, mask, impl="nope", chunk=8)
+
+
+def test_padded_vocab():
+  assert loss_lib.padded_vocab(50257, 128) == 50304
+  assert loss_lib.padded_vocab(32000, 128) == 32000
+  assert loss_lib.padded_vocab(50, 1) == 50

@@ -23,10 +23,12 @@ from tinystories_jax.training import step as step_lib
 
 
 def measure_train_throughput(model_cfg: ModelConfig, *, batch_size: int, seq_len: int,
-                             steps: int = 10, warmup: int = 3, loss: str = "chunked",
-                             loss_chunk: int = 128, grad_accum_steps: int = 1,
+                             steps: int = 10, warmup: int = 3, loss: str = "fused",
+                             loss_chunk: int = 128, loss_vocab_multiple: int = 128,
+                             grad_accum_steps: int = 1,
                              mesh_config: mesh_lib.MeshConfig | None = None,
-                             devices=None, seed: int = 0) -> dict[str, Any]:
+                             devices=None, seed: int = 0, trace_dir: str | None = None,
+                             trace_steps: int = 3) -> dict[str, Any]:
   """Times the full train step (forward, backward, clip, AdamW) of `model_cfg`.
 
   Args:
@@ -35,12 +37,16 @@ def measure_train_throughput(model_cfg: ModelConfig, *, batch_size: int, seq_len
     seq_len: tokens per sequence.
     steps: timed steps.
     warmup: untimed steps first (the first compiles).
-    loss: "chunked", "plain" or "fused" output-layer loss (training/loss.py).
+    loss: "fused", "chunked" or "plain" output-layer loss (training/loss.py).
     loss_chunk: positions per chunk of the chunked loss.
+    loss_vocab_multiple: rows the fused loss pads the output projection to.
     grad_accum_steps: micro-batches per step.
     mesh_config: mesh sizes (default: all devices on `data`).
     devices: the devices to lay the mesh over (default: all).
     seed: parameter and token seed.
+    trace_dir: if set, `trace_steps` more steps run after the timed ones under
+      `jax.profiler.trace(trace_dir)` (an XProf trace: per-kernel device times).
+    trace_steps: steps traced.
 
   Returns:
     dict with `tokens_per_s`, `step_ms` (mean), `model_tflops` (PaLM count), `params`, `loss`
@@ -49,11 +55,12 @@ def measure_train_throughput(model_cfg: ModelConfig, *, batch_size: int, seq_len
   mesh = mesh_lib.make_mesh(mesh_config or mesh_lib.MeshConfig(), devices)
   opt_cfg = opt_lib.OptimizerConfig(lr=5e-4, schedule="cosine", warmup_steps=10, clip_norm=1.0)
   layout = state_lib.model_layout(model_cfg)
-  total = warmup + steps
+  total = warmup + steps + (trace_steps if trace_dir else 0)
   tx = opt_lib.make_optimizer(opt_cfg, total, layout.logical_names, layout.abstract_params)
   shardings = state_lib.state_shardings(layout, tx, mesh)
   state, extra = state_lib.init_state(model_cfg, tx, shardings, seed)
   step_cfg = step_lib.StepConfig(loss_impl=loss, loss_chunk=loss_chunk,
+                                 loss_vocab_multiple=loss_vocab_multiple,
                                  grad_accum_steps=grad_accum_steps)
   rng = np.random.default_rng(seed)
   rows = batch_size * grad_accum_steps // jax.process_count()
@@ -82,6 +89,11 @@ def measure_train_throughput(model_cfg: ModelConfig, *, batch_size: int, seq_len
     state, metrics = train_step(state, extra, batches[i % 2])
   jax.block_until_ready((state, metrics))
   elapsed = time.perf_counter() - t0
+  if trace_dir:
+    with jax.profiler.trace(trace_dir):
+      for i in range(trace_steps):
+        state, metrics = train_step(state, extra, batches[i % 2])
+      jax.block_until_ready((state, metrics))
   tokens_per_s = steps * batch_size * grad_accum_steps * seq_len / elapsed
   return {
       "tokens_per_s": tokens_per_s,

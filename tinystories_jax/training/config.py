@@ -56,8 +56,9 @@ class TrainConfig:
   checkpoint_every: int = 500
   keep_checkpoints: int = 3
   async_checkpoints: bool = True
-  loss: str = "chunked"
+  loss: str = "fused"
   loss_chunk: int = 128
+  loss_vocab_multiple: int = 128
   z_loss: float = 0.0
   on_nonfinite: str = "stop"
   peak_flops: float = 0.0
@@ -131,7 +132,7 @@ def validate(run: RunConfig) -> None:
       raise ConfigError(msg)
 
   for key in ("steps", "batch_size", "grad_accum_steps", "seq_len", "log_every",
-              "checkpoint_every", "keep_checkpoints", "loss_chunk"):
+              "checkpoint_every", "keep_checkpoints", "loss_chunk", "loss_vocab_multiple"):
     need(getattr(t, key) > 0, f"train.{key} must be a positive integer, got {getattr(t, key)}.")
   for key in ("eval_every", "eval_batches"):
     need(getattr(t, key) >= 0, f"train.{key} must be >= 0 (0 means "
@@ -172,7 +173,8 @@ RESUMABLE = {
     # init_std only shapes a fresh initialisation; an imported model may record another.
     "model": {"attention_impl", "dtype", "remat", "scan_layers", "init_std"},
     "train": {"steps", "log_every", "eval_every", "eval_batches", "checkpoint_every",
-              "keep_checkpoints", "async_checkpoints", "loss", "loss_chunk", "on_nonfinite",
+              "keep_checkpoints", "async_checkpoints", "loss", "loss_chunk", "loss_vocab_multiple",
+              "on_nonfinite",
               "peak_flops", "progress_bar"},
     "optimizer": set(),
     "mesh": {"data", "fsdp", "tensor", "cpu_devices", "distributed"},

@@ -29,8 +29,9 @@ class TrainState(NamedTuple):
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
   """Static choices that shape the compiled step."""
-  loss_impl: str = "chunked"     # "plain" | "chunked" | "fused" (training/loss.py)
+  loss_impl: str = "fused"       # "plain" | "chunked" | "fused" (training/loss.py)
   loss_chunk: int = 128          # positions per block for the chunked loss
+  loss_vocab_multiple: int = 128  # the fused loss pads the output projection to this many rows
   z_loss: float = 0.0            # weight of mean(logsumexp^2); PaLM uses 1e-4
   grad_accum_steps: int = 1      # micro-batches per optimizer step
   skip_nonfinite: bool = False   # drop an update whose loss or gradient is NaN/Inf
@@ -53,7 +54,8 @@ def forward_sums(graphdef: nnx.GraphDef, params: Any, extra: Any,
   h_btd = model.hidden(batch["inputs"], positions_bt=batch.get("positions"),
                        segment_ids_bt=batch.get("segment_ids"))
   return loss_lib.loss_sums(h_btd, model.output_embedding(), batch["targets"],
-                            target_mask(batch), impl=cfg.loss_impl, chunk=cfg.loss_chunk)
+                            target_mask(batch), impl=cfg.loss_impl, chunk=cfg.loss_chunk,
+                            vocab_multiple=cfg.loss_vocab_multiple)
 
 
 def _split_micro(batch: Mapping[str, jax.Array], accum: int) -> dict[str, jax.Array]:
