@@ -10,7 +10,7 @@ Sections, each guarded so one failure does not end the run, in this order:
              the features the timed shapes leave out (GQA, MQA, segments, padding, float32)
   matmul     bf16 matmul ceiling, 8192^3, median of timed calls after warm-up
   train      per model shape: our train step (tinystories_jax.training.benchmark) for each
-             attention:loss[:scan][:padN] variant (--train_variants), then the transformers
+             attention:loss[:scan][:padN][:online] variant (--train_variants), then the transformers
              peer at the same shape
              (LlamaForCausalLM + torch.compile; GPTNeoForCausalLM eager and compiled; bf16
              autocast, AdamW, grad clip, random tokens) in a child process, so the two frameworks
@@ -60,8 +60,9 @@ SMOKE_TRAIN_SHAPES = (
     ("gpt_neo", "1m", 512, 4, 64, {"num_heads": 4, "num_layers": 2, "window": 16,
                                    "attention_layers": ("global", "local")}),
 )
-# attention:loss[:scan][:padN] variants of our step timed at every shape (":scan" sets
-# scan_layers; ":padN" the fused loss's vocab padding multiple, ":pad1" none).
+# attention:loss[:scan][:padN][:online] variants of our step timed at every shape (":scan" sets
+# scan_layers; ":padN" the fused loss's vocab padding multiple, ":pad1" none; ":online" its
+# one-pass log-sum-exp).
 TRAIN_VARIANTS = "pallas:fused"
 
 
@@ -150,14 +151,18 @@ def _train_ours(run: Run, args, shape) -> None:
     variants = [("pallas", "fused"), ("xla", "chunked", "scan")]
   for impl, loss, *extra in variants:
     scan = "scan" in extra
-    # "padN": the fused loss pads the output projection to a multiple of N rows (pad1: none).
+    # "padN": the fused loss pads the output projection to a multiple of N rows (pad1: none);
+    # "online": its one-pass log-sum-exp.
     pad = next((int(x[3:]) for x in extra if x.startswith("pad")), None)
+    online = "online" in extra
     row = {"kind": "train", "system": "ours", "model": f"{family}:{name}", "vocab": vocab,
            "batch": batch, "seq": seq, "attention": impl, "loss_impl": loss}
     if scan:
       row["scan_layers"] = True
     if pad is not None:
       row["loss_vocab_multiple"] = pad
+    if online:
+      row["loss_online_lse"] = True
     if run.out_of_time():
       run.emit({**row, "skipped": "time budget spent"})
       continue
@@ -168,12 +173,12 @@ def _train_ours(run: Run, args, shape) -> None:
       if _shape_wanted(shape, _names(args.profile), empty_means_all=False):
         trace_dir = str(pathlib.Path(args.out) / "profile" / (
             f"{name}-{vocab}-{impl}-{loss}{'-scan' if scan else ''}"
-            f"{'' if pad is None else f'-pad{pad}'}"))
+            f"{'' if pad is None else f'-pad{pad}'}{'-online' if online else ''}"))
       with fa.force_interpret(args.smoke or not args.on_accelerator):
         result = benchmark.measure_train_throughput(
             cfg, batch_size=batch, seq_len=seq, steps=3 if args.smoke else args.train_steps,
             warmup=3, loss=loss, trace_dir=trace_dir,
-            **({} if pad is None else {"loss_vocab_multiple": pad}))
+            loss_online_lse=online, **({} if pad is None else {"loss_vocab_multiple": pad}))
       if trace_dir:
         row["trace"] = trace_dir
       row.update(result)
@@ -414,6 +419,8 @@ def _variant(r: dict) -> str:
     text += ", scan"
   if "loss_vocab_multiple" in r:
     text += f", vocab padded to x{r['loss_vocab_multiple']}"
+  if r.get("loss_online_lse"):
+    text += ", one-pass lse"
   return text
 
 

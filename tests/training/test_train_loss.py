@@ -43,12 +43,14 @@ def _objective(fn, h, w, targets, mask, z_weight=1e-2):
   return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(h, w)
 
 
+@pytest.mark.parametrize("online_lse", [False, True])
 @pytest.mark.parametrize("vocab_multiple", [1, 16, 128])  # 50 rows: unpadded, 64, 128
 @pytest.mark.parametrize("z_weight", [0.0, 1e-2])
-def test_fused_equals_plain_in_float32(z_weight, vocab_multiple):
+def test_fused_equals_plain_in_float32(z_weight, vocab_multiple, online_lse):
   seed = np.random.SeedSequence().entropy % 2**31
   h, w, targets, mask = _inputs(seed=seed)
-  fused = lambda *a: loss_lib.fused_loss_sums(*a, vocab_multiple=vocab_multiple)
+  fused = lambda *a: loss_lib.fused_loss_sums(*a, vocab_multiple=vocab_multiple,
+                                              online_lse=online_lse)
   (v_plain, s_plain), g_plain = _objective(loss_lib.plain_loss_sums, h, w, targets, mask, z_weight)
   (v_fused, s_fused), g_fused = _objective(fused, h, w, targets, mask, z_weight)
   np.testing.assert_allclose(v_fused, v_plain, rtol=1e-5, err_msg=f"seed {seed}")
@@ -115,3 +117,21 @@ def test_padded_vocab():
   assert loss_lib.padded_vocab(50257, 128) == 50304
   assert loss_lib.padded_vocab(32000, 128) == 32000
   assert loss_lib.padded_vocab(50, 1) == 50
+
+
+def test_online_logsumexp_equals_two_pass():
+  seed = np.random.SeedSequence().entropy % 2**31
+  k1, k2 = jax.random.split(jax.random.key(seed))
+  # Wide magnitudes: exp() of them would overflow float32 without the running maximum.
+  x = jax.random.normal(k1, (3, 5, 301)) * 40.0
+  np.testing.assert_allclose(jax.jit(loss_lib.online_logsumexp)(x),
+                             jax.nn.logsumexp(x, axis=-1), rtol=1e-6, err_msg=f"seed {seed}")
+  valid = jax.random.uniform(k2, (301,)) > 0.5
+  np.testing.assert_allclose(loss_lib.online_logsumexp(x, valid),
+                             jax.nn.logsumexp(jnp.where(valid, x, -jnp.inf), axis=-1),
+                             rtol=1e-6, err_msg=f"seed {seed}")
+  # Nothing valid: -inf, not NaN; a single valid entry: that entry.
+  none = loss_lib.online_logsumexp(x, jnp.zeros((301,), bool))
+  assert np.all(np.isneginf(np.asarray(none)))
+  one = loss_lib.online_logsumexp(x, jnp.arange(301) == 7)
+  np.testing.assert_allclose(one, x[..., 7], rtol=1e-6)

@@ -59,6 +59,7 @@ class TrainConfig:
   loss: str = "fused"
   loss_chunk: int = 128
   loss_vocab_multiple: int = 128
+  loss_online_lse: bool = False
   z_loss: float = 0.0
   on_nonfinite: str = "stop"
   peak_flops: float = 0.0
@@ -174,7 +175,7 @@ RESUMABLE = {
     "model": {"attention_impl", "dtype", "remat", "scan_layers", "init_std"},
     "train": {"steps", "log_every", "eval_every", "eval_batches", "checkpoint_every",
               "keep_checkpoints", "async_checkpoints", "loss", "loss_chunk", "loss_vocab_multiple",
-              "on_nonfinite",
+              "loss_online_lse", "on_nonfinite",
               "peak_flops", "progress_bar"},
     "optimizer": set(),
     "mesh": {"data", "fsdp", "tensor", "cpu_devices", "distributed"},

@@ -94,8 +94,8 @@ def padded_vocab(vocab: int, multiple: int) -> int:
   return vocab if multiple <= 1 else -(-vocab // multiple) * multiple
 
 
-def fused_loss_sums(h_btd, w_vd, targets_bt, mask_bt, *,
-                    vocab_multiple: int = VOCAB_MULTIPLE) -> LossSums:
+def fused_loss_sums(h_btd, w_vd, targets_bt, mask_bt, *, vocab_multiple: int = VOCAB_MULTIPLE,
+                    online_lse: bool = False) -> LossSums:
   """Same sums as `plain_loss_sums`, with logits in `h_btd`'s dtype and a hand-written backward.
 
   The output projection is zero-padded to `vocab_multiple` rows inside the loss (the padded
@@ -103,8 +103,11 @@ def fused_loss_sums(h_btd, w_vd, targets_bt, mask_bt, *,
   `[B*T, d] x [d, V]`-shaped matmuls see aligned dimensions whatever the vocabulary: at
   GPT-Neo's 50257 an H200 profile ran them as XLA's generated GEMMs at 240-510 TFLOP/s, where
   the aligned 32000 ran on cuBLAS at 620-780 (docs/training.md).
+
+  `online_lse` takes the log-sum-exp in one pass over the logits (`online_logsumexp`) instead of
+  `jax.nn.logsumexp`'s two (the maximum, then the sum of exponentials).
   """
-  return _fused(h_btd, w_vd, targets_bt, mask_bt, vocab_multiple)
+  return _fused(h_btd, w_vd, targets_bt, mask_bt, vocab_multiple, online_lse)
 
 
 def _pad_rows(w_vd, vocab_multiple: int):
@@ -120,16 +123,46 @@ def _masked_f32(logits_btv, vocab: int):
   return jnp.where(jnp.arange(logits_btv.shape[-1]) < vocab, x, -jnp.inf)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _fused(h_btd, w_vd, targets_bt, mask_bt, vocab_multiple):
-  return _fused_fwd(h_btd, w_vd, targets_bt, mask_bt, vocab_multiple)[0]
+def online_logsumexp(x, valid=None):
+  """`logsumexp` over the last axis in one pass, in float32; `valid` masks entries out.
+
+  A variadic reduction over (running maximum, sum of exponentials scaled to it): two partial
+  results (m1, s1) and (m2, s2) combine to max(m1, m2) and the smaller one's sum rescaled by
+  exp(-|m1 - m2|), one exponential per combination. Masked entries enter as (-inf, 0), so a row
+  with nothing valid gives -inf, as `jax.nn.logsumexp` does.
+  """
+  x = x.astype(jnp.float32)
+  weight = jnp.ones_like(x)
+  if valid is not None:
+    x = jnp.where(valid, x, -jnp.inf)
+    weight = jnp.where(valid, weight, 0.0)
+
+  def combine(a, b):
+    (m1, s1), (m2, s2) = a, b
+    # Equal maxima (also both -inf) need no rescaling, and must not compute exp(-inf + inf).
+    e = jnp.where(m1 == m2, 1.0, jnp.exp(-jnp.abs(m1 - m2)))
+    return jnp.maximum(m1, m2), jnp.where(m1 >= m2, s1 + s2 * e, s1 * e + s2)
+
+  m, s = jax.lax.reduce((x, weight), (np.float32(-np.inf), np.float32(0.0)), combine,
+                        (x.ndim - 1,))
+  return m + jnp.log(s)
 
 
-def _fused_fwd(h_btd, w_vd, targets_bt, mask_bt, vocab_multiple):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _fused(h_btd, w_vd, targets_bt, mask_bt, vocab_multiple, online_lse):
+  return _fused_fwd(h_btd, w_vd, targets_bt, mask_bt, vocab_multiple, online_lse)[0]
+
+
+def _fused_fwd(h_btd, w_vd, targets_bt, mask_bt, vocab_multiple, online_lse):
   w_c = w_vd.astype(h_btd.dtype)
   # f32 accumulation, compute-dtype output, over the padded vocabulary.
   logits_btv = jnp.einsum("btd,vd->btv", h_btd, _pad_rows(w_c, vocab_multiple))
-  lse_bt = jax.nn.logsumexp(_masked_f32(logits_btv, w_vd.shape[0]), axis=-1)
+  vocab = w_vd.shape[0]
+  if online_lse:
+    valid = (jnp.arange(logits_btv.shape[-1]) < vocab) if logits_btv.shape[-1] != vocab else None
+    lse_bt = online_logsumexp(logits_btv, valid)
+  else:
+    lse_bt = jax.nn.logsumexp(_masked_f32(logits_btv, vocab), axis=-1)
   target_logit_bt = jnp.take_along_axis(logits_btv, targets_bt[..., None],
                                         axis=-1)[..., 0].astype(jnp.float32)
   mask_f = mask_bt.astype(jnp.float32)
@@ -138,7 +171,8 @@ def _fused_fwd(h_btd, w_vd, targets_bt, mask_bt, vocab_multiple):
   return sums, (h_btd, w_c, logits_btv, lse_bt, targets_bt, mask_bt)
 
 
-def _fused_bwd(vocab_multiple, residuals, g: LossSums):
+def _fused_bwd(vocab_multiple, online_lse, residuals, g: LossSums):
+  del online_lse
   h_btd, w_c, logits_btv, lse_bt, targets_bt, mask_bt = residuals
   vocab = w_c.shape[0]
   mask_f = mask_bt.astype(jnp.float32)
@@ -162,12 +196,13 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
 def loss_sums(h_btd, w_vd, targets_bt, mask_bt, *, impl: str, chunk: int,
-              vocab_multiple: int = VOCAB_MULTIPLE) -> LossSums:
+              vocab_multiple: int = VOCAB_MULTIPLE, online_lse: bool = False) -> LossSums:
   """Dispatches to the configured implementation (`"plain"`, `"chunked"` or `"fused"`)."""
   if impl == "plain":
     return plain_loss_sums(h_btd, w_vd, targets_bt, mask_bt)
   if impl == "fused":
-    return fused_loss_sums(h_btd, w_vd, targets_bt, mask_bt, vocab_multiple=vocab_multiple)
+    return fused_loss_sums(h_btd, w_vd, targets_bt, mask_bt, vocab_multiple=vocab_multiple,
+                           online_lse=online_lse)
   if impl == "chunked":
     return chunked_loss_sums(h_btd, w_vd, targets_bt, mask_bt, chunk=chunk)
   raise ValueError(f"Unknown loss implementation {impl!r}; use one of {LOSS_IMPLS}.")
