@@ -136,6 +136,38 @@ def section_sweep(run: Run, args) -> None:
                         smoke=args.smoke, iters=3 if args.smoke else 20, deadline=run.deadline)
 
 
+def parse_variant(text: str) -> dict:
+  """`attention:loss[:scan][:padN][:online]` as a dict; ValueError naming what is wrong.
+
+  `scan` sets scan_layers; with the fused loss, `padN` pads the output projection to a multiple of
+  N rows (`pad1`: none; default 128) and `online` takes its log-sum-exp in one pass.
+  """
+  from tinystories_jax.models import attention as attention_lib  # noqa: PLC0415
+  from tinystories_jax.training import loss as loss_lib  # noqa: PLC0415
+  impl, loss, *extra = text.split(":") + ([""] if ":" not in text else [])
+  if impl not in attention_lib.implementations():
+    raise ValueError(f"{text!r}: attention {impl!r} is not one of "
+                     f"{attention_lib.implementations()}")
+  if loss not in loss_lib.LOSS_IMPLS:
+    raise ValueError(f"{text!r}: loss {loss!r} is not one of {loss_lib.LOSS_IMPLS}")
+  variant = {"attention": impl, "loss": loss, "scan": False, "online": False, "pad": None}
+  for x in extra:
+    if x == "scan":
+      variant["scan"] = True
+    elif x == "online":
+      variant["online"] = True
+    elif x.startswith("pad") and x[3:].isdigit() and int(x[3:]) >= 1:
+      variant["pad"] = int(x[3:])
+    else:
+      raise ValueError(f"{text!r}: unknown option {x!r}; options are scan, online and padN "
+                       "(N >= 1)")
+  if loss != "fused" and (variant["online"] or variant["pad"] is not None):
+    raise ValueError(f"{text!r}: online and padN apply to the fused loss only")
+  if loss == "fused" and variant["pad"] is None:
+    variant["pad"] = loss_lib.VOCAB_MULTIPLE  # recorded, so padded rows say so
+  return variant
+
+
 def _train_ours(run: Run, args, shape) -> None:
   try:
     from tinystories_jax.kernels import flash_attention as fa  # noqa: PLC0415
@@ -146,15 +178,10 @@ def _train_ours(run: Run, args, shape) -> None:
               "skipped": f"tinystories_jax.training not importable: {e}"})
     return
   family, name, vocab, batch, seq, overrides = shape
-  variants = [v.strip().split(":") for v in args.train_variants.split(",") if v.strip()]
-  if args.smoke:
-    variants = [("pallas", "fused"), ("xla", "chunked", "scan")]
-  for impl, loss, *extra in variants:
-    scan = "scan" in extra
-    # "padN": the fused loss pads the output projection to a multiple of N rows (pad1: none);
-    # "online": its one-pass log-sum-exp.
-    pad = next((int(x[3:]) for x in extra if x.startswith("pad")), None)
-    online = "online" in extra
+  texts = ["pallas:fused", "xla:chunked:scan"] if args.smoke else _variant_texts(args)
+  for variant in map(parse_variant, texts):
+    impl, loss, scan = variant["attention"], variant["loss"], variant["scan"]
+    pad, online = variant["pad"], variant["online"]
     row = {"kind": "train", "system": "ours", "model": f"{family}:{name}", "vocab": vocab,
            "batch": batch, "seq": seq, "attention": impl, "loss_impl": loss}
     if scan:
@@ -206,6 +233,10 @@ def _train_peers(run: Run, args, index: int, shape) -> None:
   with run.path.open() as f:  # the child appended its rows to the same file
     f.seek(before)
     run.rows += [json.loads(line) for line in f if line.strip()]
+
+
+def _variant_texts(args) -> list[str]:
+  return [v.strip() for v in args.train_variants.split(",") if v.strip()]
 
 
 def _names(text: str) -> set[str]:
@@ -417,7 +448,9 @@ def _variant(r: dict) -> str:
   text = f"{r['attention']}, {r.get('loss_impl', 'chunked')} loss"
   if r.get("scan_layers"):
     text += ", scan"
-  if "loss_vocab_multiple" in r:
+  if r.get("loss_vocab_multiple") == 1:
+    text += ", vocab unpadded"
+  elif "loss_vocab_multiple" in r:
     text += f", vocab padded to x{r['loss_vocab_multiple']}"
   if r.get("loss_online_lse"):
     text += ", one-pass lse"
@@ -543,7 +576,8 @@ def main() -> None:
                       help="train shapes to run, as preset/vocab or preset (e.g. 15m/32000,33m); "
                            "default: all")
   parser.add_argument("--train_variants", default=TRAIN_VARIANTS,
-                      help="our step's attention:loss pairs timed at every train shape")
+                      help="our step's variants timed at every train shape, comma-separated "
+                           "attention:loss[:scan][:padN][:online] (e.g. pallas:fused:pad1)")
   parser.add_argument("--profile", default="",
                       help="train shapes (preset/vocab or preset) whose rows of ours also write "
                            "an XProf trace of 3 steps, packed into $OUT/profiles.tar.gz")
@@ -558,6 +592,22 @@ def main() -> None:
   if args.peers_child:
     peers_child(run, args)
     return
+  for text in _variant_texts(args):
+    try:
+      parse_variant(text)
+    except ValueError as e:
+      parser.error(f"--train_variants: {e}")
+  shapes = SMOKE_TRAIN_SHAPES if args.smoke else TRAIN_SHAPES
+  train_names, profile_names = _names(args.train_shapes), _names(args.profile)
+  known = {n for _, p, v, *_ in shapes for n in (p, f"{p}/{v}")}
+  for flag, names in (("--train_shapes", train_names), ("--profile", profile_names)):
+    if names - known:
+      parser.error(f"unknown {flag} {sorted(names - known)}; choose from {sorted(known)}")
+  traced = [s for s in shapes if _shape_wanted(s, profile_names, empty_means_all=False)]
+  if traced and ("train" not in _names(args.sections) or "ours" not in _names(args.train_systems)
+                 or any(not _shape_wanted(s, train_names) for s in traced)):
+    parser.error("--profile traces rows of ours in the train section: name only shapes that "
+                 "--train_shapes selects, with train in --sections and ours in --train_systems")
   import jax  # noqa: PLC0415
   args.on_accelerator = jax.default_backend() in ("gpu", "tpu")
   if not args.on_accelerator and not args.smoke:
@@ -569,12 +619,6 @@ def main() -> None:
   unknown = sorted(set(wanted) - set(SECTIONS))
   if unknown:
     parser.error(f"unknown sections {unknown}; choose from {list(SECTIONS)}")
-  shapes = SMOKE_TRAIN_SHAPES if args.smoke else TRAIN_SHAPES
-  names = {x.strip() for x in args.train_shapes.split(",") if x.strip()}
-  known = {n for _, p, v, *_ in shapes for n in (p, f"{p}/{v}")}
-  for flag, names in (("--train_shapes", names), ("--profile", _names(args.profile))):
-    if names - known:
-      parser.error(f"unknown {flag} {sorted(names - known)}; choose from {sorted(known)}")
   for name in SECTIONS:
     if name not in wanted:
       continue

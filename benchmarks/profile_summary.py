@@ -83,24 +83,37 @@ def summarize(name: str, events: list[dict], steps: int, top: int) -> str:
 
 
 def find_traces(paths: list[str], scratch: pathlib.Path) -> dict[str, pathlib.Path]:
-  """{trace name: its trace.json.gz}; an archive is unpacked under `scratch` first."""
-  files: list[pathlib.Path] = []
-  for p in map(pathlib.Path, paths):
+  """{trace name: its trace.json.gz}; each archive is unpacked in its own folder under `scratch`.
+
+  A trace is named by the folder given to `jax.profiler.trace` (gpu_check names it after the
+  shape and variant); where that name occurs more than once (the same variant in two archives,
+  or traced twice), the argument and the trace's time stamp are added to tell them apart.
+  """
+  found: list[tuple[str, pathlib.Path]] = []
+  for i, p in enumerate(map(pathlib.Path, paths)):
     if p.is_file() and tarfile.is_tarfile(p):
+      dest = scratch / f"{i}-{p.name}"
       with tarfile.open(p) as tar:
-        tar.extractall(scratch / p.name, filter="data")
-      files += sorted((scratch / p.name).rglob("*.trace.json.gz"))
+        tar.extractall(dest, filter="data")
+      found += [(str(p), f) for f in sorted(dest.rglob("*.trace.json.gz"))]
     elif p.is_dir():
-      files += sorted(p.rglob("*.trace.json.gz"))
+      found += [(str(p), f) for f in sorted(p.rglob("*.trace.json.gz"))]
     elif p.is_file():
-      files.append(p)
+      found.append((str(p), p))
     else:
       raise SystemExit(f"{p}: no such file or folder")
-  traces = {}
-  for f in files:
+
+  def base(f: pathlib.Path) -> str:
     # <trace_dir>/plugins/profile/<timestamp>/<host>.trace.json.gz: named by <trace_dir>.
-    parts = f.parts
-    traces[parts[parts.index("plugins") - 1] if "plugins" in parts else f.name] = f
+    return f.parts[f.parts.index("plugins") - 1] if "plugins" in f.parts else f.name
+
+  counts = collections.Counter(base(f) for _, f in found)
+  traces = {}
+  for source, f in found:
+    name = base(f)
+    if counts[name] > 1:
+      name = f"{name} [{source}, {f.parent.name}]"
+    traces[name] = f
   return traces
 
 

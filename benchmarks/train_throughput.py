@@ -8,11 +8,11 @@
 Prints one JSON line per system: tokens/s, step time, model TFLOP/s (PaLM count: 6 x params
 without the embedding lookup + 12 x layers x d x T) on random tokens. The JAX figure times
 `tinystories_jax.training.benchmark.measure_train_throughput` (forward, backward, global-norm
-clip, AdamW, chunked loss). `--peer=transformers` times the matching `LlamaForCausalLM` (with
-`torch.compile`) or `GPTNeoForCausalLM` (eager and compiled) at the same shape with
-`torch.optim.AdamW` and `clip_grad_norm_`, in the same process, so the two figures share the
-machine's state. The vocabulary is `--vocab_size` (default: the llama2.c/TinyStories presets'
-usual 512 for 260k, else 4096) since no data directory is needed.
+clip, AdamW, the config's `train.loss`: fused by default). `--peer=transformers` times the
+matching `LlamaForCausalLM` (with `torch.compile`) or `GPTNeoForCausalLM` (eager and compiled)
+at the same shape with `torch.optim.AdamW` and `clip_grad_norm_`, in the same process, so the
+two figures share the machine's state. The vocabulary is `--vocab_size` (default: the
+llama2.c/TinyStories presets' usual 512 for 260k, else 4096) since no data directory is needed.
 """
 
 import json
@@ -143,7 +143,9 @@ def main(argv):
   result = benchmark.measure_train_throughput(model_cfg, batch_size=batch, seq_len=seq_len,
                                               steps=_STEPS.value, warmup=_WARMUP.value,
                                               loss=_LOSS.value or run.train.loss,
-                                              loss_chunk=run.train.loss_chunk)
+                                              loss_chunk=run.train.loss_chunk,
+                                              loss_vocab_multiple=run.train.loss_vocab_multiple,
+                                              loss_online_lse=run.train.loss_online_lse)
   _emit(dict(common, system="tinystories_jax", load_avg_1m=load(),
              attention=model_cfg.attention_impl, dtype=model_cfg.dtype, jax=jax.__version__,
              **result))

@@ -47,7 +47,7 @@ def test_logical_rules_replicate_what_does_not_divide():
     rules.logical_to_mesh_spec(("nonsense",), (4,), mesh)
 
 
-def _train(shape, batches, steps=3):
+def _train(shape, batches, steps=3, loss_impl="fused"):
   n = int(np.prod(shape))
   mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(*shape), jax.devices()[:n])
   layout = state_lib.model_layout(MODEL)
@@ -57,7 +57,7 @@ def _train(shape, batches, steps=3):
   state, extra = state_lib.init_state(MODEL, tx, sh, seed=0)
   fn = step_lib.jit_train_step(
       step_lib.make_train_step(layout.graphdef, tx, opt_lib.learning_rate(opt_cfg, 10),
-                               step_lib.StepConfig(loss_chunk=8)),
+                               step_lib.StepConfig(loss_impl=loss_impl, loss_chunk=8)),
       sh.state, sh.extra, {k: rules.batch_sharding(mesh, 2) for k in batches[0]}, mesh)
   losses = []
   for b in batches[:steps]:
@@ -86,12 +86,13 @@ EXPECTED = {
 }
 
 
-def test_every_mesh_trains_like_one_device():
+@pytest.mark.parametrize("loss_impl", ["fused", "chunked"])
+def test_every_mesh_trains_like_one_device(loss_impl):
   batches = _batches()
-  _, reference = _train((1, 1, 1), batches)
+  _, reference = _train((1, 1, 1), batches, loss_impl=loss_impl)
   assert reference[-1] < reference[0]
   for shape, (emb, wq, wk, gate) in EXPECTED.items():
-    state, losses = _train(shape, batches)
+    state, losses = _train(shape, batches, loss_impl=loss_impl)
     np.testing.assert_allclose(losses, reference, rtol=2e-5, err_msg=str(shape))
     p = state.params
     block = p["blocks"][0]

@@ -67,3 +67,24 @@ def test_profile_summary_of_a_gpu_trace(tmp_path):
   assert "| matmul (cuBLAS) | 0.300 | 50.0% |" in text
   assert "matmul (XLA Triton GEMM) | 0.150" in text
   assert "attention (our Pallas kernels) | 0.050" in text
+
+
+def test_profile_summary_keeps_traces_of_the_same_name_apart(tmp_path):
+  import gzip  # noqa: PLC0415
+  import json  # noqa: PLC0415
+  import tarfile  # noqa: PLC0415
+  archives = []
+  for i in range(2):
+    trace = tmp_path / f"src{i}" / "33m-fused" / "plugins" / "profile" / f"t{i}" / "h.trace.json.gz"
+    trace.parent.mkdir(parents=True)
+    with gzip.open(trace, "wt") as f:
+      json.dump({"traceEvents": []}, f)
+    archive = tmp_path / f"call{i}" / "profiles.tar.gz"  # the same file name from every call
+    archive.parent.mkdir()
+    with tarfile.open(archive, "w:gz") as tar:
+      tar.add(tmp_path / f"src{i}" / "33m-fused", arcname="profile/33m-fused")
+    archives.append(str(archive))
+  traces = _profile_summary().find_traces(archives, tmp_path / "scratch")
+  assert len(traces) == 2
+  assert all(name.startswith("33m-fused [") for name in traces)
+  assert {p.parent.name for p in traces.values()} == {"t0", "t1"}

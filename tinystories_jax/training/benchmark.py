@@ -52,12 +52,12 @@ def measure_train_throughput(model_cfg: ModelConfig, *, batch_size: int, seq_len
 
   Returns:
     dict with `tokens_per_s`, `step_ms` (mean), `model_tflops` (PaLM count), `params`, `loss`
-    (the last step's), `compile_s` (the first step, compilation included) and the shape.
+    (the last timed step's), `compile_s` (the first step, compilation included) and the shape.
   """
   mesh = mesh_lib.make_mesh(mesh_config or mesh_lib.MeshConfig(), devices)
   opt_cfg = opt_lib.OptimizerConfig(lr=5e-4, schedule="cosine", warmup_steps=10, clip_norm=1.0)
   layout = state_lib.model_layout(model_cfg)
-  total = warmup + steps + (trace_steps if trace_dir else 0)
+  total = warmup + steps
   tx = opt_lib.make_optimizer(opt_cfg, total, layout.logical_names, layout.abstract_params)
   shardings = state_lib.state_shardings(layout, tx, mesh)
   state, extra = state_lib.init_state(model_cfg, tx, shardings, seed)
@@ -92,7 +92,9 @@ def measure_train_throughput(model_cfg: ModelConfig, *, batch_size: int, seq_len
     state, metrics = train_step(state, extra, batches[i % 2])
   jax.block_until_ready((state, metrics))
   elapsed = time.perf_counter() - t0
+  loss_value = float(metrics["train_loss"])  # the last timed step's, traced or not
   if trace_dir:
+    # Past `total` steps the schedule holds its final rate; the trace is not of the timed steps.
     with jax.profiler.trace(trace_dir):
       for i in range(trace_steps):
         state, metrics = train_step(state, extra, batches[i % 2])
@@ -103,7 +105,7 @@ def measure_train_throughput(model_cfg: ModelConfig, *, batch_size: int, seq_len
       "step_ms": 1e3 * elapsed / steps,
       "model_tflops": tokens_per_s * count_flops_per_token(model_cfg, seq_len) / 1e12,
       "params": layout.num_params,
-      "loss": float(metrics["train_loss"]),
+      "loss": loss_value,
       "compile_s": compile_s,
       "batch_size": batch_size * grad_accum_steps,
       "seq_len": seq_len,

@@ -1,0 +1,46 @@
+"""benchmarks/gpu_check.py refuses a mistyped variant or trace request before any device work."""
+
+import importlib.util
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+
+
+def _module():
+  spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_parse_variant():
+  parse = _module().parse_variant
+  assert parse("pallas:fused") == {"attention": "pallas", "loss": "fused", "scan": False,
+                                   "online": False, "pad": 128}
+  assert parse("cudnn:fused:pad1:online") == {"attention": "cudnn", "loss": "fused",
+                                              "scan": False, "online": True, "pad": 1}
+  assert parse("xla:chunked:scan") == {"attention": "xla", "loss": "chunked", "scan": True,
+                                       "online": False, "pad": None}
+  for bad, says in (("pallas", "loss ''"), ("palas:fused", "attention 'palas'"),
+                    ("pallas:fused:pad", "'pad'"), ("pallas:fused:pad0", "'pad0'"),
+                    ("pallas:fused:onlne", "'onlne'"), ("pallas:plain:online", "fused loss only")):
+    with pytest.raises(ValueError, match=says):
+      parse(bad)
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--train_variants=pallas:fused:padx"], "--train_variants"),
+    (["--profile=33m", "--train_shapes=42m"], "--profile traces rows of ours"),
+    (["--profile=33m", "--sections=versions,sampling"], "--profile traces rows of ours"),
+    (["--profile=99m"], "unknown --profile"),
+])
+def test_bad_arguments_stop_before_any_work(argv, says, tmp_path):
+  proc = subprocess.run([sys.executable, str(SCRIPT), f"--out={tmp_path}", *argv],
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2, proc.stderr
+  assert says in proc.stderr
+  assert not (tmp_path / "gpu_check.jsonl").exists()
