@@ -10,11 +10,11 @@ Sections, each guarded so one failure does not end the run, in this order:
              the features the timed shapes leave out (GQA, MQA, segments, padding, float32)
   matmul     bf16 matmul ceiling, 8192^3, median of timed calls after warm-up
   train      per model shape: our train step (tinystories_jax.training.benchmark) for each
-             attention:loss[:scan][:padN][:online] variant (--train_variants), then the transformers
-             peer at the same shape
-             (LlamaForCausalLM + torch.compile; GPTNeoForCausalLM eager and compiled; bf16
-             autocast, AdamW, grad clip, random tokens) in a child process, so the two frameworks
-             do not share the GPU's memory pool and a run cut short still pairs what it measured
+             attention:loss[:scan][:remat][:padN][:online] variant (--train_variants), then
+             the transformers peer at the same shape (LlamaForCausalLM + torch.compile;
+             GPTNeoForCausalLM eager and compiled; bf16 autocast, AdamW, grad clip, random
+             tokens) in a child process, so the two frameworks do not share the GPU's memory
+             pool and a run cut short still pairs what it measured
   attention  forward and forward+backward at four shapes, causal and window 256: our Pallas kernel,
              cuDNN, XLA, jax's stock Pallas (Triton) `mha` and its Mosaic GPU kernel (forward)
   sweep      our kernel's tile sizes
@@ -60,9 +60,9 @@ SMOKE_TRAIN_SHAPES = (
     ("gpt_neo", "1m", 512, 4, 64, {"num_heads": 4, "num_layers": 2, "window": 16,
                                    "attention_layers": ("global", "local")}),
 )
-# attention:loss[:scan][:padN][:online] variants of our step timed at every shape (":scan" sets
-# scan_layers; ":padN" the fused loss's vocab padding multiple, ":pad1" none; ":online" its
-# one-pass log-sum-exp).
+# attention:loss[:scan][:remat][:padN][:online] variants of our step timed at every shape
+# (":scan" sets scan_layers, ":remat" model.remat="block"; ":padN" the fused loss's vocab padding
+# multiple, ":pad1" none; ":online" its one-pass log-sum-exp).
 TRAIN_VARIANTS = "pallas:fused"
 
 
@@ -137,10 +137,11 @@ def section_sweep(run: Run, args) -> None:
 
 
 def parse_variant(text: str) -> dict:
-  """`attention:loss[:scan][:padN][:online]` as a dict; ValueError naming what is wrong.
+  """`attention:loss[:scan][:remat][:padN][:online]` as a dict; ValueError naming what is wrong.
 
-  `scan` sets scan_layers; with the fused loss, `padN` pads the output projection to a multiple of
-  N rows (`pad1`: none; default 128) and `online` takes its log-sum-exp in one pass.
+  `scan` sets scan_layers, `remat` model.remat="block"; with the fused loss, `padN` pads the
+  output projection to a multiple of N rows (`pad1`: none; default 128) and `online` takes its
+  log-sum-exp in one pass.
   """
   from tinystories_jax.models import attention as attention_lib  # noqa: PLC0415
   from tinystories_jax.training import loss as loss_lib  # noqa: PLC0415
@@ -150,17 +151,18 @@ def parse_variant(text: str) -> dict:
                      f"{attention_lib.implementations()}")
   if loss not in loss_lib.LOSS_IMPLS:
     raise ValueError(f"{text!r}: loss {loss!r} is not one of {loss_lib.LOSS_IMPLS}")
-  variant = {"attention": impl, "loss": loss, "scan": False, "online": False, "pad": None}
+  variant = {"attention": impl, "loss": loss, "scan": False, "remat": False, "online": False,
+             "pad": None}
   for x in extra:
-    if x == "scan":
-      variant["scan"] = True
+    if x in ("scan", "remat"):
+      variant[x] = True
     elif x == "online":
       variant["online"] = True
     elif x.startswith("pad") and x[3:].isdigit() and int(x[3:]) >= 1:
       variant["pad"] = int(x[3:])
     else:
-      raise ValueError(f"{text!r}: unknown option {x!r}; options are scan, online and padN "
-                       "(N >= 1)")
+      raise ValueError(f"{text!r}: unknown option {x!r}; options are scan, remat, online and "
+                       "padN (N >= 1)")
   if loss != "fused" and (variant["online"] or variant["pad"] is not None):
     raise ValueError(f"{text!r}: online and padN apply to the fused loss only")
   if loss == "fused" and variant["pad"] is None:
@@ -180,12 +182,14 @@ def _train_ours(run: Run, args, shape) -> None:
   family, name, vocab, batch, seq, overrides = shape
   texts = ["pallas:fused", "xla:chunked:scan"] if args.smoke else _variant_texts(args)
   for variant in map(parse_variant, texts):
-    impl, loss, scan = variant["attention"], variant["loss"], variant["scan"]
+    impl, loss, scan, remat = (variant[k] for k in ("attention", "loss", "scan", "remat"))
     pad, online = variant["pad"], variant["online"]
     row = {"kind": "train", "system": "ours", "model": f"{family}:{name}", "vocab": vocab,
            "batch": batch, "seq": seq, "attention": impl, "loss_impl": loss}
     if scan:
       row["scan_layers"] = True
+    if remat:
+      row["remat"] = "block"
     if pad is not None:
       row["loss_vocab_multiple"] = pad
     if online:
@@ -195,11 +199,11 @@ def _train_ours(run: Run, args, shape) -> None:
       continue
     try:
       cfg = presets.get(family, name, vocab_size=vocab, dtype="bfloat16", attention_impl=impl,
-                        scan_layers=scan, **overrides)
+                        scan_layers=scan, remat="block" if remat else "none", **overrides)
       trace_dir = None
       if _shape_wanted(shape, _names(args.profile), empty_means_all=False):
         trace_dir = str(pathlib.Path(args.out) / "profile" / (
-            f"{name}-{vocab}-{impl}-{loss}{'-scan' if scan else ''}"
+            f"{name}-{vocab}-{impl}-{loss}{'-scan' if scan else ''}{'-remat' if remat else ''}"
             f"{'' if pad is None else f'-pad{pad}'}{'-online' if online else ''}"))
       with fa.force_interpret(args.smoke or not args.on_accelerator):
         result = benchmark.measure_train_throughput(
@@ -448,6 +452,8 @@ def _variant(r: dict) -> str:
   text = f"{r['attention']}, {r.get('loss_impl', 'chunked')} loss"
   if r.get("scan_layers"):
     text += ", scan"
+  if r.get("remat") == "block":
+    text += ", remat"
   if r.get("loss_vocab_multiple") == 1:
     text += ", vocab unpadded"
   elif "loss_vocab_multiple" in r:
@@ -577,7 +583,7 @@ def main() -> None:
                            "default: all")
   parser.add_argument("--train_variants", default=TRAIN_VARIANTS,
                       help="our step's variants timed at every train shape, comma-separated "
-                           "attention:loss[:scan][:padN][:online] (e.g. pallas:fused:pad1)")
+                           "attention:loss[:scan][:remat][:padN][:online] (e.g. pallas:fused:pad1)")
   parser.add_argument("--profile", default="",
                       help="train shapes (preset/vocab or preset) whose rows of ours also write "
                            "an XProf trace of 3 steps, packed into $OUT/profiles.tar.gz")

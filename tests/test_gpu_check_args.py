@@ -20,11 +20,12 @@ def _module():
 def test_parse_variant():
   parse = _module().parse_variant
   assert parse("pallas:fused") == {"attention": "pallas", "loss": "fused", "scan": False,
-                                   "online": False, "pad": 128}
+                                   "remat": False, "online": False, "pad": 128}
   assert parse("cudnn:fused:pad1:online") == {"attention": "cudnn", "loss": "fused",
-                                              "scan": False, "online": True, "pad": 1}
-  assert parse("xla:chunked:scan") == {"attention": "xla", "loss": "chunked", "scan": True,
-                                       "online": False, "pad": None}
+                                              "scan": False, "remat": False, "online": True,
+                                              "pad": 1}
+  assert parse("xla:chunked:scan:remat") == {"attention": "xla", "loss": "chunked", "scan": True,
+                                             "remat": True, "online": False, "pad": None}
   for bad, says in (("pallas", "loss ''"), ("palas:fused", "attention 'palas'"),
                     ("pallas:fused:pad", "'pad'"), ("pallas:fused:pad0", "'pad0'"),
                     ("pallas:fused:onlne", "'onlne'"), ("pallas:plain:online", "fused loss only")):
