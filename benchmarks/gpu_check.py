@@ -101,7 +101,8 @@ def section_versions(run: Run, args) -> None:
                                           "transformers", "triton", "grain", "ml_collections")}
   run.emit({"kind": "versions", "python": platform.python_version(), "mods": mods,
             "backend": jax.default_backend(), "devices": [d.device_kind for d in jax.devices()],
-            "smoke": args.smoke})
+            # Flags such as --xla_gpu_enable_triton_gemm=false change every row of the run.
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "smoke": args.smoke})
 
 
 def section_matmul(run: Run, args) -> None:
@@ -522,6 +523,8 @@ def write_tables(run: Run) -> None:
   if versions:
     parts.append(f"device: {versions['devices'][0]} ({versions['backend']}); "
                  f"versions: {json.dumps(versions['mods'])}")
+    if versions.get("xla_flags"):
+      parts.append(f"XLA_FLAGS: {versions['xla_flags']}")
   for r in run.rows:
     if r.get("kind") == "ceiling":
       parts.append(f"bf16 matmul {r['n']}^3: {r['tflops']:.1f} TFLOP/s")
