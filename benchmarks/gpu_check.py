@@ -155,10 +155,8 @@ def parse_variant(text: str) -> dict:
   variant = {"attention": impl, "loss": loss, "scan": False, "remat": False, "online": False,
              "pad": None}
   for x in extra:
-    if x in ("scan", "remat"):
+    if x in ("scan", "remat", "online"):
       variant[x] = True
-    elif x == "online":
-      variant["online"] = True
     elif x.startswith("pad") and x[3:].isdigit() and int(x[3:]) >= 1:
       variant["pad"] = int(x[3:])
     else:
