@@ -27,11 +27,12 @@ import pathlib
 import tarfile
 import tempfile
 
+# First match wins: XLA's Triton GEMMs (gemm_fusion_*) come before cuBLAS's "gemm_" names.
 KINDS = (
     ("attention (our Pallas kernels)", ("flash_attention",)),
     ("attention (cuDNN)", ("cudnn",)),
-    ("matmul (cuBLAS)", ("nvjet", "sm90_xmma", "cutlass", "gemm_", "gemv")),
     ("matmul (XLA Triton GEMM)", ("gemm_fusion", "triton_gemm")),
+    ("matmul (cuBLAS)", ("nvjet", "sm90_xmma", "cutlass", "gemm_", "gemv")),
     ("reduction fusions", ("reduce",)),
     ("elementwise fusions", ("fusion",)),
     ("copies", ("memcpy", "memset", "copy")),
@@ -39,9 +40,6 @@ KINDS = (
 
 
 def kind_of(kernel: str) -> str:
-  # XLA's Triton GEMMs are named gemm_fusion_*: test them before the cuBLAS "gemm_" prefix.
-  if kernel.startswith(("gemm_fusion", "triton_gemm")):
-    return "matmul (XLA Triton GEMM)"
   for kind, keys in KINDS:
     if any(k in kernel for k in keys):
       return kind

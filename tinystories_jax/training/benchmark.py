@@ -17,6 +17,7 @@ import numpy as np
 from tinystories_jax.models.config import ModelConfig, count_flops_per_token
 from tinystories_jax.parallel import mesh as mesh_lib
 from tinystories_jax.parallel import placement, rules
+from tinystories_jax.training import loss as loss_lib
 from tinystories_jax.training import optimizer as opt_lib
 from tinystories_jax.training import state as state_lib
 from tinystories_jax.training import step as step_lib
@@ -24,7 +25,8 @@ from tinystories_jax.training import step as step_lib
 
 def measure_train_throughput(model_cfg: ModelConfig, *, batch_size: int, seq_len: int,
                              steps: int = 10, warmup: int = 3, loss: str = "fused",
-                             loss_chunk: int = 128, loss_vocab_multiple: int = 128,
+                             loss_chunk: int = 128,
+                             loss_vocab_multiple: int = loss_lib.VOCAB_MULTIPLE,
                              loss_online_lse: bool = False,
                              grad_accum_steps: int = 1,
                              mesh_config: mesh_lib.MeshConfig | None = None,

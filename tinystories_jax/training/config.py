@@ -13,7 +13,7 @@ import os
 from typing import Any, Mapping
 
 from tinystories_jax.parallel.mesh import MeshConfig
-from tinystories_jax.training.loss import LOSS_IMPLS
+from tinystories_jax.training.loss import LOSS_IMPLS, VOCAB_MULTIPLE
 from tinystories_jax.training.optimizer import SCHEDULES, OptimizerConfig
 
 NONFINITE = ("stop", "skip")
@@ -58,7 +58,7 @@ class TrainConfig:
   async_checkpoints: bool = True
   loss: str = "fused"
   loss_chunk: int = 128
-  loss_vocab_multiple: int = 128
+  loss_vocab_multiple: int = VOCAB_MULTIPLE
   loss_online_lse: bool = False
   z_loss: float = 0.0
   on_nonfinite: str = "stop"

@@ -31,7 +31,7 @@ class StepConfig:
   """Static choices that shape the compiled step."""
   loss_impl: str = "fused"       # "plain" | "chunked" | "fused" (training/loss.py)
   loss_chunk: int = 128          # positions per block for the chunked loss
-  loss_vocab_multiple: int = 128  # the fused loss pads the output projection to this many rows
+  loss_vocab_multiple: int = loss_lib.VOCAB_MULTIPLE  # fused loss: output rows padded to this
   loss_online_lse: bool = False  # the fused loss takes its log-sum-exp in one pass
   z_loss: float = 0.0            # weight of mean(logsumexp^2); PaLM uses 1e-4
   grad_accum_steps: int = 1      # micro-batches per optimizer step
