@@ -10,7 +10,7 @@ Sections, each guarded so one failure does not end the run, in this order:
              the features the timed shapes leave out (GQA, MQA, segments, padding, float32)
   matmul     bf16 matmul ceiling, 8192^3, median of timed calls after warm-up
   train      per model shape: our train step (tinystories_jax.training.benchmark) for each
-             attention:loss[:scan][:remat][:padN][:online] variant (--train_variants), then
+             attention:loss[:scan][:remat][:padN][:online|:kernel] variant (--train_variants), then
              the transformers peer at the same shape (LlamaForCausalLM + torch.compile;
              GPTNeoForCausalLM eager and compiled; bf16 autocast, AdamW, grad clip, random
              tokens) in a child process, so the two frameworks do not share the GPU's memory
@@ -60,9 +60,9 @@ SMOKE_TRAIN_SHAPES = (
     ("gpt_neo", "1m", 512, 4, 64, {"num_heads": 4, "num_layers": 2, "window": 16,
                                    "attention_layers": ("global", "local")}),
 )
-# attention:loss[:scan][:remat][:padN][:online] variants of our step timed at every shape
+# attention:loss[:scan][:remat][:padN][:online|:kernel] variants of our step timed at every shape
 # (":scan" sets scan_layers, ":remat" model.remat="block"; ":padN" the fused loss's vocab padding
-# multiple, ":pad1" none; ":online" its one-pass log-sum-exp).
+# multiple, ":pad1" none; ":online" its one-pass log-sum-exp in XLA, ":kernel" its Pallas kernels).
 TRAIN_VARIANTS = "pallas:fused"
 
 
@@ -138,11 +138,13 @@ def section_sweep(run: Run, args) -> None:
 
 
 def parse_variant(text: str) -> dict:
-  """`attention:loss[:scan][:remat][:padN][:online]` as a dict; ValueError naming what is wrong.
+  """`attention:loss[:scan][:remat][:padN][:online|:kernel]` as a dict; ValueError says what is
+  wrong.
 
   `scan` sets scan_layers, `remat` model.remat="block"; with the fused loss, `padN` pads the
-  output projection to a multiple of N rows (`pad1`: none; default 128) and `online` takes its
-  log-sum-exp in one pass.
+  output projection to a multiple of N rows (`pad1`: none; default 128), `online` takes its
+  log-sum-exp in one pass (train.loss_kernel="xla_online") and `kernel` runs its passes over the
+  logits as Pallas kernels (train.loss_kernel="pallas").
   """
   from tinystories_jax.models import attention as attention_lib  # noqa: PLC0415
   from tinystories_jax.training import loss as loss_lib  # noqa: PLC0415
@@ -152,18 +154,23 @@ def parse_variant(text: str) -> dict:
                      f"{attention_lib.implementations()}")
   if loss not in loss_lib.LOSS_IMPLS:
     raise ValueError(f"{text!r}: loss {loss!r} is not one of {loss_lib.LOSS_IMPLS}")
-  variant = {"attention": impl, "loss": loss, "scan": False, "remat": False, "online": False,
-             "pad": None}
+  variant = {"attention": impl, "loss": loss, "scan": False, "remat": False,
+             "loss_kernel": "xla", "pad": None}
+  kernels = {"online": "xla_online", "kernel": "pallas"}
   for x in extra:
-    if x in ("scan", "remat", "online"):
+    if x in ("scan", "remat"):
       variant[x] = True
+    elif x in kernels:
+      if variant["loss_kernel"] != "xla":
+        raise ValueError(f"{text!r}: give at most one of online and kernel")
+      variant["loss_kernel"] = kernels[x]
     elif x.startswith("pad") and x[3:].isdigit() and int(x[3:]) >= 1:
       variant["pad"] = int(x[3:])
     else:
-      raise ValueError(f"{text!r}: unknown option {x!r}; options are scan, remat, online and "
-                       "padN (N >= 1)")
-  if loss != "fused" and (variant["online"] or variant["pad"] is not None):
-    raise ValueError(f"{text!r}: online and padN apply to the fused loss only")
+      raise ValueError(f"{text!r}: unknown option {x!r}; options are scan, remat, online, "
+                       "kernel and padN (N >= 1)")
+  if loss != "fused" and (variant["loss_kernel"] != "xla" or variant["pad"] is not None):
+    raise ValueError(f"{text!r}: online, kernel and padN apply to the fused loss only")
   if loss == "fused" and variant["pad"] is None:
     variant["pad"] = loss_lib.VOCAB_MULTIPLE  # recorded, so padded rows say so
   return variant
@@ -182,7 +189,7 @@ def _train_ours(run: Run, args, shape) -> None:
   texts = ["pallas:fused", "xla:chunked:scan"] if args.smoke else _variant_texts(args)
   for variant in map(parse_variant, texts):
     impl, loss, scan, remat = (variant[k] for k in ("attention", "loss", "scan", "remat"))
-    pad, online = variant["pad"], variant["online"]
+    pad, loss_kernel = variant["pad"], variant["loss_kernel"]
     row = {"kind": "train", "system": "ours", "model": f"{family}:{name}", "vocab": vocab,
            "batch": batch, "seq": seq, "attention": impl, "loss_impl": loss}
     if scan:
@@ -191,8 +198,8 @@ def _train_ours(run: Run, args, shape) -> None:
       row["remat"] = "block"
     if pad is not None:
       row["loss_vocab_multiple"] = pad
-    if online:
-      row["loss_online_lse"] = True
+    if loss_kernel != "xla":
+      row["loss_kernel"] = loss_kernel
     if run.out_of_time():
       run.emit({**row, "skipped": "time budget spent"})
       continue
@@ -203,12 +210,13 @@ def _train_ours(run: Run, args, shape) -> None:
       if _shape_wanted(shape, _names(args.profile), empty_means_all=False):
         trace_dir = str(pathlib.Path(args.out) / "profile" / (
             f"{name}-{vocab}-{impl}-{loss}{'-scan' if scan else ''}{'-remat' if remat else ''}"
-            f"{'' if pad is None else f'-pad{pad}'}{'-online' if online else ''}"))
+            f"{'' if pad is None else f'-pad{pad}'}"
+            f"{'' if loss_kernel == 'xla' else '-' + loss_kernel.replace('_', '-')}"))
       with fa.force_interpret(args.smoke or not args.on_accelerator):
         result = benchmark.measure_train_throughput(
             cfg, batch_size=batch, seq_len=seq, steps=3 if args.smoke else args.train_steps,
             warmup=3, loss=loss, trace_dir=trace_dir,
-            loss_online_lse=online, **({} if pad is None else {"loss_vocab_multiple": pad}))
+            loss_kernel=loss_kernel, **({} if pad is None else {"loss_vocab_multiple": pad}))
       if trace_dir:
         row["trace"] = trace_dir
       row.update(result)
@@ -457,8 +465,10 @@ def _variant(r: dict) -> str:
     text += ", vocab unpadded"
   elif "loss_vocab_multiple" in r:
     text += f", vocab padded to x{r['loss_vocab_multiple']}"
-  if r.get("loss_online_lse"):
+  if r.get("loss_kernel") == "xla_online" or r.get("loss_online_lse"):
     text += ", one-pass lse"
+  elif r.get("loss_kernel") == "pallas":
+    text += ", Pallas loss kernels"
   return text
 
 
@@ -584,7 +594,8 @@ def main() -> None:
                            "default: all")
   parser.add_argument("--train_variants", default=TRAIN_VARIANTS,
                       help="our step's variants timed at every train shape, comma-separated "
-                           "attention:loss[:scan][:remat][:padN][:online] (e.g. pallas:fused:pad1)")
+                           "attention:loss[:scan][:remat][:padN][:online|:kernel] "
+                           "(e.g. pallas:fused:pad1)")
   parser.add_argument("--profile", default="",
                       help="train shapes (preset/vocab or preset) whose rows of ours also write "
                            "an XProf trace of 3 steps, packed into $OUT/profiles.tar.gz")

@@ -145,7 +145,7 @@ def main(argv):
                                               loss=_LOSS.value or run.train.loss,
                                               loss_chunk=run.train.loss_chunk,
                                               loss_vocab_multiple=run.train.loss_vocab_multiple,
-                                              loss_online_lse=run.train.loss_online_lse)
+                                              loss_kernel=run.train.loss_kernel)
   _emit(dict(common, system="tinystories_jax", load_avg_1m=load(),
              attention=model_cfg.attention_impl, dtype=model_cfg.dtype, jax=jax.__version__,
              **result))

@@ -61,6 +61,13 @@ def test_workdir_from_another_run_is_refused(tiny_data, tmp_path):
   run2 = config_lib.run_config(tiny_config(tiny_data, **{"train.steps": 99, "mesh.data": 8}))
   config_lib.check_workdir_config(saved, loop.prepare_run(run2, str(tmp_path / "x")).config_json,
                                   str(workdir))
+  # A workdir of an older version recorded train.loss_online_lse, since replaced by
+  # train.loss_kernel: both say how the loss is computed, not what, so it still resumes.
+  older = json.loads(json.dumps(saved))
+  del older["train"]["loss_kernel"]
+  older["train"]["loss_online_lse"] = True
+  config_lib.check_workdir_config(older, loop.prepare_run(run2, str(tmp_path / "y")).config_json,
+                                  str(workdir))
 
 
 def test_resume_on_data_with_another_tokenizer_is_refused(tiny_data, tmp_path):

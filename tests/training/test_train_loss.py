@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tinystories_jax.kernels import flash_attention as fa
 from tinystories_jax.training import loss as loss_lib
 
 
@@ -43,16 +44,18 @@ def _objective(fn, h, w, targets, mask, z_weight=1e-2):
   return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(h, w)
 
 
-@pytest.mark.parametrize("online_lse", [False, True])
+@pytest.mark.parametrize("kernel", loss_lib.LOSS_KERNELS)
 @pytest.mark.parametrize("vocab_multiple", [1, 16, 128])  # 50 rows: unpadded, 64, 128
 @pytest.mark.parametrize("z_weight", [0.0, 1e-2])
-def test_fused_equals_plain_in_float32(z_weight, vocab_multiple, online_lse):
+def test_fused_equals_plain_in_float32(z_weight, vocab_multiple, kernel):
+  if kernel == "pallas" and vocab_multiple == 1:
+    pytest.skip("the Pallas kernels need a padded vocabulary (test_pallas_kernel_needs_padding)")
   seed = np.random.SeedSequence().entropy % 2**31
   h, w, targets, mask = _inputs(seed=seed)
-  fused = lambda *a: loss_lib.fused_loss_sums(*a, vocab_multiple=vocab_multiple,
-                                              online_lse=online_lse)
+  fused = lambda *a: loss_lib.fused_loss_sums(*a, vocab_multiple=vocab_multiple, kernel=kernel)
   (v_plain, s_plain), g_plain = _objective(loss_lib.plain_loss_sums, h, w, targets, mask, z_weight)
-  (v_fused, s_fused), g_fused = _objective(fused, h, w, targets, mask, z_weight)
+  with fa.force_interpret():  # the Pallas kernels through the interpreter on this CPU
+    (v_fused, s_fused), g_fused = _objective(fused, h, w, targets, mask, z_weight)
   np.testing.assert_allclose(v_fused, v_plain, rtol=1e-5, err_msg=f"seed {seed}")
   np.testing.assert_allclose(s_fused.z, s_plain.z, rtol=1e-5)
   np.testing.assert_allclose(s_fused.count, float(mask.sum()))
@@ -111,6 +114,16 @@ def test_unknown_impl_is_rejected():
   h, w, targets, mask = _inputs()
   with pytest.raises(ValueError, match="plain"):
     loss_lib.loss_sums(h, w, targets, mask, impl="nope", chunk=8)
+  with pytest.raises(ValueError, match="xla_online"):
+    loss_lib.loss_sums(h, w, targets, mask, impl="fused", chunk=8, kernel="triton")
+
+
+def test_pallas_kernel_needs_padding_and_a_gpu():
+  h, w, targets, mask = _inputs()  # vocab 50
+  with fa.force_interpret(), pytest.raises(ValueError, match="loss_vocab_multiple to 128"):
+    loss_lib.fused_loss_sums(h, w, targets, mask, vocab_multiple=1, kernel="pallas")
+  with pytest.raises(ValueError, match="run on GPUs"):  # compiled, on this CPU
+    loss_lib.fused_loss_sums(h, w, targets, mask, kernel="pallas")
 
 
 def test_padded_vocab():

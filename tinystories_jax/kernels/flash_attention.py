@@ -30,7 +30,7 @@ from tinystories_jax.kernels.flash_tiling import Q_PAD_ID
 from tinystories_jax.kernels.flash_tiling import BlockSizes
 
 __all__ = ["BlockSizes", "flash_attention", "flash_attention_reference", "force_interpret",
-           "supports", "default_block_sizes"]
+           "interpret_forced", "supports", "default_block_sizes"]
 
 MIN_HEAD_DIM = 16
 MAX_HEAD_DIM = 128
@@ -64,6 +64,11 @@ def force_interpret(enabled: bool = True):
     yield
   finally:
     _FORCE_INTERPRET = previous
+
+
+def interpret_forced() -> bool:
+  """Whether `force_interpret` is in effect (the other kernels follow it too)."""
+  return _FORCE_INTERPRET
 
 
 def _kernel_family(platform: str) -> str | None:

@@ -33,7 +33,8 @@ LSE_EMPTY = -MASK_VALUE
 _F32 = jnp.float32
 
 
-def _compiler_params(num_warps: int, num_stages: int):
+def compiler_params(num_warps: int, num_stages: int):
+  """Triton compiler parameters (shared with the other GPU kernels)."""
   # The class was renamed across jax releases; accept either spelling.
   cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
   return cls(num_warps=num_warps, num_stages=num_stages)
@@ -313,7 +314,7 @@ def forward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, *, scale, causal, windo
                  _spec((None, None, bq), lambda i, bi, hi: (bi, hi, last - i))],
       out_shape=[jax.ShapeDtypeStruct(q_bthd.shape, q_bthd.dtype),
                  jax.ShapeDtypeStruct((b, h, t), _F32)],
-      compiler_params=_compiler_params(_warps(d), 3 if d <= 64 else 2),
+      compiler_params=compiler_params(_warps(d), 3 if d <= 64 else 2),
       interpret=interpret,
       name="flash_attention_fwd",
   )(*args)
@@ -329,7 +330,7 @@ def backward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, o_bthd, lse_bht, do_bt
   has_segments = q_seg_bt is not None
   # delta_i = sum_d o_id * do_id, the softmax-gradient correction; XLA fuses this well.
   delta_bht = jnp.einsum("bthd,bthd->bht", o_bthd.astype(_F32), do_bthd.astype(_F32))
-  params = _compiler_params(_warps(d), 2)
+  params = compiler_params(_warps(d), 2)
 
   def common(bq, bk):
     return dict(has_segments=has_segments, scale=scale, scale_log2=scale * math.log2(math.e),

@@ -27,7 +27,7 @@ def measure_train_throughput(model_cfg: ModelConfig, *, batch_size: int, seq_len
                              steps: int = 10, warmup: int = 3, loss: str = "fused",
                              loss_chunk: int = 128,
                              loss_vocab_multiple: int = loss_lib.VOCAB_MULTIPLE,
-                             loss_online_lse: bool = False,
+                             loss_kernel: str = "xla",
                              grad_accum_steps: int = 1,
                              mesh_config: mesh_lib.MeshConfig | None = None,
                              devices=None, seed: int = 0, trace_dir: str | None = None,
@@ -43,7 +43,7 @@ def measure_train_throughput(model_cfg: ModelConfig, *, batch_size: int, seq_len
     loss: "fused", "chunked" or "plain" output-layer loss (training/loss.py).
     loss_chunk: positions per chunk of the chunked loss.
     loss_vocab_multiple: rows the fused loss pads the output projection to.
-    loss_online_lse: the fused loss's one-pass log-sum-exp.
+    loss_kernel: what makes the fused loss's passes over its logits (loss.LOSS_KERNELS).
     grad_accum_steps: micro-batches per step.
     mesh_config: mesh sizes (default: all devices on `data`).
     devices: the devices to lay the mesh over (default: all).
@@ -65,7 +65,7 @@ def measure_train_throughput(model_cfg: ModelConfig, *, batch_size: int, seq_len
   state, extra = state_lib.init_state(model_cfg, tx, shardings, seed)
   step_cfg = step_lib.StepConfig(loss_impl=loss, loss_chunk=loss_chunk,
                                  loss_vocab_multiple=loss_vocab_multiple,
-                                 loss_online_lse=loss_online_lse,
+                                 loss_kernel=loss_kernel,
                                  grad_accum_steps=grad_accum_steps)
   rng = np.random.default_rng(seed)
   rows = batch_size * grad_accum_steps // jax.process_count()

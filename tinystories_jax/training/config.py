@@ -13,7 +13,7 @@ import os
 from typing import Any, Mapping
 
 from tinystories_jax.parallel.mesh import MeshConfig
-from tinystories_jax.training.loss import LOSS_IMPLS, VOCAB_MULTIPLE
+from tinystories_jax.training.loss import LOSS_IMPLS, LOSS_KERNELS, VOCAB_MULTIPLE
 from tinystories_jax.training.optimizer import SCHEDULES, OptimizerConfig
 
 NONFINITE = ("stop", "skip")
@@ -59,7 +59,7 @@ class TrainConfig:
   loss: str = "fused"
   loss_chunk: int = 128
   loss_vocab_multiple: int = VOCAB_MULTIPLE
-  loss_online_lse: bool = False
+  loss_kernel: str = "xla"
   z_loss: float = 0.0
   on_nonfinite: str = "stop"
   peak_flops: float = 0.0
@@ -140,6 +140,8 @@ def validate(run: RunConfig) -> None:
          f"{'only at the end' if key == 'eval_every' else 'the whole split'}), got "
          f"{getattr(t, key)}.")
   need(t.loss in LOSS_IMPLS, f"train.loss={t.loss!r} is not one of {LOSS_IMPLS}.")
+  need(t.loss_kernel in LOSS_KERNELS,
+       f"train.loss_kernel={t.loss_kernel!r} is not one of {LOSS_KERNELS}.")
   need(t.on_nonfinite in NONFINITE,
        f"train.on_nonfinite={t.on_nonfinite!r} is not one of {NONFINITE}.")
   need(t.z_loss >= 0, f"train.z_loss must be >= 0, got {t.z_loss}.")
@@ -175,7 +177,8 @@ RESUMABLE = {
     "model": {"attention_impl", "dtype", "remat", "scan_layers", "init_std"},
     "train": {"steps", "log_every", "eval_every", "eval_batches", "checkpoint_every",
               "keep_checkpoints", "async_checkpoints", "loss", "loss_chunk", "loss_vocab_multiple",
-              "loss_online_lse", "on_nonfinite",
+              "loss_kernel", "loss_online_lse",  # the latter: in older workdirs
+              "on_nonfinite",
               "peak_flops", "progress_bar"},
     "optimizer": set(),
     "mesh": {"data", "fsdp", "tensor", "cpu_devices", "distributed"},

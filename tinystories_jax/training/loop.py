@@ -232,7 +232,7 @@ def train(run: RunConfig, workdir: str) -> dict[str, Any]:
   abstract = state_lib.abstract_state(layout, tx, shardings)
   step_cfg = step_lib.StepConfig(loss_impl=t.loss, loss_chunk=t.loss_chunk,
                                  loss_vocab_multiple=t.loss_vocab_multiple,
-                                 loss_online_lse=t.loss_online_lse, z_loss=t.z_loss,
+                                 loss_kernel=t.loss_kernel, z_loss=t.z_loss,
                                  grad_accum_steps=accum,
                                  skip_nonfinite=t.on_nonfinite == "skip")
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),

@@ -17,7 +17,8 @@ matmuls, where autodiff of the plain form writes and re-reads float32 logits and
 gradient. That is about half the memory traffic of the plain form, and autodiff of the plain
 form also runs both gradient matmuls in float32; on an H200 the fused form made the llama 15M
 step at vocab 32000 1.49x faster than the plain one (docs/training.md). In float32 it equals
-the plain form.
+the plain form. Its passes over the logits are XLA's by default; `kernel="pallas"` runs them as
+the Pallas kernels of `kernels.cross_entropy` on GPUs.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 LOSS_IMPLS = ("plain", "chunked", "fused")
+# What makes the fused loss's passes over its logits (see `fused_loss_sums`).
+LOSS_KERNELS = ("xla", "xla_online", "pallas")
 # Rows the fused loss pads the output projection to (a multiple of 128 keeps GPU GEMMs aligned).
 VOCAB_MULTIPLE = 128
 
@@ -95,7 +98,7 @@ def padded_vocab(vocab: int, multiple: int) -> int:
 
 
 def fused_loss_sums(h_btd, w_vd, targets_bt, mask_bt, *, vocab_multiple: int = VOCAB_MULTIPLE,
-                    online_lse: bool = False) -> LossSums:
+                    kernel: str = "xla") -> LossSums:
   """Same sums as `plain_loss_sums`, with logits in `h_btd`'s dtype and a hand-written backward.
 
   The output projection is zero-padded to `vocab_multiple` rows inside the loss (the padded
@@ -104,10 +107,14 @@ def fused_loss_sums(h_btd, w_vd, targets_bt, mask_bt, *, vocab_multiple: int = V
   GPT-Neo's 50257 an H200 profile ran them as XLA's generated GEMMs at 240-510 TFLOP/s, where
   the aligned 32000 ran on cuBLAS at 620-780 (docs/training.md).
 
-  `online_lse` takes the log-sum-exp in one pass over the logits (`online_logsumexp`) instead of
-  `jax.nn.logsumexp`'s two (the maximum, then the sum of exponentials).
+  `kernel` picks what makes the passes over the logits (`LOSS_KERNELS`): "xla" (the
+  log-sum-exp in two passes, the maximum then the sum of exponentials), "xla_online" (in one,
+  `online_logsumexp`), or "pallas" (GPU kernels for the log-sum-exp and the logit gradient,
+  `kernels.cross_entropy`).
   """
-  return _fused(h_btd, w_vd, targets_bt, mask_bt, vocab_multiple, online_lse)
+  if kernel not in LOSS_KERNELS:
+    raise ValueError(f"Unknown loss kernel {kernel!r}; use one of {LOSS_KERNELS}.")
+  return _fused(h_btd, w_vd, targets_bt, mask_bt, vocab_multiple, kernel)
 
 
 def _pad_rows(w_vd, vocab_multiple: int):
@@ -149,16 +156,23 @@ def online_logsumexp(x, valid=None):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _fused(h_btd, w_vd, targets_bt, mask_bt, vocab_multiple, online_lse):
-  return _fused_fwd(h_btd, w_vd, targets_bt, mask_bt, vocab_multiple, online_lse)[0]
+def _fused(h_btd, w_vd, targets_bt, mask_bt, vocab_multiple, kernel):
+  return _fused_fwd(h_btd, w_vd, targets_bt, mask_bt, vocab_multiple, kernel)[0]
 
 
-def _fused_fwd(h_btd, w_vd, targets_bt, mask_bt, vocab_multiple, online_lse):
+def _ce_kernels():
+  from tinystories_jax.kernels import cross_entropy  # noqa: PLC0415 (loads Pallas on use)
+  return cross_entropy
+
+
+def _fused_fwd(h_btd, w_vd, targets_bt, mask_bt, vocab_multiple, kernel):
   w_c = w_vd.astype(h_btd.dtype)
   # f32 accumulation, compute-dtype output, over the padded vocabulary.
   logits_btv = jnp.einsum("btd,vd->btv", h_btd, _pad_rows(w_c, vocab_multiple))
   vocab = w_vd.shape[0]
-  if online_lse:
+  if kernel == "pallas":
+    lse_bt = _ce_kernels().logsumexp(logits_btv, vocab)
+  elif kernel == "xla_online":
     valid = (jnp.arange(logits_btv.shape[-1]) < vocab) if logits_btv.shape[-1] != vocab else None
     lse_bt = online_logsumexp(logits_btv, valid)
   else:
@@ -171,18 +185,23 @@ def _fused_fwd(h_btd, w_vd, targets_bt, mask_bt, vocab_multiple, online_lse):
   return sums, (h_btd, w_c, logits_btv, lse_bt, targets_bt, mask_bt)
 
 
-def _fused_bwd(vocab_multiple, online_lse, residuals, g: LossSums):
-  del online_lse
+def _fused_bwd(vocab_multiple, kernel, residuals, g: LossSums):
   h_btd, w_c, logits_btv, lse_bt, targets_bt, mask_bt = residuals
   vocab = w_c.shape[0]
   mask_f = mask_bt.astype(jnp.float32)
   # d nll / d logits = softmax - onehot(target); d z / d logits = 2 lse softmax.
   softmax_weight_bt = mask_f * (g.nll + 2.0 * g.z * lse_bt)
   target_weight_bt = mask_f * g.nll
-  probs_btv = jnp.exp(_masked_f32(logits_btv, vocab) - lse_bt[..., None])  # 0 on padding
-  onehot_btv = targets_bt[..., None] == jnp.arange(logits_btv.shape[-1], dtype=targets_bt.dtype)
-  dlogits_btv = (probs_btv * softmax_weight_bt[..., None]
-                 - jnp.where(onehot_btv, target_weight_bt[..., None], 0.0)).astype(h_btd.dtype)
+  if kernel == "pallas":
+    dlogits_btv = _ce_kernels().logit_grad(logits_btv, lse_bt, softmax_weight_bt,
+                                           target_weight_bt, targets_bt, vocab)
+  else:
+    probs_btv = jnp.exp(_masked_f32(logits_btv, vocab) - lse_bt[..., None])  # 0 on padding
+    onehot_btv = targets_bt[..., None] == jnp.arange(logits_btv.shape[-1],
+                                                     dtype=targets_bt.dtype)
+    dlogits_btv = (probs_btv * softmax_weight_bt[..., None]
+                   - jnp.where(onehot_btv, target_weight_bt[..., None], 0.0)
+                   ).astype(h_btd.dtype)
   dh_btd = jnp.einsum("btv,vd->btd", dlogits_btv, _pad_rows(w_c, vocab_multiple))
   dw_vd = jnp.einsum("btv,btd->vd", dlogits_btv, h_btd,
                      preferred_element_type=jnp.float32)[:vocab]
@@ -196,13 +215,13 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
 def loss_sums(h_btd, w_vd, targets_bt, mask_bt, *, impl: str, chunk: int,
-              vocab_multiple: int = VOCAB_MULTIPLE, online_lse: bool = False) -> LossSums:
+              vocab_multiple: int = VOCAB_MULTIPLE, kernel: str = "xla") -> LossSums:
   """Dispatches to the configured implementation (`"plain"`, `"chunked"` or `"fused"`)."""
   if impl == "plain":
     return plain_loss_sums(h_btd, w_vd, targets_bt, mask_bt)
   if impl == "fused":
     return fused_loss_sums(h_btd, w_vd, targets_bt, mask_bt, vocab_multiple=vocab_multiple,
-                           online_lse=online_lse)
+                           kernel=kernel)
   if impl == "chunked":
     return chunked_loss_sums(h_btd, w_vd, targets_bt, mask_bt, chunk=chunk)
   raise ValueError(f"Unknown loss implementation {impl!r}; use one of {LOSS_IMPLS}.")

@@ -32,7 +32,7 @@ class StepConfig:
   loss_impl: str = "fused"       # "plain" | "chunked" | "fused" (training/loss.py)
   loss_chunk: int = 128          # positions per block for the chunked loss
   loss_vocab_multiple: int = loss_lib.VOCAB_MULTIPLE  # fused loss: output rows padded to this
-  loss_online_lse: bool = False  # the fused loss takes its log-sum-exp in one pass
+  loss_kernel: str = "xla"       # the fused loss's passes over its logits (loss.LOSS_KERNELS)
   z_loss: float = 0.0            # weight of mean(logsumexp^2); PaLM uses 1e-4
   grad_accum_steps: int = 1      # micro-batches per optimizer step
   skip_nonfinite: bool = False   # drop an update whose loss or gradient is NaN/Inf
@@ -57,7 +57,7 @@ def forward_sums(graphdef: nnx.GraphDef, params: Any, extra: Any,
   return loss_lib.loss_sums(h_btd, model.output_embedding(), batch["targets"],
                             target_mask(batch), impl=cfg.loss_impl, chunk=cfg.loss_chunk,
                             vocab_multiple=cfg.loss_vocab_multiple,
-                            online_lse=cfg.loss_online_lse)
+                            kernel=cfg.loss_kernel)
 
 
 def _split_micro(batch: Mapping[str, jax.Array], accum: int) -> dict[str, jax.Array]:

@@ -1,0 +1,232 @@
+"""Compiles the real train step for an H200 or H100 on a machine without a GPU.
+
+    python benchmarks/gpu_compile.py --shapes=15m/32000 \
+        --variants=pallas:fused,pallas:fused:online,pallas:fused:kernel
+
+For each shape and variant (the same names as `gpu_check.py`'s train section) it builds the train
+step on abstract inputs, compiles it with XLA's deviceless GPU compiler and prints, for the
+compiled step, how many kernels it launches and the bytes their operands and results take
+(each counted once per kernel, so a buffer read by two kernels counts twice): by kind of kernel
+and the largest kernels. It is a proxy for memory traffic, not a timing: caches, the layout a
+kernel reads and its arithmetic are not in it, and a gather is counted at its whole operand.
+It also shows that the Pallas kernels lower and compile for the target (Triton, then ptxas),
+which the CPU interpreter does not check.
+
+Needs the CUDA plugin and its libraries beside jax (no GPU or driver is used); checked with the
+GPU machine's jax 0.11.2 on Python 3.12, in its own environment:
+
+    python3.12 -m venv /tmp/aot && /tmp/aot/bin/pip install "jax[cuda12]==0.11.2" flax optax
+    /tmp/aot/bin/python benchmarks/gpu_compile.py
+
+Without a GPU, XLA cannot autotune, so GEMMs that a GPU would hand to cuBLAS may show up as
+XLA's Triton GEMMs here. The other fusions matched: for the llama 15M step at vocab 32000, the
+204 loop and reduction fusions compiled here had the same result shapes (191 the same names)
+as those in the H200 trace of 2026-11-26.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import pathlib
+import re
+import sys
+
+# The plugin's start-up check asks the (absent) driver for its version.
+os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+# Public device figures (NVIDIA's data sheets) in XLA's GpuTargetConfig text format.
+_TARGET = """
+gpu_device_info {{
+  threads_per_block_limit: 1024
+  threads_per_warp: 32
+  shared_memory_per_block: 49152
+  shared_memory_per_core: 233472
+  threads_per_core_limit: 2048
+  core_count: 132
+  fpus_per_core: 128
+  block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535
+  memory_bandwidth: {bandwidth}
+  l2_cache_size: 52428800
+  clock_rate_ghz: 1.98
+  device_memory_size: {memory}
+  shared_memory_per_block_optin: 232448
+  cuda_compute_capability {{
+    major: 9
+  }}
+  registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+}}
+platform_name: "CUDA"
+dnn_version_info {{
+  major: 9
+  minor: 8
+}}
+runtime_version {{
+  major: 12
+  minor: 9
+}}
+device_description_str: "{name}"
+"""
+TARGETS = {
+    "h200": _TARGET.format(bandwidth=4_800_000_000_000, memory=150_000_000_000,
+                           name="NVIDIA H200"),
+    "h100": _TARGET.format(bandwidth=3_350_000_000_000, memory=85_000_000_000,
+                           name="NVIDIA H100 80GB HBM3"),
+}
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4,
+          "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+
+
+def shape_bytes(text: str) -> int:
+  """Bytes of every array in an HLO shape string such as `(bf16[8,4]{1,0}, f32[8])`."""
+  total = 0
+  for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", text):
+    if dtype in _BYTES:
+      n = 1
+      for d in filter(None, dims.split(",")):
+        n *= int(d)
+      total += n * _BYTES[dtype]
+  return total
+
+
+def kernels(hlo_text: str) -> list[dict]:
+  """The fusions and custom calls of the entry computation, with operand and result bytes."""
+  entry = hlo_text[hlo_text.index("\nENTRY"):]
+  values = dict(re.findall(r"\n\s+(%[\w.\-]+) = (\([^=]*?\)|\S+) ", entry))
+  out = []
+  for m in re.finditer(r"\n\s+(%[\w.\-]+) = (\(.*?\)|\S+) (fusion|custom-call)\((.*?)\)(.*)",
+                       entry):
+    name, result, op, operands, rest = m.groups()
+    args = [a.strip() for a in operands.split(",") if a.strip().startswith("%")]
+    target = re.search(r'custom_call_target="([^"]+)"', rest)
+    fusion_kind = re.search(r'"kind":"(\w+)"', rest)
+    if "pallas" in name or (target and "triton" in target.group(1)):
+      kind = "Pallas (Triton)"
+    elif (target and ("gemm" in target.group(1) or "blas" in target.group(1).lower())) or (
+        fusion_kind and "gemm" in fusion_kind.group(1)):
+      kind = "matmul"
+    elif fusion_kind and "triton" in fusion_kind.group(1):
+      kind = "XLA Triton fusion"
+    elif op == "custom-call":
+      kind = f"custom call {target.group(1) if target else ''}"
+    else:
+      kind = "XLA fusion"
+    out.append({"name": name.lstrip("%"), "kind": kind, "result": result,
+                "bytes": shape_bytes(result) + sum(shape_bytes(values.get(a, "")) for a in args)})
+  return out
+
+
+def _setup_jax(target: str):
+  import jax  # noqa: PLC0415
+  from jax.experimental import topologies  # noqa: PLC0415
+
+  try:
+    topology = topologies.get_topology_desc(platform="cuda", target_config=TARGETS[target],
+                                            topology="1x1x1")
+  except Exception as e:  # noqa: BLE001
+    sys.exit(f"gpu_compile: no deviceless CUDA compiler ({type(e).__name__}: {e}); install "
+             f'"jax[cuda12]=={jax.__version__}" in this environment (Python >= 3.12).')
+  # The project's platform checks (which attention kernel, whether Pallas compiles) read
+  # jax.default_backend(), which names this machine's CPU; the target is a GPU.
+  jax.default_backend = lambda: "gpu"
+  return topology
+
+
+def compile_step(topology, family, preset, vocab, batch, seq, variant) -> str:
+  """The optimized HLO text of the train step for one shape and variant."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+
+  from tinystories_jax.models import presets  # noqa: PLC0415
+  from tinystories_jax.parallel import mesh as mesh_lib  # noqa: PLC0415
+  from tinystories_jax.parallel import rules  # noqa: PLC0415
+  from tinystories_jax.training import optimizer as opt_lib  # noqa: PLC0415
+  from tinystories_jax.training import state as state_lib  # noqa: PLC0415
+  from tinystories_jax.training import step as step_lib  # noqa: PLC0415
+
+  cfg = presets.get(family, preset, vocab_size=vocab, dtype="bfloat16",
+                    attention_impl=variant["attention"], scan_layers=variant["scan"],
+                    remat="block" if variant["remat"] else "none")
+  devices = np.asarray(topology.devices).reshape(1, 1, 1)
+  mesh = jax.sharding.Mesh(devices, mesh_lib.AXES,
+                           axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  opt_cfg = opt_lib.OptimizerConfig(lr=5e-4, schedule="cosine", warmup_steps=10, clip_norm=1.0)
+  layout = state_lib.model_layout(cfg)
+  tx = opt_lib.make_optimizer(opt_cfg, 100, layout.logical_names, layout.abstract_params)
+  shardings = state_lib.state_shardings(layout, tx, mesh)
+  state = state_lib.abstract_state(layout, tx, shardings)
+  extra = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                       layout.abstract_extra, shardings.extra)
+  row = rules.batch_sharding(mesh, 2)
+  batch = {k: jax.ShapeDtypeStruct((batch, seq), jnp.float32 if k == "loss_mask" else jnp.int32,
+                                   sharding=row) for k in ("inputs", "targets", "loss_mask")}
+  step_cfg = step_lib.StepConfig(
+      loss_impl=variant["loss"], loss_kernel=variant["loss_kernel"],
+      **({} if variant["pad"] is None else {"loss_vocab_multiple": variant["pad"]}))
+  step = step_lib.jit_train_step(
+      step_lib.make_train_step(layout.graphdef, tx, opt_lib.learning_rate(opt_cfg, 100),
+                               step_cfg),
+      shardings.state, shardings.extra, {k: row for k in batch}, mesh)
+  return step.lower(state, extra, batch).compile().as_text()
+
+
+def main() -> None:
+  import gpu_check  # noqa: PLC0415 (benchmarks/gpu_check.py: shapes and variant names)
+
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--target", choices=sorted(TARGETS), default="h200")
+  parser.add_argument("--shapes", default="15m/32000",
+                      help="train shapes as preset/vocab or preset (gpu_check's names)")
+  parser.add_argument("--variants", default=gpu_check.TRAIN_VARIANTS,
+                      help="comma-separated attention:loss[:options], as in gpu_check")
+  parser.add_argument("--top", type=int, default=8, help="largest kernels listed")
+  parser.add_argument("--out", default="", help="also write the rows to this JSONL file")
+  args = parser.parse_args()
+  wanted = gpu_check._names(args.shapes)  # noqa: SLF001
+  shapes = [s for s in gpu_check.TRAIN_SHAPES if gpu_check._shape_wanted(s, wanted)]  # noqa: SLF001
+  if not shapes:
+    parser.error(f"no train shape matches --shapes={args.shapes!r}")
+  try:
+    variants = [(text, gpu_check.parse_variant(text))
+                for text in gpu_check._names(args.variants)]  # noqa: SLF001
+  except ValueError as e:
+    parser.error(f"--variants: {e}")
+  topology = _setup_jax(args.target)
+  rows = []
+  for family, preset, vocab, batch, seq, _ in shapes:
+    for text, variant in sorted(variants):
+      ks = kernels(compile_step(topology, family, preset, vocab, batch, seq, variant))
+      by_kind = collections.Counter()
+      for k in ks:
+        by_kind[k["kind"]] += k["bytes"]
+      total = sum(by_kind.values())
+      row = {"target": args.target, "model": f"{family}:{preset}", "vocab": vocab,
+             "batch": batch, "seq": seq, "variant": text, "kernels": len(ks),
+             "gb": round(total / 1e9, 3),
+             "gb_by_kind": {k: round(v / 1e9, 3) for k, v in by_kind.most_common()}}
+      rows.append(row)
+      print(f"\n{preset}/{vocab} {text}: {len(ks)} kernels, "
+            f"operands + results {total / 1e9:.2f} GB")
+      for kind, b in by_kind.most_common():
+        print(f"  {b / 1e9:8.2f} GB  {kind}")
+      for k in sorted(ks, key=lambda k: -k["bytes"])[:args.top]:
+        print(f"  {k['bytes'] / 1e9:8.2f} GB  {k['name']} ({k['kind']}) -> {k['result'][:48]}")
+  if args.out:
+    with open(args.out, "a") as f:
+      for row in rows:
+        f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+  main()

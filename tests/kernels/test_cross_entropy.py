@@ -1,0 +1,120 @@
+"""The Pallas loss kernels (through the interpreter) against their jnp references."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tinystories_jax.kernels import cross_entropy as ce
+from tinystories_jax.parallel import mesh as mesh_lib
+
+
+def _case(b, n, vp, vocab, dtype, scale, seed):
+  k = jax.random.split(jax.random.key(seed), 5)
+  x = (jax.random.normal(k[0], (b, n, vp)) * scale).astype(dtype)
+  targets = jax.random.randint(k[1], (b, n), 0, vocab)
+  soft = jax.random.uniform(k[2], (b, n))
+  tgt_w = jax.random.uniform(k[3], (b, n))
+  return x, targets, soft, tgt_w
+
+
+# (B, N, padded vocab, vocab): unpadded; padded inside one column block; a column block past the
+# vocabulary entirely; row counts whose tiles are 16, 2 and 1 rows; several column blocks.
+SHAPES = [(2, 16, 256, 256), (3, 10, 640, 577), (1, 7, 1024, 900), (2, 8, 1536, 1500)]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_kernels_match_references(shape, dtype):
+  seed = np.random.SeedSequence().entropy % 2**31
+  b, n, vp, vocab = shape
+  # Wide logits: exp() of them overflows float32 without the running maximum.
+  x, targets, soft, tgt_w = _case(b, n, vp, vocab, dtype, 40.0, seed)
+  lse = ce.logsumexp(x, vocab, interpret=True)
+  want = ce.logsumexp_reference(x, vocab)
+  assert lse.dtype == jnp.float32 and lse.shape == (b, n)
+  np.testing.assert_allclose(lse, want, rtol=1e-6, atol=1e-5, err_msg=f"seed {seed}")
+  g = ce.logit_grad(x, want, soft, tgt_w, targets, vocab, interpret=True)
+  g_want = ce.logit_grad_reference(x, want, soft, tgt_w, targets, vocab)
+  assert g.dtype == x.dtype and g.shape == x.shape
+  # Base-2 exponentials: log2(e) x rounds to float32 first (|x| up to ~200 here).
+  rtol, atol = (2e-5, 1e-6) if dtype == jnp.float32 else (1e-2, 1e-2)
+  np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(g_want, np.float32),
+                             rtol=rtol, atol=atol, err_msg=f"seed {seed}")
+  assert not np.any(np.asarray(g[..., vocab:], np.float32))  # padding columns: no gradient
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape, dtype", [((2, 512, 32000, 32000), jnp.bfloat16),
+                                          ((1, 256, 50304, 50257), jnp.bfloat16),
+                                          ((3, 10, 640, 577), jnp.float32)])
+def test_gpu_kernels_compiled(shape, dtype):
+  b, n, vp, vocab = shape
+  x, targets, soft, tgt_w = _case(b, n, vp, vocab, dtype, 8.0, 5)
+  want = ce.logsumexp_reference(x, vocab)
+  np.testing.assert_allclose(ce.logsumexp(x, vocab, interpret=False), want, rtol=1e-5, atol=1e-5)
+  g = ce.logit_grad(x, want, soft, tgt_w, targets, vocab, interpret=False)
+  g_want = ce.logit_grad_reference(x, want, soft, tgt_w, targets, vocab)
+  atol = 1e-5 if dtype == jnp.float32 else 1e-2
+  np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(g_want, np.float32),
+                             rtol=1e-2, atol=atol)
+
+
+def test_logsumexp_is_the_softmax_normaliser():
+  """Against numpy in float64, on moderate logits, unpadded and padded."""
+  x, *_ = _case(2, 16, 640, 640, jnp.float32, 3.0, 0)
+  for vocab in (640, 600):
+    got = np.asarray(ce.logsumexp(x, vocab, interpret=True))
+    xs = np.asarray(x, np.float64)[..., :vocab]
+    want = np.log(np.exp(xs).sum(-1))
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_block_shape():
+  assert ce.block_shape(32768, 32000) == (16, 256)
+  assert ce.block_shape(32768, 50304) == (16, 128)
+  assert ce.block_shape(30, 4096) == (2, 512)
+  assert ce.block_shape(7, 64) == (1, 64)
+
+
+def test_supports_names_the_fix():
+  ok, why = ce.supports(50257, "gpu")
+  assert not ok and "loss_vocab_multiple" in why
+  ok, why = ce.supports(50304, "cpu")
+  assert not ok and "loss_kernel='xla'" in why
+  assert ce.supports(32000, "gpu") == (True, "")
+
+
+def test_rows_split_over_the_mesh():
+  """Under a data x fsdp mesh the kernels run per device on its rows, with the same results."""
+  mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(2, 2, 1), jax.devices()[:4])
+  x, targets, soft, tgt_w = _case(4, 8, 256, 250, jnp.float32, 5.0, 1)
+  want = ce.logsumexp_reference(x, 250)
+  with jax.set_mesh(mesh):
+    lse_fn = jax.jit(lambda x: ce.logsumexp(x, 250, interpret=True))
+    assert "shard_map" in str(jax.make_jaxpr(lse_fn)(x))
+    lse = lse_fn(x)
+    g = jax.jit(lambda *a: ce.logit_grad(*a, 250, interpret=True))(x, want, soft, tgt_w,
+                                                                     targets)
+  np.testing.assert_allclose(lse, want, rtol=1e-6)
+  np.testing.assert_allclose(g, ce.logit_grad_reference(x, want, soft, tgt_w, targets, 250),
+                             atol=1e-6)
+
+
+def test_kernels_lower_for_gpus(monkeypatch):
+  """Both kernels lower through Pallas's Triton backend on this CPU (what the interpreter does
+  not check), at the shapes of the llama 15M step at vocab 32000."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # the kernels' platform check
+  x = jax.ShapeDtypeStruct((128, 256, 32000), jnp.bfloat16)
+  row = jax.ShapeDtypeStruct((128, 256), jnp.float32)
+  tgt = jax.ShapeDtypeStruct((128, 256), jnp.int32)
+
+  def both(x, lse, soft, tgt_w, tgt):
+    return ce.logsumexp(x, 32000), ce.logit_grad(x, lse, soft, tgt_w, tgt, 32000)
+
+  try:
+    text = jax.jit(both).trace(x, row, row, row, tgt).lower(
+        lowering_platforms=("cuda",)).as_text()
+  except (ImportError, RuntimeError) as e:  # no Triton lowering in this jaxlib, or no GPU info
+    pytest.skip(f"cannot lower for cuda here: {e}")
+  assert text.count("triton") >= 2

@@ -1,0 +1,217 @@
+"""The fused loss's two passes over materialised logits, in Pallas for GPUs (Triton backend).
+
+`training.loss`'s fused form writes the `[N, V]` logits once (a cuBLAS matmul) and then reads
+them in XLA-generated passes: the row maximum, the sum of exponentials (the log-sum-exp), and in
+the backward pass the logit gradient `(softmax - onehot) * weight`. On an H200 at vocab 32000
+those passes took 2.7 of the llama 15M step's 12.55 ms (docs/training.md): the log-sum-exp
+reads the logits twice, and its exponential pass ran at 2.45 TB/s where the maximum, reading
+the same bytes, ran at 3.84.
+
+The two kernels here replace them:
+- `logsumexp`: one program per block of rows, looping over column blocks with the online
+  softmax rule (running maximum, sum rescaled when it grows), so the logits are read once;
+- `logit_grad`: one program per `[rows, columns]` tile, reading the logits and writing the
+  gradient in the logits' dtype.
+Exponentials are base 2 (`exp2`, a single hardware instruction) with log2(e) folded into the
+logits. Columns at or past `vocab` (the loss pads the projection to a multiple of 128 rows) are
+masked out of the softmax and get a zero gradient.
+
+Tiles must be powers of two: the column block is the largest power of two dividing the padded
+vocabulary (at most `MAX_BLOCK_V`), so the padded vocabulary must be a multiple of
+`MIN_BLOCK_V`; `supports` says so with the fix. The interpreter (`interpret=True`, or
+`flash_attention.force_interpret`) runs both kernels on a CPU for the tests.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+from jax import lax
+from jax.experimental import pallas as pl
+import jax.numpy as jnp
+
+from tinystories_jax.kernels import flash_attention as fa
+from tinystories_jax.kernels import flash_attention_gpu as gpu_kernels
+
+MIN_BLOCK_V = 64
+MAX_BLOCK_V = 512
+MAX_BLOCK_ROWS = 16
+_LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
+# Start of the running maximum: finite, so that `m_old - m_new` is never `-inf - -inf`.
+_M_INIT = -1e30
+_F32 = jnp.float32
+# Mesh axes the rows (batch) may be split over; each row's passes are independent.
+_BATCH_AXES = ("data", "fsdp")
+
+
+def _pow2_divisor(n: int, cap: int) -> int:
+  """The largest power of two dividing `n`, at most `cap`."""
+  block = 1
+  while block < cap and n % (2 * block) == 0:
+    block *= 2
+  return block
+
+
+def block_shape(rows: int, padded_vocab: int) -> tuple[int, int]:
+  """(rows, columns) of one tile."""
+  return _pow2_divisor(rows, MAX_BLOCK_ROWS), _pow2_divisor(padded_vocab, MAX_BLOCK_V)
+
+
+def supports(padded_vocab: int, platform: str) -> tuple[bool, str]:
+  """(True, "") or (False, one sentence naming the fix)."""
+  if padded_vocab % MIN_BLOCK_V:
+    return False, (f"the Pallas loss kernels need the padded vocabulary to be a multiple of "
+                   f"{MIN_BLOCK_V}, not {padded_vocab}; set train.loss_vocab_multiple to 128 "
+                   "or use train.loss_kernel='xla'.")
+  if platform not in ("gpu", "cuda", "rocm"):
+    return False, (f"the Pallas loss kernels run on GPUs, not {platform!r}; use "
+                   "train.loss_kernel='xla' there (tests run them with interpret=True).")
+  return True, ""
+
+
+def _resolve_interpret(interpret, padded_vocab: int) -> bool:
+  interpret = fa.interpret_forced() if interpret is None else bool(interpret)
+  ok, why = supports(padded_vocab, "gpu" if interpret else jax.default_backend())
+  if not ok:
+    raise ValueError(why)
+  return interpret
+
+
+def _lse_kernel(x_ref, lse_ref, *, vocab: int, block_v: int):
+  rows, width = x_ref.shape
+  full_blocks, num_blocks = vocab // block_v, width // block_v
+
+  def step(masked):
+    def body(j, carry):
+      m, s = carry
+      start = pl.multiple_of(j * block_v, block_v)
+      x = x_ref[:, pl.ds(start, block_v)].astype(_F32) * _LOG2E
+      if masked:
+        cols = start + lax.broadcasted_iota(jnp.int32, (rows, block_v), 1)
+        x = jnp.where(cols < vocab, x, -jnp.inf)
+      m_new = jnp.maximum(m, jnp.max(x, axis=1))
+      s = s * jnp.exp2(m - m_new) + jnp.sum(jnp.exp2(x - m_new[:, None]), axis=1)
+      return m_new, s
+    return body
+
+  carry = (jnp.full((rows,), _M_INIT, _F32), jnp.zeros((rows,), _F32))
+  carry = lax.fori_loop(0, full_blocks, step(False), carry)
+  if full_blocks < num_blocks:
+    carry = lax.fori_loop(full_blocks, num_blocks, step(True), carry)
+  m, s = carry
+  lse_ref[...] = (m + jnp.log2(s)) * _LN2
+
+
+def _grad_kernel(x_ref, lse2_ref, soft_ref, tgt_w_ref, tgt_ref, o_ref, *, vocab: int,
+                 padded: bool):
+  rows, block_v = x_ref.shape
+  start = pl.program_id(1) * block_v
+  cols = start + lax.broadcasted_iota(jnp.int32, (rows, block_v), 1)
+  p = jnp.exp2(x_ref[...].astype(_F32) * _LOG2E - lse2_ref[...][:, None])
+  if padded:
+    p = jnp.where(cols < vocab, p, 0.0)
+  hit = cols == tgt_ref[...][:, None]
+  g = p * soft_ref[...][:, None] - jnp.where(hit, tgt_w_ref[...][:, None], 0.0)
+  o_ref[...] = g.astype(o_ref.dtype)
+
+
+def _lse_call(x_nv, vocab: int, interpret: bool):
+  n, vp = x_nv.shape
+  br, bv = block_shape(n, vp)
+  return pl.pallas_call(
+      functools.partial(_lse_kernel, vocab=vocab, block_v=bv),
+      grid=(n // br,),
+      in_specs=[pl.BlockSpec((br, vp), lambda i: (i, 0))],
+      out_specs=pl.BlockSpec((br,), lambda i: (i,)),
+      out_shape=jax.ShapeDtypeStruct((n,), _F32),
+      compiler_params=gpu_kernels.compiler_params(num_warps=4, num_stages=3),
+      interpret=interpret,
+      name="cross_entropy_lse",
+  )(x_nv)
+
+
+def _grad_call(x_nv, lse_n, soft_n, tgt_w_n, targets_n, vocab: int, interpret: bool):
+  n, vp = x_nv.shape
+  br, bv = block_shape(n, vp)
+  row = pl.BlockSpec((br,), lambda i, j: (i,))
+  return pl.pallas_call(
+      functools.partial(_grad_kernel, vocab=vocab, padded=vp != vocab),
+      grid=(n // br, vp // bv),
+      in_specs=[pl.BlockSpec((br, bv), lambda i, j: (i, j)), row, row, row, row],
+      out_specs=pl.BlockSpec((br, bv), lambda i, j: (i, j)),
+      out_shape=jax.ShapeDtypeStruct((n, vp), x_nv.dtype),
+      compiler_params=gpu_kernels.compiler_params(num_warps=4, num_stages=2),
+      interpret=interpret,
+      name="cross_entropy_grad",
+  )(x_nv, (lse_n * _LOG2E).astype(_F32), soft_n.astype(_F32), tgt_w_n.astype(_F32),
+    targets_n.astype(jnp.int32))
+
+
+def _row_sharded(fn, *args):
+  """Runs `fn` on each device's rows under a multi-device mesh (a Pallas call is opaque to XLA's
+  partitioner, which would gather the whole logits onto every device); directly otherwise."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return fn(*args)
+  sizes = {name: size for (name, size), kind in zip(mesh.shape.items(), mesh.axis_types)
+           if kind != jax.sharding.AxisType.Manual}
+  rows, axes, split = args[0].shape[0], [], 1
+  for axis in _BATCH_AXES:
+    if sizes.get(axis, 1) > 1 and rows % (split * sizes[axis]) == 0:
+      axes.append(axis)
+      split *= sizes[axis]
+  if not axes:
+    return fn(*args)
+  P = jax.sharding.PartitionSpec  # noqa: N806
+  spec = lambda x: P(tuple(axes), *([None] * (x.ndim - 1)))  # noqa: E731
+  out = jax.eval_shape(fn, *args)
+  return jax.shard_map(fn, mesh=mesh, in_specs=tuple(spec(a) for a in args),
+                       out_specs=spec(out), check_vma=False)(*args)
+
+
+def logsumexp(logits_bnv, vocab: int, *, interpret: bool | None = None) -> jax.Array:
+  """float32 log-sum-exp over the first `vocab` columns of `logits_bnv` [B, N, Vp] -> [B, N]."""
+  interpret = _resolve_interpret(interpret, logits_bnv.shape[-1])
+  b, n, vp = logits_bnv.shape
+
+  def run(x):
+    return _lse_call(x.reshape(-1, vp), vocab, interpret).reshape(x.shape[:2])
+  return _row_sharded(run, logits_bnv)
+
+
+def logit_grad(logits_bnv, lse_bn, softmax_weight_bn, target_weight_bn, targets_bn, vocab: int,
+               *, interpret: bool | None = None) -> jax.Array:
+  """`softmax(logits) * softmax_weight - onehot(targets) * target_weight` in the logits' dtype.
+
+  The softmax is over the first `vocab` columns (with `lse_bn` its log-normaliser); later
+  columns get 0. Shapes: logits [B, N, Vp]; the rest [B, N].
+  """
+  interpret = _resolve_interpret(interpret, logits_bnv.shape[-1])
+  vp = logits_bnv.shape[-1]
+
+  def run(x, lse, soft, tgt_w, tgt):
+    flat = lambda a: a.reshape(-1)  # noqa: E731
+    out = _grad_call(x.reshape(-1, vp), flat(lse), flat(soft), flat(tgt_w), flat(tgt), vocab,
+                     interpret)
+    return out.reshape(x.shape)
+  return _row_sharded(run, logits_bnv, lse_bn, softmax_weight_bn, target_weight_bn, targets_bn)
+
+
+def logsumexp_reference(logits_bnv, vocab: int) -> jax.Array:
+  """What `logsumexp` computes, in plain jnp."""
+  x = logits_bnv[..., :vocab].astype(_F32)
+  return jax.nn.logsumexp(x, axis=-1)
+
+
+def logit_grad_reference(logits_bnv, lse_bn, softmax_weight_bn, target_weight_bn, targets_bn,
+                         vocab: int) -> jax.Array:
+  """What `logit_grad` computes, in plain jnp."""
+  vp = logits_bnv.shape[-1]
+  cols = jnp.arange(vp)
+  p = jnp.where(cols < vocab, jnp.exp(logits_bnv.astype(_F32) - lse_bn[..., None]), 0.0)
+  hit = cols == targets_bn[..., None]
+  g = p * softmax_weight_bn[..., None] - jnp.where(hit, target_weight_bn[..., None], 0.0)
+  return g.astype(logits_bnv.dtype)
