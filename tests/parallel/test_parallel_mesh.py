@@ -102,3 +102,28 @@ def test_every_mesh_trains_like_one_device(loss_impl):
     # Optimizer moments live where their parameters do.
     mu = state.opt_state[1][0].mu
     assert mu["embedding"].sharding == p["embedding"].sharding
+
+
+def test_pallas_kernels_run_per_shard_in_the_step():
+  """The jitted step sets its mesh, so the Pallas attention and loss kernels trace under
+  `shard_map` (per device) rather than as one call XLA would feed whole batches to."""
+  from tinystories_jax.kernels import flash_attention as fa  # noqa: PLC0415
+
+  model = ModelConfig(family="llama", vocab_size=128, d_model=64, num_layers=1, num_heads=4,
+                      max_positions=64, attention_impl="pallas")
+  mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(2, 1, 1), jax.devices()[:2])
+  layout = state_lib.model_layout(model)
+  opt_cfg = opt_lib.OptimizerConfig(lr=1e-2)
+  tx = opt_lib.make_optimizer(opt_cfg, 10, layout.logical_names, layout.abstract_params)
+  sh = state_lib.state_shardings(layout, tx, mesh)
+  abstract = state_lib.abstract_state(layout, tx, sh)
+  batch = {k: jax.ShapeDtypeStruct((4, 16), np.int32 if k != "loss_mask" else np.float32)
+           for k in ("inputs", "targets", "loss_mask")}
+  fn = step_lib.jit_train_step(
+      step_lib.make_train_step(layout.graphdef, tx, opt_lib.learning_rate(opt_cfg, 10),
+                               step_lib.StepConfig(loss_kernel="pallas")),
+      sh.state, sh.extra, {k: rules.batch_sharding(mesh, 2) for k in batch}, mesh)
+  with fa.force_interpret():
+    text = fn.trace(abstract, {}, batch).jaxpr.pretty_print()
+  # Forward and backward of attention, and the loss's two kernels.
+  assert text.count("shard_map") >= 3, text.count("shard_map")

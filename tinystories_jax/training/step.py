@@ -9,6 +9,7 @@ compute dtype; the loss is float32.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
@@ -128,11 +129,25 @@ def make_eval_step(graphdef: nnx.GraphDef, cfg: StepConfig) -> Callable:
   return eval_step
 
 
+def on_mesh(fn: Callable, mesh: jax.sharding.Mesh) -> Callable:
+  """`fn` traced with `mesh` as the abstract mesh.
+
+  The Pallas kernels (attention, the loss's passes) are opaque to XLA's partitioner, which
+  would gather their operands onto every device; they read the abstract mesh to run per shard
+  under `jax.shard_map` instead, and jit does not set it from the shardings it is given.
+  """
+  @functools.wraps(fn)
+  def traced(*args):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args)
+  return traced
+
+
 def jit_train_step(train_step: Callable, state_shardings: TrainState, extra_shardings: Any,
                    batch_shardings: Mapping[str, Any], mesh: jax.sharding.Mesh) -> Callable:
   """Jits the train step with explicit shardings; the incoming state's buffers are donated."""
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return jax.jit(train_step,
+  return jax.jit(on_mesh(train_step, mesh),
                  in_shardings=(state_shardings, extra_shardings, dict(batch_shardings)),
                  out_shardings=(state_shardings, replicated),
                  donate_argnums=(0,))
@@ -141,5 +156,5 @@ def jit_train_step(train_step: Callable, state_shardings: TrainState, extra_shar
 def jit_eval_step(eval_step: Callable, param_shardings: Any, extra_shardings: Any,
                   batch_shardings: Mapping[str, Any], mesh: jax.sharding.Mesh) -> Callable:
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return jax.jit(eval_step, in_shardings=(param_shardings, extra_shardings, dict(batch_shardings)),
+  return jax.jit(on_mesh(eval_step, mesh), in_shardings=(param_shardings, extra_shardings, dict(batch_shardings)),
                  out_shardings=replicated)
