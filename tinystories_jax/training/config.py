@@ -142,6 +142,8 @@ def validate(run: RunConfig) -> None:
   need(t.loss in LOSS_IMPLS, f"train.loss={t.loss!r} is not one of {LOSS_IMPLS}.")
   need(t.loss_kernel in LOSS_KERNELS,
        f"train.loss_kernel={t.loss_kernel!r} is not one of {LOSS_KERNELS}.")
+  need(t.loss_kernel == "xla" or t.loss == "fused",
+       f"train.loss_kernel={t.loss_kernel!r} applies to train.loss='fused', not {t.loss!r}.")
   need(t.on_nonfinite in NONFINITE,
        f"train.on_nonfinite={t.on_nonfinite!r} is not one of {NONFINITE}.")
   need(t.z_loss >= 0, f"train.z_loss must be >= 0, got {t.z_loss}.")

@@ -106,6 +106,13 @@ def resolve_model(run: RunConfig, vocab_size: int) -> ModelConfig:
   why = attn.unsupported_reason(m.attention, cfg.dtype, cfg.head_dim)
   if why:
     raise ConfigError(f"model.attention={m.attention!r} cannot run this model here: {why}")
+  if run.train.loss_kernel == "pallas":
+    from tinystories_jax.kernels import cross_entropy  # pylint: disable=g-import-not-at-top
+    from tinystories_jax.training.loss import padded_vocab  # pylint: disable=g-import-not-at-top
+    _, why = cross_entropy.supports(
+        padded_vocab(cfg.vocab_size, run.train.loss_vocab_multiple), jax.default_backend())
+    if why:
+      raise ConfigError(f"train.loss_kernel='pallas' cannot run here: {why}")
   if cfg.max_positions < run.train.seq_len:
     raise ConfigError(f"train.seq_len={run.train.seq_len} exceeds the model's "
                       f"{cfg.max_positions} positions; lower train.seq_len.")
