@@ -102,10 +102,10 @@ def shape_bytes(text: str) -> int:
 def kernels(hlo_text: str) -> list[dict]:
   """The fusions and custom calls of the entry computation, with operand and result bytes."""
   entry = hlo_text[hlo_text.index("\nENTRY"):]
-  values = dict(re.findall(r"\n\s+(%[\w.\-]+) = (\([^=]*?\)|\S+) ", entry))
+  values = dict(re.findall(r"\n\s+(?:ROOT )?(%[\w.\-]+) = (\([^=]*?\)|\S+) ", entry))
   out = []
-  for m in re.finditer(r"\n\s+(%[\w.\-]+) = (\(.*?\)|\S+) (fusion|custom-call)\((.*?)\)(.*)",
-                       entry):
+  for m in re.finditer(
+      r"\n\s+(?:ROOT )?(%[\w.\-]+) = (\(.*?\)|\S+) (fusion|custom-call)\((.*?)\)(.*)", entry):
     name, result, op, operands, rest = m.groups()
     args = [a.strip() for a in operands.split(",") if a.strip().startswith("%")]
     target = re.search(r'custom_call_target="([^"]+)"', rest)
@@ -135,7 +135,8 @@ def _setup_jax(target: str):
                                             topology="1x1x1")
   except Exception as e:  # noqa: BLE001
     sys.exit(f"gpu_compile: no deviceless CUDA compiler ({type(e).__name__}: {e}); install "
-             f'"jax[cuda12]=={jax.__version__}" in this environment (Python >= 3.12).')
+             f'"jax[cuda12]=={jax.__version__}" in this environment (checked with jax 0.11.2 '
+             "on Python 3.12).")
   # The project's platform checks (which attention kernel, whether Pallas compiles) read
   # jax.default_backend(), which names this machine's CPU; the target is a GPU.
   jax.default_backend = lambda: "gpu"
@@ -198,14 +199,14 @@ def main() -> None:
   if not shapes:
     parser.error(f"no train shape matches --shapes={args.shapes!r}")
   try:
-    variants = [(text, gpu_check.parse_variant(text))
-                for text in gpu_check._names(args.variants)]  # noqa: SLF001
+    variants = {text: gpu_check.parse_variant(text)
+                for text in gpu_check._names(args.variants)}  # noqa: SLF001
   except ValueError as e:
     parser.error(f"--variants: {e}")
   topology = _setup_jax(args.target)
   rows = []
   for family, preset, vocab, batch, seq, _ in shapes:
-    for text, variant in sorted(variants):
+    for text, variant in sorted(variants.items()):
       ks = kernels(compile_step(topology, family, preset, vocab, batch, seq, variant))
       by_kind = collections.Counter()
       for k in ks:

@@ -18,9 +18,11 @@ def _case(b, n, vp, vocab, dtype, scale, seed):
   return x, targets, soft, tgt_w
 
 
-# (B, N, padded vocab, vocab): unpadded; padded inside one column block; a column block past the
-# vocabulary entirely; row counts whose tiles are 16, 2 and 1 rows; several column blocks.
-SHAPES = [(2, 16, 256, 256), (3, 10, 640, 577), (1, 7, 1024, 900), (2, 8, 1536, 1500)]
+# (B, N, padded vocab, vocab): unpadded; padded inside the last column block; column blocks past
+# the vocabulary entirely (the last of 640 / 128 = 5, the second of 1024 / 512 = 2); row counts
+# whose tiles are 16, 2 and 1 rows; several column blocks.
+SHAPES = [(2, 16, 256, 256), (3, 10, 640, 577), (2, 8, 640, 500), (1, 7, 1024, 400),
+          (2, 8, 1536, 1500)]
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -68,6 +70,13 @@ def test_logsumexp_is_the_softmax_normaliser():
     xs = np.asarray(x, np.float64)[..., :vocab]
     want = np.log(np.exp(xs).sum(-1))
     np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_logsumexp_of_huge_negative_logits():
+  """No constant start for the running maximum: rows far below any such constant still work."""
+  x = jnp.full((1, 4, 256), -1e31, jnp.float32).at[0, 1, 3].set(-2e31)
+  np.testing.assert_allclose(ce.logsumexp(x, 200, interpret=True),
+                             ce.logsumexp_reference(x, 200), rtol=1e-6)
 
 
 def test_block_shape():

@@ -47,7 +47,7 @@ def test_logical_rules_replicate_what_does_not_divide():
     rules.logical_to_mesh_spec(("nonsense",), (4,), mesh)
 
 
-def _train(shape, batches, steps=3, loss_impl="fused"):
+def _train(shape, batches, steps=3, loss_impl="fused", loss_kernel="xla"):
   n = int(np.prod(shape))
   mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(*shape), jax.devices()[:n])
   layout = state_lib.model_layout(MODEL)
@@ -57,7 +57,8 @@ def _train(shape, batches, steps=3, loss_impl="fused"):
   state, extra = state_lib.init_state(MODEL, tx, sh, seed=0)
   fn = step_lib.jit_train_step(
       step_lib.make_train_step(layout.graphdef, tx, opt_lib.learning_rate(opt_cfg, 10),
-                               step_lib.StepConfig(loss_impl=loss_impl, loss_chunk=8)),
+                               step_lib.StepConfig(loss_impl=loss_impl, loss_chunk=8,
+                                                   loss_kernel=loss_kernel)),
       sh.state, sh.extra, {k: rules.batch_sharding(mesh, 2) for k in batches[0]}, mesh)
   losses = []
   for b in batches[:steps]:
@@ -86,13 +87,18 @@ EXPECTED = {
 }
 
 
-@pytest.mark.parametrize("loss_impl", ["fused", "chunked"])
-def test_every_mesh_trains_like_one_device(loss_impl):
+@pytest.mark.parametrize("loss_impl, loss_kernel", [("fused", "xla"), ("chunked", "xla"),
+                                                     ("fused", "pallas")])
+def test_every_mesh_trains_like_one_device(loss_impl, loss_kernel):
+  from tinystories_jax.kernels import flash_attention as fa  # noqa: PLC0415
+
   batches = _batches()
   _, reference = _train((1, 1, 1), batches, loss_impl=loss_impl)
   assert reference[-1] < reference[0]
   for shape, (emb, wq, wk, gate) in EXPECTED.items():
-    state, losses = _train(shape, batches, loss_impl=loss_impl)
+    # The Pallas loss kernels (per device, on the mesh's rows) through the interpreter.
+    with fa.force_interpret(loss_kernel == "pallas"):
+      state, losses = _train(shape, batches, loss_impl=loss_impl, loss_kernel=loss_kernel)
     np.testing.assert_allclose(losses, reference, rtol=2e-5, err_msg=str(shape))
     p = state.params
     block = p["blocks"][0]
@@ -125,5 +131,7 @@ def test_pallas_kernels_run_per_shard_in_the_step():
       sh.state, sh.extra, {k: rules.batch_sharding(mesh, 2) for k in batch}, mesh)
   with fa.force_interpret():
     text = fn.trace(abstract, {}, batch).jaxpr.pretty_print()
-  # Forward and backward of attention, and the loss's two kernels.
-  assert text.count("shard_map") >= 3, text.count("shard_map")
+  # Attention's forward and backward, and the loss's two kernels, each in its own shard_map.
+  assert text.count("shard_map") == 4, text.count("shard_map")
+  for kernel in ("cross_entropy_lse", "cross_entropy_grad", "flash_attention_fwd"):
+    assert kernel in text, kernel

@@ -49,7 +49,8 @@ def _objective(fn, h, w, targets, mask, z_weight=1e-2):
 @pytest.mark.parametrize("z_weight", [0.0, 1e-2])
 def test_fused_equals_plain_in_float32(z_weight, vocab_multiple, kernel):
   if kernel == "pallas" and vocab_multiple == 1:
-    pytest.skip("the Pallas kernels need a padded vocabulary (test_pallas_kernel_needs_padding)")
+    pytest.skip("the Pallas kernels need a padded vocabulary (see "
+                "test_pallas_kernel_needs_padding_and_a_gpu)")
   seed = np.random.SeedSequence().entropy % 2**31
   h, w, targets, mask = _inputs(seed=seed)
   fused = lambda *a: loss_lib.fused_loss_sums(*a, vocab_multiple=vocab_multiple, kernel=kernel)

@@ -18,7 +18,9 @@ masked out of the softmax and get a zero gradient.
 
 Tiles must be powers of two: the column block is the largest power of two dividing the padded
 vocabulary (at most `MAX_BLOCK_V`), so the padded vocabulary must be a multiple of
-`MIN_BLOCK_V`; `supports` says so with the fix. The interpreter (`interpret=True`, or
+`MIN_BLOCK_V`; `supports` says so with the fix. The row block is the largest power of two
+dividing the rows, at most 16: any B*T of a train step is a multiple of 16 in practice, and an
+odd one still runs, one row per program (slowly). The interpreter (`interpret=True`, or
 `flash_attention.force_interpret`) runs both kernels on a CPU for the tests.
 """
 
@@ -40,8 +42,6 @@ MAX_BLOCK_V = 512
 MAX_BLOCK_ROWS = 16
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
-# Start of the running maximum: finite, so that `m_old - m_new` is never `-inf - -inf`.
-_M_INIT = -1e30
 _F32 = jnp.float32
 # Mesh axes the rows (batch) may be split over; each row's passes are independent.
 _BATCH_AXES = ("data", "fsdp")
@@ -93,11 +93,14 @@ def _lse_kernel(x_ref, lse_ref, *, vocab: int, block_v: int):
         cols = start + lax.broadcasted_iota(jnp.int32, (rows, block_v), 1)
         x = jnp.where(cols < vocab, x, -jnp.inf)
       m_new = jnp.maximum(m, jnp.max(x, axis=1))
-      s = s * jnp.exp2(m - m_new) + jnp.sum(jnp.exp2(x - m_new[:, None]), axis=1)
+      # Until a row has seen a real column its maximum is -inf; shift by 0 then, so that no
+      # `-inf - -inf` appears (its sum is still 0 and stays so).
+      shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+      s = s * jnp.exp2(m - shift) + jnp.sum(jnp.exp2(x - shift[:, None]), axis=1)
       return m_new, s
     return body
 
-  carry = (jnp.full((rows,), _M_INIT, _F32), jnp.zeros((rows,), _F32))
+  carry = (jnp.full((rows,), -jnp.inf, _F32), jnp.zeros((rows,), _F32))
   carry = lax.fori_loop(0, full_blocks, step(False), carry)
   if full_blocks < num_blocks:
     carry = lax.fori_loop(full_blocks, num_blocks, step(True), carry)
@@ -152,7 +155,12 @@ def _grad_call(x_nv, lse_n, soft_n, tgt_w_n, targets_n, vocab: int, interpret: b
 
 def _row_sharded(fn, *args):
   """Runs `fn` on each device's rows under a multi-device mesh (a Pallas call is opaque to XLA's
-  partitioner, which would gather the whole logits onto every device); directly otherwise."""
+  partitioner, which would gather the whole logits onto every device); directly otherwise.
+
+  The batch axis is split over the mesh's `data` and `fsdp` axes that divide it; a vocabulary
+  sharded over `tensor` is gathered. Inside a caller's `shard_map`, that call needs
+  `check_vma=False` (as for `flash_attention`).
+  """
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
     return fn(*args)
@@ -175,7 +183,7 @@ def _row_sharded(fn, *args):
 def logsumexp(logits_bnv, vocab: int, *, interpret: bool | None = None) -> jax.Array:
   """float32 log-sum-exp over the first `vocab` columns of `logits_bnv` [B, N, Vp] -> [B, N]."""
   interpret = _resolve_interpret(interpret, logits_bnv.shape[-1])
-  b, n, vp = logits_bnv.shape
+  vp = logits_bnv.shape[-1]
 
   def run(x):
     return _lse_call(x.reshape(-1, vp), vocab, interpret).reshape(x.shape[:2])

@@ -137,9 +137,9 @@ def on_mesh(fn: Callable, mesh: jax.sharding.Mesh) -> Callable:
   under `jax.shard_map` instead, and jit does not set it from the shardings it is given.
   """
   @functools.wraps(fn)
-  def traced(*args):
+  def traced(*args, **kwargs):
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-      return fn(*args)
+      return fn(*args, **kwargs)
   return traced
 
 
@@ -156,5 +156,6 @@ def jit_train_step(train_step: Callable, state_shardings: TrainState, extra_shar
 def jit_eval_step(eval_step: Callable, param_shardings: Any, extra_shardings: Any,
                   batch_shardings: Mapping[str, Any], mesh: jax.sharding.Mesh) -> Callable:
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return jax.jit(on_mesh(eval_step, mesh), in_shardings=(param_shardings, extra_shardings, dict(batch_shardings)),
+  return jax.jit(on_mesh(eval_step, mesh),
+                 in_shardings=(param_shardings, extra_shardings, dict(batch_shardings)),
                  out_shardings=replicated)
