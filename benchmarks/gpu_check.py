@@ -9,6 +9,9 @@ Sections, each guarded so one failure does not end the run, in this order:
   kernel_check  our kernel compiled, forward and gradients against the float32 reference, on
              the features the timed shapes leave out (GQA, MQA, segments, padding, float32)
   matmul     bf16 matmul ceiling, 8192^3, median of timed calls after warm-up
+  mlp        the llama MLP's backward (models/layers.py) in its two forms, at the llama train
+             shapes in bf16: d gate and d up side by side in one array (the default off the
+             CPU) against two arrays (the CPU's form)
   train      per model shape: our train step (tinystories_jax.training.benchmark) for each
              attention:loss[:scan][:remat][:padN][:online|:kernel] variant (--train_variants), then
              the transformers peer at the same shape (LlamaForCausalLM + torch.compile;
@@ -46,8 +49,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-SECTIONS = ("versions", "kernel_check", "matmul", "train", "attention", "sweep", "pipeline",
-            "sampling")
+SECTIONS = ("versions", "kernel_check", "matmul", "mlp", "train", "attention", "sweep",
+            "pipeline", "sampling")
 # (family, preset, vocab, batch, seq, overrides): the shapes of the baselines.
 # TinyStories-33M comes before llama 42M, the slowest to compile and run, so that a budget that
 # runs out leaves the shape with the most earlier figures unmeasured. `--train_shapes` picks by
@@ -116,6 +119,33 @@ def section_matmul(run: Run, args) -> None:
   ms = attention_bench.time_ms(jax.jit(jnp.matmul), a, b, iters=5 if args.smoke else 20)
   run.emit({"kind": "ceiling", "what": "bf16 matmul", "n": n, "ms": ms,
             "tflops": 2 * n**3 / ms / 1e9})
+
+
+def section_mlp(run: Run, args) -> None:
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  import attention as attention_bench  # noqa: PLC0415
+  from tinystories_jax.models import layers, presets  # noqa: PLC0415
+  forms = {"paired": layers._swiglu_bwd_paired, "split": layers._swiglu_bwd_split}  # noqa: SLF001
+  seen = set()
+  for family, name, vocab, batch, seq, overrides in (SMOKE_TRAIN_SHAPES if args.smoke
+                                                     else TRAIN_SHAPES):
+    if family != "llama" or name in seen:
+      continue
+    seen.add(name)
+    cfg = presets.get(family, name, vocab_size=vocab, **overrides)
+    n, d, f = batch * seq, cfg.d_model, cfg.d_ff
+    keys = jax.random.split(jax.random.key(0), 5)
+    x, dh = (jax.random.normal(k, s, jnp.float32).astype(jnp.bfloat16)
+             for k, s in ((keys[0], (n, d)), (keys[1], (n, f))))
+    gu = jax.random.normal(keys[2], (n, 2 * f), jnp.float32).astype(jnp.bfloat16)
+    wg, wu = (jax.random.normal(k, (d, f), jnp.float32).astype(jnp.bfloat16) * 0.05
+              for k in keys[3:])
+    for form, fn in forms.items():
+      ms = attention_bench.time_ms(jax.jit(fn), x, gu, dh, wg, wu,
+                                   iters=3 if args.smoke else 50)
+      run.emit({"kind": "mlp", "model": f"{family}:{name}", "rows": n, "d_model": d, "d_ff": f,
+                "form": form, "ms": ms})
 
 
 def section_kernel_check(run: Run, args) -> None:
@@ -541,6 +571,16 @@ def write_tables(run: Run) -> None:
                    f"window {r['window']} segments {r['segments']}: "
                    f"{'ok' if r.get('ok') else 'FAILED'} "
                    f"(max rel err {r.get('max_rel_err', float('nan')):.1e}) {r.get('error', '')}")
+  mlp = [r for r in run.rows if r.get("kind") == "mlp" and "ms" in r]
+  if mlp:
+    parts += ["", "| llama MLP backward | rows x d_model x d_ff | form | ms | split / this |",
+              "|---|---|---|---|---|"]
+    for r in mlp:
+      split = next((p["ms"] for p in mlp if p["model"] == r["model"] and p["form"] == "split"),
+                   None)
+      ratio = "" if split is None else f"{split / r['ms']:.2f}x"
+      parts.append(f"| {r['model']} | {r['rows']}x{r['d_model']}x{r['d_ff']} | {r['form']} | "
+                   f"{r['ms']:.3f} | {ratio} |")
   if any(r.get("kind") == "attention" and "B" in r for r in run.rows):
     parts += ["", attention_bench.table(run.rows)]
   if any(r.get("kind") == "train" and "system" in r for r in run.rows):

@@ -1,6 +1,7 @@
 """benchmarks/gpu_check.py refuses a mistyped variant or trace request before any device work."""
 
 import importlib.util
+import json
 import pathlib
 import subprocess
 import sys
@@ -48,3 +49,14 @@ def test_bad_arguments_stop_before_any_work(argv, says, tmp_path):
   assert proc.returncode == 2, proc.stderr
   assert says in proc.stderr
   assert not (tmp_path / "gpu_check.jsonl").exists()
+
+
+def test_smoke_mlp_section_times_both_backward_forms(tmp_path):
+  """The mlp section runs anywhere at the smoke shapes and writes both forms and their table."""
+  proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--sections=mlp",
+                         f"--out={tmp_path}"], capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  rows = [json.loads(line) for line in (tmp_path / "gpu_check.jsonl").read_text().splitlines()]
+  forms = {r["form"]: r["ms"] for r in rows if r.get("kind") == "mlp"}
+  assert set(forms) == {"paired", "split"} and all(ms > 0 for ms in forms.values())
+  assert "| llama MLP backward |" in (tmp_path / "gpu_check.md").read_text()

@@ -236,6 +236,18 @@ def test_build_under_a_mesh_with_logical_rules():
   assert wq.sharding.spec == jax.sharding.PartitionSpec(None, "tensor", None)
 
 
+def test_swiglu_backward_forms_agree():
+  """The paired backward (GPUs, TPUs) equals the split one this CPU runs."""
+  from tinystories_jax.models import layers  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(1)
+  x, dh = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((40, 16), (40, 24)))
+  gu = jnp.asarray(rng.standard_normal((40, 48)) * 2, jnp.float32)
+  wg, wu = (jnp.asarray(rng.standard_normal((16, 24)), jnp.float32) for _ in range(2))
+  for a, b in zip(layers._swiglu_bwd_paired(x, gu, dh, wg, wu),  # pylint: disable=protected-access
+                  layers._swiglu_bwd_split(x, gu, dh, wg, wu)):  # pylint: disable=protected-access
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 6e-2)])
 def test_swiglu_backward_matches_autodiff(dtype, tol):
   """`layers.swiglu` has a hand-written backward; it must equal autodiff of the formula."""
