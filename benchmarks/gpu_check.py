@@ -9,9 +9,9 @@ Sections, each guarded so one failure does not end the run, in this order:
   kernel_check  our kernel compiled, forward and gradients against the float32 reference, on
              the features the timed shapes leave out (GQA, MQA, segments, padding, float32)
   matmul     bf16 matmul ceiling, 8192^3, median of timed calls after warm-up
-  mlp        the llama MLP's backward (models/layers.py) in its two forms, at the llama train
-             shapes in bf16: d gate and d up side by side in one array (the default off the
-             CPU) against two arrays (the CPU's form)
+  mlp        the llama MLP's forward + backward (models/layers.py) in its two forms, at the
+             llama train shapes in bf16, interleaved: gate and up paired on a new axis (the
+             default off the CPU) against split in two (the CPU's form)
   train      per model shape: our train step (tinystories_jax.training.benchmark) for each
              attention:loss[:scan][:remat][:padN][:online|:kernel] variant (--train_variants), then
              the transformers peer at the same shape (LlamaForCausalLM + torch.compile;
@@ -122,11 +122,13 @@ def section_matmul(run: Run, args) -> None:
 
 
 def section_mlp(run: Run, args) -> None:
+  import statistics  # noqa: PLC0415
+  import time  # noqa: PLC0415
+
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
-  import attention as attention_bench  # noqa: PLC0415
   from tinystories_jax.models import layers, presets  # noqa: PLC0415
-  forms = {"paired": layers._swiglu_bwd_paired, "split": layers._swiglu_bwd_split}  # noqa: SLF001
+  forms = {"paired": layers.swiglu_paired, "split": layers.swiglu_split}
   seen = set()
   for family, name, vocab, batch, seq, overrides in (SMOKE_TRAIN_SHAPES if args.smoke
                                                      else TRAIN_SHAPES):
@@ -134,18 +136,27 @@ def section_mlp(run: Run, args) -> None:
       continue
     seen.add(name)
     cfg = presets.get(family, name, vocab_size=vocab, **overrides)
-    n, d, f = batch * seq, cfg.d_model, cfg.d_ff
+    d, f = cfg.d_model, cfg.d_ff
     keys = jax.random.split(jax.random.key(0), 5)
-    x, dh = (jax.random.normal(k, s, jnp.float32).astype(jnp.bfloat16)
-             for k, s in ((keys[0], (n, d)), (keys[1], (n, f))))
-    gu = jax.random.normal(keys[2], (n, 2 * f), jnp.float32).astype(jnp.bfloat16)
-    wg, wu = (jax.random.normal(k, (d, f), jnp.float32).astype(jnp.bfloat16) * 0.05
-              for k in keys[3:])
-    for form, fn in forms.items():
-      ms = attention_bench.time_ms(jax.jit(fn), x, gu, dh, wg, wu,
-                                   iters=3 if args.smoke else 50)
-      run.emit({"kind": "mlp", "model": f"{family}:{name}", "rows": n, "d_model": d, "d_ff": f,
-                "form": form, "ms": ms})
+    bf16 = lambda k, shape, scale=1.0: (jax.random.normal(k, shape) * scale).astype(  # noqa: E731
+        jnp.bfloat16)
+    x, ct = bf16(keys[0], (batch, seq, d)), bf16(keys[1], (batch, seq, d))
+    ws = (bf16(keys[2], (d, f), 0.05), bf16(keys[3], (d, f), 0.05), bf16(keys[4], (f, d), 0.05))
+    steps = {form: jax.jit(jax.grad(
+        lambda x, wg, wu, wd, fn=fn: jnp.sum((fn(x, wg, wu, wd) * ct).astype(jnp.float32)),
+        argnums=(0, 1, 2, 3))) for form, fn in forms.items()}
+    times = {form: [] for form in forms}
+    for step in steps.values():  # compile and warm up
+      for _ in range(3):
+        jax.block_until_ready(step(x, *ws))
+    for i in range(3 if args.smoke else 40):  # interleaved, alternating which goes first
+      for form in (list(forms) if i % 2 == 0 else list(forms)[::-1]):
+        t0 = time.perf_counter()
+        jax.block_until_ready(steps[form](x, *ws))
+        times[form].append(time.perf_counter() - t0)
+    for form in forms:
+      run.emit({"kind": "mlp", "model": f"{family}:{name}", "rows": batch * seq, "d_model": d,
+                "d_ff": f, "form": form, "ms": 1e3 * statistics.median(times[form])})
 
 
 def section_kernel_check(run: Run, args) -> None:
@@ -573,7 +584,7 @@ def write_tables(run: Run) -> None:
                    f"(max rel err {r.get('max_rel_err', float('nan')):.1e}) {r.get('error', '')}")
   mlp = [r for r in run.rows if r.get("kind") == "mlp" and "ms" in r]
   if mlp:
-    parts += ["", "| llama MLP backward | rows x d_model x d_ff | form | ms | split / this |",
+    parts += ["", "| llama MLP fwd+bwd | rows x d_model x d_ff | form | ms | split / this |",
               "|---|---|---|---|---|"]
     for r in mlp:
       split = next((p["ms"] for p in mlp if p["model"] == r["model"] and p["form"] == "split"),

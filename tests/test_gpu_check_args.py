@@ -51,7 +51,7 @@ def test_bad_arguments_stop_before_any_work(argv, says, tmp_path):
   assert not (tmp_path / "gpu_check.jsonl").exists()
 
 
-def test_smoke_mlp_section_times_both_backward_forms(tmp_path):
+def test_smoke_mlp_section_times_both_forms(tmp_path):
   """The mlp section runs anywhere at the smoke shapes and writes both forms and their table."""
   proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--sections=mlp",
                          f"--out={tmp_path}"], capture_output=True, text=True, timeout=300)
@@ -59,4 +59,4 @@ def test_smoke_mlp_section_times_both_backward_forms(tmp_path):
   rows = [json.loads(line) for line in (tmp_path / "gpu_check.jsonl").read_text().splitlines()]
   forms = {r["form"]: r["ms"] for r in rows if r.get("kind") == "mlp"}
   assert set(forms) == {"paired", "split"} and all(ms > 0 for ms in forms.values())
-  assert "| llama MLP backward |" in (tmp_path / "gpu_check.md").read_text()
+  assert "| llama MLP fwd+bwd |" in (tmp_path / "gpu_check.md").read_text()

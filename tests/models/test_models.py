@@ -236,22 +236,13 @@ def test_build_under_a_mesh_with_logical_rules():
   assert wq.sharding.spec == jax.sharding.PartitionSpec(None, "tensor", None)
 
 
-def test_swiglu_backward_forms_agree():
-  """The paired backward (GPUs, TPUs) equals the split one this CPU runs."""
-  from tinystories_jax.models import layers  # pylint: disable=import-outside-toplevel
-  rng = np.random.default_rng(1)
-  x, dh = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((40, 16), (40, 24)))
-  gu = jnp.asarray(rng.standard_normal((40, 48)) * 2, jnp.float32)
-  wg, wu = (jnp.asarray(rng.standard_normal((16, 24)), jnp.float32) for _ in range(2))
-  for a, b in zip(layers._swiglu_bwd_paired(x, gu, dh, wg, wu),  # pylint: disable=protected-access
-                  layers._swiglu_bwd_split(x, gu, dh, wg, wu)):  # pylint: disable=protected-access
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-
-
+@pytest.mark.parametrize("form", ["swiglu", "swiglu_split", "swiglu_paired"])
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 6e-2)])
-def test_swiglu_backward_matches_autodiff(dtype, tol):
-  """`layers.swiglu` has a hand-written backward; it must equal autodiff of the formula."""
+def test_swiglu_backward_matches_autodiff(dtype, tol, form):
+  """`layers.swiglu` has a hand-written backward in two forms (the CPU runs the split one);
+  each must equal autodiff of the formula, in value and dtype."""
   from tinystories_jax.models import layers  # pylint: disable=import-outside-toplevel
+  fn = getattr(layers, form)
   rng = np.random.default_rng(0)
   args = [jnp.asarray(rng.standard_normal(s) * 0.5, dtype)
           for s in ((2, 5, 16), (16, 24), (16, 24), (24, 16))]
@@ -264,9 +255,50 @@ def test_swiglu_backward_matches_autodiff(dtype, tol):
     return jax.grad(lambda *a: jnp.sum((f(*a) * ct).astype(jnp.float32)), argnums=(0, 1, 2, 3))(
         *args)
 
-  np.testing.assert_allclose(np.asarray(layers.swiglu(*args), np.float32),
+  np.testing.assert_allclose(np.asarray(fn(*args), np.float32),
                              np.asarray(plain(*args), np.float32), atol=tol, rtol=tol)
-  for a, b in zip(grads(layers.swiglu), grads(plain)):
+  for a, b in zip(grads(fn), grads(plain)):
     assert a.dtype == b.dtype
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=tol,
                                rtol=tol)
+
+
+def test_swiglu_picks_its_form_per_platform():
+  """Lowered for a GPU (from this CPU) the MLP is the paired form, for the CPU the split one."""
+  from tinystories_jax.models import layers  # pylint: disable=import-outside-toplevel
+  args = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((2, 8, 16), (16, 24), (16, 24),
+                                                          (24, 16))]
+  grad = jax.jit(jax.grad(lambda *a: jnp.sum(layers.swiglu(*a).astype(jnp.float32)),
+                          argnums=(0, 1, 2, 3)))
+
+  def paired_matmuls(platform):  # contractions with the [., 2, F] pair
+    text = grad.trace(*args).lower(lowering_platforms=(platform,)).as_text()
+    return [line for line in text.splitlines() if "dot_general" in line and "x2x24x" in line]
+
+  assert len(paired_matmuls("cuda")) >= 3  # forward, dx, dW
+  assert not paired_matmuls("cpu")
+
+
+def test_swiglu_paired_keeps_a_tensor_sharded_d_ff_in_place():
+  """On a data x tensor mesh with d_ff split over tensor (the MLP's sharding rule), the paired
+  form needs only the all-reduces the split one does: no shards moved between devices."""
+  from tinystories_jax.models import layers  # pylint: disable=import-outside-toplevel
+  mesh = jax.make_mesh((2, 2), ("data", "tensor"), devices=jax.devices()[:4],
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  spec = jax.sharding.PartitionSpec
+  shard = lambda *s: jax.sharding.NamedSharding(mesh, spec(*s))  # noqa: E731
+  args = [jax.ShapeDtypeStruct((4, 8, 16), jnp.bfloat16, sharding=shard("data")),
+          jax.ShapeDtypeStruct((16, 24), jnp.bfloat16, sharding=shard(None, "tensor")),
+          jax.ShapeDtypeStruct((16, 24), jnp.bfloat16, sharding=shard(None, "tensor")),
+          jax.ShapeDtypeStruct((24, 16), jnp.bfloat16, sharding=shard("tensor", None))]
+
+  def collectives(fn):
+    grad = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32)),
+                            argnums=(0, 1, 2, 3)))
+    text = grad.trace(*args).lower().compile().as_text()
+    return {op: text.count(f" {op}(") for op in ("all-to-all", "collective-permute",
+                                                 "all-gather", "all-reduce")}
+
+  split, paired = collectives(layers.swiglu_split), collectives(layers.swiglu_paired)
+  assert paired["all-to-all"] == paired["collective-permute"] == 0, paired
+  assert paired == split, (paired, split)

@@ -178,70 +178,85 @@ class SwiGLU(nnx.Module):
                   self.w_down[...].astype(dt))
 
 
-@jax.custom_vjp
 def swiglu(x_btd, w_gate_df, w_up_df, w_down_fd):
-  """w_down(silu(x w_gate) * x w_up) with a hand-written backward.
+  """w_down(silu(x w_gate) * x w_up), with a hand-written backward in one of two forms.
 
-  Autodiff of the [B, T, D] einsums made XLA:CPU transpose the [B*T, d_ff] activation
-  gradients before each weight-gradient matmul; the backward below contracts [B*T, .] matrices
-  directly and reuses one sigmoid (about 2.5x faster for the MLP's forward and backward on a CPU,
-  docs/training.md). Off the CPU, gate and up run as one matmul against the two weights side by
-  side, and their gradients come out side by side too (`_swiglu_bwd_paired`). Same values as
-  autodiff up to float rounding.
+  Both contract [B*T, .] matrices directly: autodiff of the [B, T, D] einsums made XLA:CPU
+  transpose the [B*T, d_ff] activation gradients before each weight-gradient matmul (the
+  hand-written backward made the MLP's forward and backward about 2.5x faster on a CPU,
+  docs/training.md). `swiglu_split` runs on CPUs, `swiglu_paired` elsewhere; they differ only
+  in speed (docs/training.md). Same values as autodiff up to float rounding.
   """
-  return _swiglu_fwd(x_btd, w_gate_df, w_up_df, w_down_fd)[0]
+  return lax.platform_dependent(x_btd, w_gate_df, w_up_df, w_down_fd, cpu=swiglu_split,
+                                default=swiglu_paired)
 
 
-def _swiglu_fwd(x_btd, w_gate_df, w_up_df, w_down_fd):
+@jax.custom_vjp
+def swiglu_split(x_btd, w_gate_df, w_up_df, w_down_fd):
+  """Gate and up as two matmuls, their gradients as two arrays; one sigmoid reused."""
+  return _split_fwd(x_btd, w_gate_df, w_up_df, w_down_fd)[0]
+
+
+def _split_fwd(x_btd, w_gate_df, w_up_df, w_down_fd):
   x = x_btd.reshape(-1, x_btd.shape[-1])  # [B*T, D]
-  f = w_gate_df.shape[1]
-  # [B*T, 2F]: gate | up, as one matmul against the weights side by side (XLA:CPU: two).
-  gu = lax.platform_dependent(
-      x, w_gate_df, w_up_df, cpu=lambda x, wg, wu: jnp.concatenate([x @ wg, x @ wu], axis=1),
-      default=lambda x, wg, wu: x @ jnp.concatenate([wg, wu], axis=1))
-  h = jax.nn.silu(gu[:, :f]) * gu[:, f:]
-  return (h @ w_down_fd).reshape(x_btd.shape), (x, gu, h, w_gate_df, w_up_df, w_down_fd)
+  gate, up = x @ w_gate_df, x @ w_up_df
+  y = (jax.nn.silu(gate) * up) @ w_down_fd
+  return y.reshape(x_btd.shape), (x, gate, up, w_gate_df, w_up_df, w_down_fd)
 
 
-def _swiglu_bwd(res, dy_btd):
-  x, gu, h, w_gate_df, w_up_df, w_down_fd = res
+def _split_bwd(res, dy_btd):
+  x, gate, up, w_gate_df, w_up_df, w_down_fd = res
+  dy = dy_btd.reshape(-1, dy_btd.shape[-1])
+  sig = jax.nn.sigmoid(gate)
+  silu = gate * sig
+  dh = dy @ w_down_fd.T
+  d_up = dh * silu
+  d_gate = dh * up * (sig * (1 + gate * (1 - sig)))  # silu'(g) = s (1 + g (1 - s))
+  dx = d_gate @ w_gate_df.T + d_up @ w_up_df.T
+  return (dx.reshape(dy_btd.shape), x.T @ d_gate, x.T @ d_up, (silu * up).T @ dy)
+
+
+swiglu_split.defvjp(_split_fwd, _split_bwd)
+
+
+@jax.custom_vjp
+def swiglu_paired(x_btd, w_gate_df, w_up_df, w_down_fd):
+  """Gate and up as one [B*T, 2, F] matmul against the weights stacked [D, 2, F], and their
+  gradients as one [B*T, 2, F] array written by a single elementwise expression.
+
+  On XLA:GPU the split backward ran as two passes, each reading the upstream gradient and the
+  gate (and a concatenate of the two halves became an extra copy); here XLA writes the pair in
+  one pass and both gradient matmuls read it whole. The pair sits on a new axis, not
+  concatenated along d_ff, so a d_ff sharded over `tensor` stays where it is. On XLA:CPU this
+  form ran 1.3-2.7x slower than the split one.
+  """
+  return _paired_fwd(x_btd, w_gate_df, w_up_df, w_down_fd)[0]
+
+
+def _paired_fwd(x_btd, w_gate_df, w_up_df, w_down_fd):
+  x = x_btd.reshape(-1, x_btd.shape[-1])  # [B*T, D]
+  gu = jnp.einsum("nd,dkf->nkf", x, jnp.stack([w_gate_df, w_up_df], axis=1))
+  y = (jax.nn.silu(gu[:, 0]) * gu[:, 1]) @ w_down_fd
+  return y.reshape(x_btd.shape), (x, gu, w_gate_df, w_up_df, w_down_fd)
+
+
+def _paired_bwd(res, dy_btd):
+  x, gu, w_gate_df, w_up_df, w_down_fd = res
   dy = dy_btd.reshape(-1, dy_btd.shape[-1])
   dh = dy @ w_down_fd.T
-  # The two forms below differ only in speed: XLA:CPU ran the split one 1.2-2.2x faster
-  # (docs/training.md), the paired one is written for GPUs and TPUs.
-  dx, dw_gate, dw_up = lax.platform_dependent(x, gu, dh, w_gate_df, w_up_df,
-                                              cpu=_swiglu_bwd_split, default=_swiglu_bwd_paired)
-  return dx.reshape(dy_btd.shape), dw_gate, dw_up, h.T @ dy
-
-
-def _swiglu_bwd_split(x, gu, dh, w_gate_df, w_up_df):
-  """d gate and d up as two arrays, each with its own two matmuls."""
-  f = w_gate_df.shape[1]
-  gate, up = gu[:, :f], gu[:, f:]
-  sig = jax.nn.sigmoid(gate)
-  d_up = dh * (gate * sig)
-  d_gate = dh * up * (sig * (1 + gate * (1 - sig)))  # silu'(g) = s (1 + g (1 - s))
-  return d_gate @ w_gate_df.T + d_up @ w_up_df.T, x.T @ d_gate, x.T @ d_up
-
-
-def _swiglu_bwd_paired(x, gu, dh, w_gate_df, w_up_df):
-  """[d gate | d up] as one elementwise expression over [B*T, 2F], which XLA:GPU writes in one
-  pass (the split form took two, each reading dh and the gate; a concatenate of its two halves
-  added a copy): column c reads its gate and up from gu and from gu with its halves swapped.
-  Both gradient matmuls then read the pair whole."""
-  f = w_gate_df.shape[1]
-  swapped = jnp.concatenate([gu[:, f:], gu[:, :f]], axis=1)
-  first = lax.broadcasted_iota(jnp.int32, (1, 2 * f), 1) < f
+  # Entry (n, k, f) reads its gate and up from gu and from gu with the pair swapped.
+  swapped = gu[:, ::-1]
+  first = lax.broadcasted_iota(jnp.int32, (1, 2, 1), 1) == 0
   g, u = jnp.where(first, gu, swapped), jnp.where(first, swapped, gu)
   sig = jax.nn.sigmoid(g)
-  coef = jnp.where(first, u * (sig * (1 + g * (1 - sig))), g * sig)
-  d_gu = jnp.concatenate([dh, dh], axis=1) * coef
-  dx = d_gu @ jnp.concatenate([w_gate_df, w_up_df], axis=1).T
-  dw_gu = x.T @ d_gu
-  return dx, dw_gu[:, :f], dw_gu[:, f:]
+  d_gu = dh[:, None, :] * jnp.where(first, u * (sig * (1 + g * (1 - sig))), g * sig)
+  dx = jnp.einsum("nkf,dkf->nd", d_gu, jnp.stack([w_gate_df, w_up_df], axis=1))
+  dw = jnp.einsum("nd,nkf->dkf", x, d_gu)
+  h = jax.nn.silu(gu[:, 0]) * gu[:, 1]
+  return dx.reshape(dy_btd.shape), dw[:, 0], dw[:, 1], h.T @ dy
 
 
-swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+swiglu_paired.defvjp(_paired_fwd, _paired_bwd)
 
 
 class Block(nnx.Module):
