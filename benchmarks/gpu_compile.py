@@ -8,7 +8,9 @@ step on abstract inputs, compiles it with XLA's deviceless GPU compiler and prin
 compiled step, how many kernels it launches and the bytes their operands and results take
 (each counted once per kernel, so a buffer read by two kernels counts twice): by kind of kernel
 and the largest kernels. It is a proxy for memory traffic, not a timing: caches, the layout a
-kernel reads and its arithmetic are not in it, and a gather is counted at its whole operand.
+kernel reads and its arithmetic are not in it, a gather is counted at its whole operand, and
+only the entry computation is counted: a scanned layer stack (`:scan`) runs its loop body once
+per layer, but that body is not in the count (the output says so).
 It also shows that the Pallas kernels lower and compile for the target (Triton, then ptxas),
 which the CPU interpreter does not check.
 
@@ -212,13 +214,14 @@ def main() -> None:
       for k in ks:
         by_kind[k["kind"]] += k["bytes"]
       total = sum(by_kind.values())
+      loops = "" if not variant["scan"] else " (the scanned layers' loop body not counted)"
       row = {"target": args.target, "model": f"{family}:{preset}", "vocab": vocab,
              "batch": batch, "seq": seq, "variant": text, "kernels": len(ks),
              "gb": round(total / 1e9, 3),
              "gb_by_kind": {k: round(v / 1e9, 3) for k, v in by_kind.most_common()}}
       rows.append(row)
       print(f"\n{preset}/{vocab} {text}: {len(ks)} kernels, "
-            f"operands + results {total / 1e9:.2f} GB")
+            f"operands + results {total / 1e9:.2f} GB{loops}")
       for kind, b in by_kind.most_common():
         print(f"  {b / 1e9:8.2f} GB  {kind}")
       for k in sorted(ks, key=lambda k: -k["bytes"])[:args.top]:
