@@ -302,3 +302,25 @@ def test_swiglu_paired_keeps_a_tensor_sharded_d_ff_in_place():
   split, paired = collectives(layers.swiglu_split), collectives(layers.swiglu_paired)
   assert paired["all-to-all"] == paired["collective-permute"] == 0, paired
   assert paired == split, (paired, split)
+
+
+def test_gelu_mlp_keeps_no_tanh_for_its_backward():
+  """GPT-Neo's MLP saves its matmul output and its activation for the backward, and recomputes
+  gelu_new's tanh there from the first: one [B, T, d_ff] array less written and read per layer."""
+  cfg = tiny("gpt_neo", d_model=16)
+  mlp = models.build(cfg, nnx.Rngs(0)).blocks[0].mlp
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 5, 16)), jnp.float32)
+  graphdef, state = nnx.split(mlp)
+  _, vjp = jax.vjp(lambda s, x: nnx.merge(graphdef, s)(x), state, x)
+  wide = [r for r in jax.tree.leaves(vjp) if getattr(r, "shape", ()) == (2, 5, cfg.d_ff)]
+  assert len(wide) == 2, [r.shape for r in jax.tree.leaves(vjp)]
+  # Same gradient as plain autodiff of the formula.
+  def plain(s, x):
+    m = nnx.merge(graphdef, s)
+    h = jax.nn.gelu(x @ m.w_in[...] + m.b_in[...], approximate=True)
+    return h @ m.w_out[...] + m.b_out[...]
+  ct = jnp.ones((2, 5, 16))
+  got = vjp(ct)
+  want = jax.vjp(plain, state, x)[1](ct)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

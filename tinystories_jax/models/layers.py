@@ -156,9 +156,15 @@ class GeluMLP(nnx.Module):
   def __call__(self, x_btd):
     dt = self.dtype
     h = jnp.einsum("btd,df->btf", x_btd.astype(dt), self.w_in[...].astype(dt))
-    h = jax.nn.gelu(h + self.b_in[...].astype(dt), approximate=True)
+    h = _gelu_new(h, self.b_in[...].astype(dt))
     y = jnp.einsum("btf,fd->btd", h, self.w_out[...].astype(dt))
     return y + self.b_out[...].astype(dt)
+
+
+@jax.checkpoint
+def _gelu_new(h, b):
+  """gelu_new(h + b); its backward recomputes the tanh from `h` and `b` rather than keep it."""
+  return jax.nn.gelu(h + b, approximate=True)
 
 
 class SwiGLU(nnx.Module):
