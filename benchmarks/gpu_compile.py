@@ -7,10 +7,12 @@ For each shape and variant (the same names as `gpu_check.py`'s train section) it
 step on abstract inputs, compiles it with XLA's deviceless GPU compiler and prints, for the
 compiled step, how many kernels it launches and the bytes their operands and results take
 (each counted once per kernel, so a buffer read by two kernels counts twice): by kind of kernel
-and the largest kernels. It is a proxy for memory traffic, not a timing: caches, the layout a
-kernel reads and its arithmetic are not in it, a gather is counted at its whole operand, and
-only the entry computation is counted: a scanned layer stack (`:scan`) runs its loop body once
-per layer, but that body is not in the count (the output says so).
+and the largest kernels. A second total counts an operand that a fusion only slices or gathers
+at the size of those slices (reading q out of a fused q/k/v matmul's result reads a third of
+it; gathering the target logits reads one per row); the first counts it whole. Both are proxies
+for memory traffic, not timings: caches, the layout a kernel reads and its arithmetic are not
+in them, and only the entry computation is counted: a scanned layer stack (`:scan`) runs its
+loop body once per layer, but that body is not in the count (the output says so).
 It also shows that the Pallas kernels lower and compile for the target (Triton, then ptxas),
 which the CPU interpreter does not check.
 
@@ -101,8 +103,49 @@ def shape_bytes(text: str) -> int:
   return total
 
 
+_INSTRUCTION = re.compile(r"\n\s+(?:ROOT )?(%[\w.\-]+) = (\(.*?\)|\S+) ([\w\-]+)\((.*?)\)")
+
+
+def _computations(hlo_text: str) -> dict[str, str]:
+  """Non-entry computations by name: the text of their bodies."""
+  return {m.group(1): m.group(2) for m in
+          re.finditer(r"\n(%[\w.\-]+) \([^\n]*\{((?:.|\n)*?)\n\}", hlo_text)}
+
+
+def _parameter_reads(body: str) -> dict[int, int]:
+  """For a fused computation, the bytes read of each parameter that is only sliced or gathered
+  (directly or through bitcasts): the slices' results, not the whole parameter."""
+  uses, shapes, params = collections.defaultdict(list), {}, {}
+  for name, shape, op, operands in _INSTRUCTION.findall(body):
+    shapes[name] = shape
+    if op == "parameter":
+      params[name] = int(operands)
+    for a in re.findall(r"%[\w.\-]+", operands):
+      uses[a].append((name, op, re.findall(r"%[\w.\-]+", operands).index(a)))
+  reads = {}
+  for pname, index in params.items():
+    frontier, read, partial = [pname], 0, True
+    while frontier and partial:
+      for user, op, position in uses[frontier.pop()]:
+        if op == "bitcast":
+          frontier.append(user)
+        elif op in ("slice", "dynamic-slice") or (op == "gather" and position == 0):
+          read += shape_bytes(shapes[user])
+        else:
+          partial = False
+    if partial and read:
+      reads[index] = min(read, shape_bytes(shapes[pname]))
+  return reads
+
+
 def kernels(hlo_text: str) -> list[dict]:
-  """The fusions and custom calls of the entry computation, with operand and result bytes."""
+  """The fusions and custom calls of the entry computation, with operand and result bytes.
+
+  `bytes` counts every operand whole; `read_bytes` counts an operand that the fusion only
+  slices or gathers at the size of those slices (a kernel that reads q out of a fused q/k/v
+  matmul's result reads a third of it).
+  """
+  computations = _computations(hlo_text)
   entry = hlo_text[hlo_text.index("\nENTRY"):]
   values = dict(re.findall(r"\n\s+(?:ROOT )?(%[\w.\-]+) = (\([^=]*?\)|\S+) ", entry))
   out = []
@@ -123,8 +166,14 @@ def kernels(hlo_text: str) -> list[dict]:
       kind = f"custom call {target.group(1) if target else ''}"
     else:
       kind = "XLA fusion"
+    whole = [shape_bytes(values.get(a, "")) for a in args]
+    called = re.search(r"calls=(%[\w.\-]+)", rest)
+    reads = _parameter_reads(computations.get(called.group(1), "")) if (
+        op == "fusion" and called) else {}
     out.append({"name": name.lstrip("%"), "kind": kind, "result": result,
-                "bytes": shape_bytes(result) + sum(shape_bytes(values.get(a, "")) for a in args)})
+                "bytes": shape_bytes(result) + sum(whole),
+                "read_bytes": shape_bytes(result) + sum(reads.get(i, b)
+                                                        for i, b in enumerate(whole))})
   return out
 
 
@@ -214,14 +263,16 @@ def main() -> None:
       for k in ks:
         by_kind[k["kind"]] += k["bytes"]
       total = sum(by_kind.values())
+      read = sum(k["read_bytes"] for k in ks)
       loops = "" if not variant["scan"] else " (the scanned layers' loop body not counted)"
       row = {"target": args.target, "model": f"{family}:{preset}", "vocab": vocab,
              "batch": batch, "seq": seq, "variant": text, "kernels": len(ks),
-             "gb": round(total / 1e9, 3),
+             "gb": round(total / 1e9, 3), "gb_sliced_as_read": round(read / 1e9, 3),
              "gb_by_kind": {k: round(v / 1e9, 3) for k, v in by_kind.most_common()}}
       rows.append(row)
       print(f"\n{preset}/{vocab} {text}: {len(ks)} kernels, "
-            f"operands + results {total / 1e9:.2f} GB{loops}")
+            f"operands + results {total / 1e9:.2f} GB{loops}; with sliced and gathered "
+            f"operands counted at the part read, {read / 1e9:.2f} GB")
       for kind, b in by_kind.most_common():
         print(f"  {b / 1e9:8.2f} GB  {kind}")
       for k in sorted(ks, key=lambda k: -k["bytes"])[:args.top]:

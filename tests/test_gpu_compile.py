@@ -50,6 +50,40 @@ def test_kernels_are_classified_and_counted():
   assert ks["loop_exp_fusion"]["bytes"] == 2 * out
 
 
+SLICED = """HloModule m
+
+%fused_slice (param_0.1: bf16[64,3,128]) -> bf16[64,1,128] {
+  %param_0.1 = bf16[64,3,128]{2,1,0} parameter(0)
+  %bitcast.2 = bf16[64,3,128]{2,1,0} bitcast(%param_0.1)
+  ROOT %slice.3 = bf16[64,1,128]{2,1,0} slice(%bitcast.2), slice={[0:64], [2:3], [0:128]}
+}
+
+%fused_add (param_0.4: bf16[64,3,128], param_1.5: f32[64]) -> bf16[64,3,128] {
+  %param_0.4 = bf16[64,3,128]{2,1,0} parameter(0)
+  %slice.6 = bf16[64,1,128]{2,1,0} slice(%param_0.4), slice={[0:64], [0:1], [0:128]}
+  ROOT %add.7 = bf16[64,3,128]{2,1,0} add(%param_0.4, %param_0.4)
+}
+
+ENTRY %main (p0: bf16[64,3,128], p1: f32[64]) -> (bf16[64,1,128], bf16[64,3,128]) {
+  %p0 = bf16[64,3,128]{2,1,0} parameter(0)
+  %p1 = f32[64]{0} parameter(1)
+  %loop_slice_fusion = bf16[64,1,128]{2,1,0} fusion(%p0), kind=kLoop, calls=%fused_slice
+  %loop_add_fusion = bf16[64,3,128]{2,1,0} fusion(%p0, %p1), kind=kLoop, calls=%fused_add
+  ROOT %tuple = (bf16[64,1,128]{2,1,0}, bf16[64,3,128]{2,1,0}) tuple(%loop_slice_fusion, \
+%loop_add_fusion)
+}
+"""
+
+
+def test_sliced_operands_count_at_the_part_read():
+  ks = {k["name"]: k for k in _module().kernels(SLICED)}
+  third, whole = 64 * 128 * 2, 64 * 3 * 128 * 2
+  assert ks["loop_slice_fusion"]["bytes"] == whole + third
+  assert ks["loop_slice_fusion"]["read_bytes"] == third + third  # read a third, wrote it
+  # Sliced and also read whole: the whole of it counts.
+  assert ks["loop_add_fusion"]["read_bytes"] == ks["loop_add_fusion"]["bytes"] == 2 * whole + 256
+
+
 @pytest.mark.parametrize("argv, says", [(["--shapes=99m"], "no train shape matches"),
                                         (["--variants=pallas:fused:bogus"], "'bogus'")])
 def test_bad_arguments_stop_before_compiling(argv, says):
