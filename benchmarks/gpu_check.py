@@ -9,9 +9,11 @@ Sections, each guarded so one failure does not end the run, in this order:
   kernel_check  our kernel compiled, forward and gradients against the float32 reference, on
              the features the timed shapes leave out (GQA, MQA, segments, padding, float32)
   matmul     bf16 matmul ceiling, 8192^3, median of timed calls after warm-up
-  mlp        the llama MLP's forward + backward (models/layers.py) in its two forms, at the
-             llama train shapes in bf16, interleaved: gate and up paired on a new axis (the
-             default off the CPU) against split in two (the CPU's form)
+  layers     model pieces that have two forms (models/layers.py), forward + backward at the
+             train shapes in bf16, interleaved, the GPU default first: the llama MLP with gate
+             and up paired on a new axis against split in two (the CPU's form); llama's q/k/v
+             projection + rotary as one stacked matmul against three; GPT-Neo's MLP with
+             gelu_new's tanh recomputed in the backward against saved
   train      per model shape: our train step (tinystories_jax.training.benchmark) for each
              attention:loss[:scan][:remat][:padN][:online|:kernel] variant (--train_variants), then
              the transformers peer at the same shape (LlamaForCausalLM + torch.compile;
@@ -49,7 +51,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-SECTIONS = ("versions", "kernel_check", "matmul", "mlp", "train", "attention", "sweep",
+SECTIONS = ("versions", "kernel_check", "matmul", "layers", "train", "attention", "sweep",
             "pipeline", "sampling")
 # (family, preset, vocab, batch, seq, overrides): the shapes of the baselines.
 # TinyStories-33M comes before llama 42M, the slowest to compile and run, so that a budget that
@@ -121,42 +123,86 @@ def section_matmul(run: Run, args) -> None:
             "tflops": 2 * n**3 / ms / 1e9})
 
 
-def section_mlp(run: Run, args) -> None:
+def _layer_pieces(family, cfg, batch, seq):
+  """(piece, {form: fn}, inputs) for the model pieces that have two forms. The first form is the
+  default off the CPU; the second is what it replaced. Each fn maps the inputs to a tuple."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  from tinystories_jax.models import layers  # noqa: PLC0415
+
+  d, f = cfg.d_model, cfg.d_ff
+  keys = iter(jax.random.split(jax.random.key(0), 8))
+
+  def bf16(shape, scale=1.0):
+    return (jax.random.normal(next(keys), shape) * scale).astype(jnp.bfloat16)
+
+  x = bf16((batch, seq, d))
+  if family == "gpt_neo":
+    def gelu_mlp(gelu):
+      return lambda x, w1, b1, w2: (jnp.einsum("btf,fd->btd", gelu(
+          jnp.einsum("btd,df->btf", x, w1), b1), w2),)
+    plain = lambda h, b: jax.nn.gelu(h + b, approximate=True)  # noqa: E731
+    return [("GPT-Neo MLP", {"tanh recomputed": gelu_mlp(layers.gelu_new),
+                             "tanh saved": gelu_mlp(plain)},
+             (x, bf16((d, f), 0.05), bf16((f,), 0.05), bf16((f, d), 0.05)))]
+  h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
+
+  def with_rotary(project):
+    def fn(x, wq, wk, wv):
+      q, k, v = project(x, wq, wk, wv)
+      return (layers.rotary(q, positions, cfg.rope_theta),
+              layers.rotary(k, positions, cfg.rope_theta), v)
+    return fn
+
+  def separate(x, wq, wk, wv):
+    return tuple(jnp.einsum("btd,dhk->bthk", x, w) for w in (wq, wk, wv))
+
+  swiglu = lambda fn: lambda *a: (fn(*a),)  # noqa: E731
+  return [("llama MLP", {"paired": swiglu(layers.swiglu_paired),
+                         "split": swiglu(layers.swiglu_split)},
+           (x, bf16((d, f), 0.05), bf16((d, f), 0.05), bf16((f, d), 0.05))),
+          ("llama q/k/v + rotary", {"stacked": with_rotary(layers.qkv_projection),
+                                    "separate": with_rotary(separate)},
+           (x, bf16((d, h, hd), 0.05), bf16((d, kv, hd), 0.05), bf16((d, kv, hd), 0.05)))]
+
+
+def section_layers(run: Run, args) -> None:
   import statistics  # noqa: PLC0415
   import time  # noqa: PLC0415
 
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
-  from tinystories_jax.models import layers, presets  # noqa: PLC0415
-  forms = {"paired": layers.swiglu_paired, "split": layers.swiglu_split}
+  from tinystories_jax.models import presets  # noqa: PLC0415
   seen = set()
   for family, name, vocab, batch, seq, overrides in (SMOKE_TRAIN_SHAPES if args.smoke
                                                      else TRAIN_SHAPES):
-    if family != "llama" or name in seen:
+    if (family, name) in seen:
       continue
-    seen.add(name)
+    seen.add((family, name))
     cfg = presets.get(family, name, vocab_size=vocab, **overrides)
-    d, f = cfg.d_model, cfg.d_ff
-    keys = jax.random.split(jax.random.key(0), 5)
-    bf16 = lambda k, shape, scale=1.0: (jax.random.normal(k, shape) * scale).astype(  # noqa: E731
-        jnp.bfloat16)
-    x, ct = bf16(keys[0], (batch, seq, d)), bf16(keys[1], (batch, seq, d))
-    ws = (bf16(keys[2], (d, f), 0.05), bf16(keys[3], (d, f), 0.05), bf16(keys[4], (f, d), 0.05))
-    steps = {form: jax.jit(jax.grad(
-        lambda x, wg, wu, wd, fn=fn: jnp.sum((fn(x, wg, wu, wd) * ct).astype(jnp.float32)),
-        argnums=(0, 1, 2, 3))) for form, fn in forms.items()}
-    times = {form: [] for form in forms}
-    for step in steps.values():  # compile and warm up
-      for _ in range(3):
-        jax.block_until_ready(step(x, *ws))
-    for i in range(3 if args.smoke else 40):  # interleaved, alternating which goes first
-      for form in (list(forms) if i % 2 == 0 else list(forms)[::-1]):
-        t0 = time.perf_counter()
-        jax.block_until_ready(steps[form](x, *ws))
-        times[form].append(time.perf_counter() - t0)
-    for form in forms:
-      run.emit({"kind": "mlp", "model": f"{family}:{name}", "rows": batch * seq, "d_model": d,
-                "d_ff": f, "form": form, "ms": 1e3 * statistics.median(times[form])})
+    for piece, forms, inputs in _layer_pieces(family, cfg, batch, seq):
+      outs = jax.eval_shape(next(iter(forms.values())), *inputs)
+      cts = [jax.random.normal(jax.random.key(i), o.shape).astype(o.dtype)
+             for i, o in enumerate(outs)]
+      steps = {form: jax.jit(jax.grad(
+          lambda *a, fn=fn: sum(jnp.sum((o * c).astype(jnp.float32)) for o, c in zip(fn(*a), cts)),
+          argnums=tuple(range(len(inputs))))) for form, fn in forms.items()}
+      times = {form: [] for form in forms}
+      for step in steps.values():  # compile and warm up
+        for _ in range(3):
+          jax.block_until_ready(step(*inputs))
+      for i in range(3 if args.smoke else 40):  # interleaved, alternating which goes first
+        for form in (list(forms) if i % 2 == 0 else list(forms)[::-1]):
+          t0 = time.perf_counter()
+          jax.block_until_ready(steps[form](*inputs))
+          times[form].append(time.perf_counter() - t0)
+      for form in forms:
+        run.emit({"kind": "layers", "piece": piece, "model": f"{family}:{name}",
+                  "shape": f"{batch}x{seq}x{cfg.d_model}, d_ff {cfg.d_ff}, heads {cfg.num_heads}"
+                           f"/{cfg.num_kv_heads}x{cfg.head_dim}",
+                  "form": form, "gpu_default": form == next(iter(forms)),
+                  "ms": 1e3 * statistics.median(times[form])})
 
 
 def section_kernel_check(run: Run, args) -> None:
@@ -582,16 +628,17 @@ def write_tables(run: Run) -> None:
                    f"window {r['window']} segments {r['segments']}: "
                    f"{'ok' if r.get('ok') else 'FAILED'} "
                    f"(max rel err {r.get('max_rel_err', float('nan')):.1e}) {r.get('error', '')}")
-  mlp = [r for r in run.rows if r.get("kind") == "mlp" and "ms" in r]
-  if mlp:
-    parts += ["", "| llama MLP fwd+bwd | rows x d_model x d_ff | form | ms | split / this |",
-              "|---|---|---|---|---|"]
-    for r in mlp:
-      split = next((p["ms"] for p in mlp if p["model"] == r["model"] and p["form"] == "split"),
-                   None)
-      ratio = "" if split is None else f"{split / r['ms']:.2f}x"
-      parts.append(f"| {r['model']} | {r['rows']}x{r['d_model']}x{r['d_ff']} | {r['form']} | "
-                   f"{r['ms']:.3f} | {ratio} |")
+  pieces = [r for r in run.rows if r.get("kind") == "layers" and "ms" in r]
+  if pieces:
+    parts += ["", "| fwd+bwd, bf16 | model | B x T x d, d_ff, heads | form | ms | other / this |",
+              "|---|---|---|---|---|---|"]
+    for r in pieces:
+      other = next((p["ms"] for p in pieces if (p["piece"], p["model"]) == (r["piece"], r["model"])
+                    and p["form"] != r["form"]), None)
+      ratio = "" if other is None else f"{other / r['ms']:.2f}x"
+      form = f"{r['form']}{' (GPU default)' if r['gpu_default'] else ''}"
+      parts.append(f"| {r['piece']} | {r['model']} | {r['shape']} | {form} | {r['ms']:.3f} | "
+                   f"{ratio} |")
   if any(r.get("kind") == "attention" and "B" in r for r in run.rows):
     parts += ["", attention_bench.table(run.rows)]
   if any(r.get("kind") == "train" and "system" in r for r in run.rows):

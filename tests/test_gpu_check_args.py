@@ -51,12 +51,20 @@ def test_bad_arguments_stop_before_any_work(argv, says, tmp_path):
   assert not (tmp_path / "gpu_check.jsonl").exists()
 
 
-def test_smoke_mlp_section_times_both_forms(tmp_path):
-  """The mlp section runs anywhere at the smoke shapes and writes both forms and their table."""
-  proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--sections=mlp",
+def test_smoke_layers_section_times_both_forms_of_each_piece(tmp_path):
+  """The layers section runs anywhere at the smoke shapes: both forms of every piece, and the
+  table."""
+  proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--sections=layers",
                          f"--out={tmp_path}"], capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
   rows = [json.loads(line) for line in (tmp_path / "gpu_check.jsonl").read_text().splitlines()]
-  forms = {r["form"]: r["ms"] for r in rows if r.get("kind") == "mlp"}
-  assert set(forms) == {"paired", "split"} and all(ms > 0 for ms in forms.values())
-  assert "| llama MLP fwd+bwd |" in (tmp_path / "gpu_check.md").read_text()
+  forms = {(r["piece"], r["form"]): r for r in rows if r.get("kind") == "layers"}
+  assert set(forms) == {("llama MLP", "paired"), ("llama MLP", "split"),
+                        ("llama q/k/v + rotary", "stacked"), ("llama q/k/v + rotary", "separate"),
+                        ("GPT-Neo MLP", "tanh recomputed"), ("GPT-Neo MLP", "tanh saved")}
+  assert all(r["ms"] > 0 for r in forms.values())
+  assert {k[1] for k, r in forms.items() if r["gpu_default"]} == {"paired", "stacked",
+                                                              "tanh recomputed"}
+  table = (tmp_path / "gpu_check.md").read_text()
+  assert "| llama q/k/v + rotary | llama:260k |" in table
+  assert "| GPT-Neo MLP | gpt_neo:1m |" in table

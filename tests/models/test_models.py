@@ -324,3 +324,56 @@ def test_gelu_mlp_keeps_no_tanh_for_its_backward():
   want = jax.vjp(plain, state, x)[1](ct)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _separate_qkv(x, wq, wk, wv):
+  return tuple(jnp.einsum("btd,dhk->bthk", x, w) for w in (wq, wk, wv))
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 2), (6, 1)])
+def test_qkv_projection_equals_three_matmuls(heads, kv_heads):
+  """The stacked q/k/v matmul and its hand-written backward against autodiff of three einsums,
+  grouped-query heads included (each kv head's query heads must stay its own)."""
+  from tinystories_jax.models import layers  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  d, hd = 16, 8
+  args = [jnp.asarray(rng.standard_normal(s), jnp.float32)
+          for s in ((2, 5, d), (d, heads, hd), (d, kv_heads, hd), (d, kv_heads, hd))]
+  cts = [jnp.asarray(rng.standard_normal((2, 5, n, hd)), jnp.float32)
+         for n in (heads, kv_heads, kv_heads)]
+
+  def loss(fn):
+    return lambda *a: sum(jnp.sum(o * c) for o, c in zip(fn(*a), cts))
+
+  for got, want in zip(layers.qkv_projection(*args), _separate_qkv(*args)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  grads = lambda fn: jax.grad(loss(fn), argnums=(0, 1, 2, 3))(*args)  # noqa: E731
+  for got, want in zip(grads(layers.qkv_projection), grads(_separate_qkv)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_qkv_projection_keeps_tensor_sharded_heads_in_place():
+  """On a data x tensor mesh with heads and kv heads split over tensor, the stacked projection
+  moves no shards between devices and needs no more collectives than three matmuls do."""
+  from tinystories_jax.models import layers  # pylint: disable=import-outside-toplevel
+  mesh = jax.make_mesh((2, 2), ("data", "tensor"), devices=jax.devices()[:4],
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  spec = jax.sharding.PartitionSpec
+  shard = lambda *s: jax.sharding.NamedSharding(mesh, spec(*s))  # noqa: E731
+  args = [jax.ShapeDtypeStruct((4, 8, 16), jnp.bfloat16, sharding=shard("data")),
+          jax.ShapeDtypeStruct((16, 4, 8), jnp.bfloat16, sharding=shard(None, "tensor")),
+          jax.ShapeDtypeStruct((16, 2, 8), jnp.bfloat16, sharding=shard(None, "tensor")),
+          jax.ShapeDtypeStruct((16, 2, 8), jnp.bfloat16, sharding=shard(None, "tensor"))]
+
+  def collectives(fn):
+    def f(*a):
+      q, k, v = fn(*a)
+      return sum(jnp.sum(jnp.square(o.astype(jnp.float32))) for o in (q, k, v))
+    text = jax.jit(jax.grad(f, argnums=(0, 1, 2, 3))).trace(*args).lower().compile().as_text()
+    return {op: text.count(f" {op}(") for op in ("all-to-all", "collective-permute",
+                                                 "all-gather", "all-reduce")}
+
+  separate, stacked = collectives(_separate_qkv), collectives(layers.qkv_projection)
+  assert stacked["all-to-all"] == stacked["collective-permute"] == 0, stacked
+  assert stacked["all-gather"] <= separate["all-gather"], (stacked, separate)
+  assert stacked["all-reduce"] <= separate["all-reduce"], (stacked, separate)

@@ -84,6 +84,43 @@ def rotary(x_bthd: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Arra
   return out.astype(x_bthd.dtype)
 
 
+def qkv_projection(x_btd, wq_dhk, wk_dgk, wv_dgk):
+  """q, k, v = x·wq, x·wk, x·wv, as one matmul against the three weights stacked per kv head.
+
+  The stacked weight is [d, kv_heads, group + 2, head_dim]: each kv head's `group` query heads,
+  then its key, then its value. Its backward stacks dq, dk, dv the same way in one explicit
+  concatenate (`_split_qkv`), into which XLA fuses what produced them (rotary's backward), and
+  both gradient matmuls read that one array. The new axis sits inside the kv-head axis, so heads
+  sharded over `tensor` stay where they are.
+  """
+  d, h, hd = wq_dhk.shape
+  kv = wk_dgk.shape[1]
+  w = jnp.concatenate([wq_dhk.reshape(d, kv, h // kv, hd), wk_dgk[:, :, None], wv_dgk[:, :, None]],
+                      axis=2)
+  return _split_qkv(jnp.einsum("btd,dkgh->btkgh", x_btd, w))
+
+
+@jax.custom_vjp
+def _split_qkv(y_btkgh):
+  b, t, kv, g2, hd = y_btkgh.shape
+  q = y_btkgh[:, :, :, : g2 - 2].reshape(b, t, kv * (g2 - 2), hd)
+  return q, y_btkgh[:, :, :, g2 - 2], y_btkgh[:, :, :, g2 - 1]
+
+
+def _split_qkv_fwd(y_btkgh):
+  return _split_qkv(y_btkgh), None
+
+
+def _split_qkv_bwd(_, grads):
+  dq, dk, dv = grads
+  b, t, kv, hd = dk.shape
+  return (jnp.concatenate([dq.reshape(b, t, kv, -1, hd), dk[:, :, :, None], dv[:, :, :, None]],
+                          axis=3),)
+
+
+_split_qkv.defvjp(_split_qkv_fwd, _split_qkv_bwd)
+
+
 class Attention(nnx.Module):
   """Self-attention with separately callable pieces, so a KV-cache decode can reuse them:
   `qkv(x)` -> q, k, v; `rotate(q, k, positions)`; `attend(q, k, v, ...)`; `out(o)`.
@@ -111,11 +148,13 @@ class Attention(nnx.Module):
     self.dtype = jnp.dtype(cfg.dtype)
 
   def qkv(self, x_btd: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    x = x_btd.astype(self.dtype)
-    q = jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(self.dtype))
-    k = jnp.einsum("btd,dhk->bthk", x, self.wk[...].astype(self.dtype))
-    v = jnp.einsum("btd,dhk->bthk", x, self.wv[...].astype(self.dtype))
-    return q, k, v
+    dt = self.dtype
+    x, wq, wk, wv = (a.astype(dt) for a in (x_btd, self.wq[...], self.wk[...], self.wv[...]))
+    if self.use_rotary:
+      return qkv_projection(x, wq, wk, wv)
+    # Without rotary (GPT-Neo) nothing is left to fuse into the stacking: compiled for an H200,
+    # XLA's own merge of the three matmuls wrote less (docs/training.md).
+    return tuple(jnp.einsum("btd,dhk->bthk", x, w) for w in (wq, wk, wv))
 
   def rotate(self, q_bthd, k_bskd, q_positions_bt, k_positions_bs):
     if not self.use_rotary:
@@ -156,13 +195,13 @@ class GeluMLP(nnx.Module):
   def __call__(self, x_btd):
     dt = self.dtype
     h = jnp.einsum("btd,df->btf", x_btd.astype(dt), self.w_in[...].astype(dt))
-    h = _gelu_new(h, self.b_in[...].astype(dt))
+    h = gelu_new(h, self.b_in[...].astype(dt))
     y = jnp.einsum("btf,fd->btd", h, self.w_out[...].astype(dt))
     return y + self.b_out[...].astype(dt)
 
 
 @jax.checkpoint
-def _gelu_new(h, b):
+def gelu_new(h, b):
   """gelu_new(h + b); its backward recomputes the tanh from `h` and `b` rather than keep it."""
   return jax.nn.gelu(h + b, approximate=True)
 
