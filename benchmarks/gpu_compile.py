@@ -8,7 +8,7 @@ step on abstract inputs, compiles it with XLA's deviceless GPU compiler and prin
 compiled step, how many kernels it launches and the bytes their operands and results take
 (each counted once per kernel, so a buffer read by two kernels counts twice): by kind of kernel
 and the largest kernels. A second total counts an operand that a fusion only slices or gathers
-at the size of those slices (reading q out of a fused q/k/v matmul's result reads a third of
+(directly or after elementwise ops) at the size of those slices (reading q out of a fused q/k/v matmul's result reads a third of
 it; gathering the target logits reads one per row); the first counts it whole. Both are proxies
 for memory traffic, not timings: caches, the layout a kernel reads and its arithmetic are not
 in them, and only the entry computation is counted: a scanned layer stack (`:scan`) runs its
@@ -112,29 +112,54 @@ def _computations(hlo_text: str) -> dict[str, str]:
           re.finditer(r"\n(%[\w.\-]+) \([^\n]*\{((?:.|\n)*?)\n\}", hlo_text)}
 
 
+# Ops whose every output element needs only the same element of each operand: a slice of
+# their result reads only that part of their operands.
+_ELEMENTWISE = {"abs", "add", "and", "bitcast", "bitcast-convert", "clamp", "compare",
+                "convert", "cosine", "divide", "exponential", "exponential-minus-one", "log",
+                "log-plus-one", "logistic", "maximum", "minimum", "multiply", "negate", "not",
+                "or", "power", "rsqrt", "select", "sine", "sqrt", "subtract", "tanh"}
+
+
+def _elements(shape: str) -> int:
+  dims = re.search(r"\[([\d,]*)\]", shape)
+  n = 1
+  for d in filter(None, (dims.group(1) if dims else "").split(",")):
+    n *= int(d)
+  return n
+
+
 def _parameter_reads(body: str) -> dict[int, int]:
-  """For a fused computation, the bytes read of each parameter that is only sliced or gathered
-  (directly or through bitcasts): the slices' results, not the whole parameter."""
+  """For a fused computation, the bytes read of each parameter that only reaches slices or
+  gathers (through bitcasts and same-shape elementwise ops): the elements those take, not the
+  whole parameter."""
   uses, shapes, params = collections.defaultdict(list), {}, {}
+  root = re.search(r"\n\s+ROOT (%[\w.\-]+) =", body)
+  if root:  # the fusion's result: whatever reaches it is read whole
+    uses[root.group(1)].append((None, "ROOT", 0))
   for name, shape, op, operands in _INSTRUCTION.findall(body):
     shapes[name] = shape
     if op == "parameter":
       params[name] = int(operands)
-    for a in re.findall(r"%[\w.\-]+", operands):
-      uses[a].append((name, op, re.findall(r"%[\w.\-]+", operands).index(a)))
+    names = re.findall(r"%[\w.\-]+", operands)
+    for position, a in enumerate(names):
+      uses[a].append((name, op, position))
   reads = {}
   for pname, index in params.items():
-    frontier, read, partial = [pname], 0, True
+    size = _elements(shapes[pname])
+    frontier, taken, partial, seen = [pname], 0, True, set()
     while frontier and partial:
       for user, op, position in uses[frontier.pop()]:
-        if op == "bitcast":
+        if user in seen:
+          continue
+        seen.add(user)
+        if op in _ELEMENTWISE and (op == "bitcast" or _elements(shapes[user]) == size):
           frontier.append(user)
         elif op in ("slice", "dynamic-slice") or (op == "gather" and position == 0):
-          read += shape_bytes(shapes[user])
+          taken += _elements(shapes[user])
         else:
           partial = False
-    if partial and read:
-      reads[index] = min(read, shape_bytes(shapes[pname]))
+    if partial and taken:
+      reads[index] = min(taken, size) * shape_bytes(shapes[pname]) // max(size, 1)
   return reads
 
 

@@ -64,11 +64,20 @@ SLICED = """HloModule m
   ROOT %add.7 = bf16[64,3,128]{2,1,0} add(%param_0.4, %param_0.4)
 }
 
+%fused_square (param_0.8: bf16[64,3,128]) -> bf16[64,1,128] {
+  %param_0.8 = bf16[64,3,128]{2,1,0} parameter(0)
+  %convert.9 = f32[64,3,128]{2,1,0} convert(%param_0.8)
+  %multiply.10 = f32[64,3,128]{2,1,0} multiply(%convert.9, %convert.9)
+  %slice.11 = f32[64,1,128]{2,1,0} slice(%multiply.10), slice={[0:64], [1:2], [0:128]}
+  ROOT %convert.12 = bf16[64,1,128]{2,1,0} convert(%slice.11)
+}
+
 ENTRY %main (p0: bf16[64,3,128], p1: f32[64]) -> (bf16[64,1,128], bf16[64,3,128]) {
   %p0 = bf16[64,3,128]{2,1,0} parameter(0)
   %p1 = f32[64]{0} parameter(1)
   %loop_slice_fusion = bf16[64,1,128]{2,1,0} fusion(%p0), kind=kLoop, calls=%fused_slice
   %loop_add_fusion = bf16[64,3,128]{2,1,0} fusion(%p0, %p1), kind=kLoop, calls=%fused_add
+  %loop_square_fusion = bf16[64,1,128]{2,1,0} fusion(%p0), kind=kLoop, calls=%fused_square
   ROOT %tuple = (bf16[64,1,128]{2,1,0}, bf16[64,3,128]{2,1,0}) tuple(%loop_slice_fusion, \
 %loop_add_fusion)
 }
@@ -80,6 +89,8 @@ def test_sliced_operands_count_at_the_part_read():
   third, whole = 64 * 128 * 2, 64 * 3 * 128 * 2
   assert ks["loop_slice_fusion"]["bytes"] == whole + third
   assert ks["loop_slice_fusion"]["read_bytes"] == third + third  # read a third, wrote it
+  # Elementwise ops (same shape) before the slice: still only the slice's elements are read.
+  assert ks["loop_square_fusion"]["read_bytes"] == third + third
   # Sliced and also read whole: the whole of it counts.
   assert ks["loop_add_fusion"]["read_bytes"] == ks["loop_add_fusion"]["bytes"] == 2 * whole + 256
 
