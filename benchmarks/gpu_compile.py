@@ -8,8 +8,9 @@ step on abstract inputs, compiles it with XLA's deviceless GPU compiler and prin
 compiled step, how many kernels it launches and the bytes their operands and results take
 (each counted once per kernel, so a buffer read by two kernels counts twice): by kind of kernel
 and the largest kernels. A second total counts an operand that a fusion only slices or gathers
-(directly or after elementwise ops) at the size of those slices (reading q out of a fused q/k/v matmul's result reads a third of
-it; gathering the target logits reads one per row); the first counts it whole. Both are proxies
+(directly or after elementwise ops) at the size of those slices (reading q out of a fused q/k/v
+matmul's result reads a third of it; gathering the target logits reads one per row); the first
+counts it whole. Both are proxies
 for memory traffic, not timings: caches, the layout a kernel reads and its arithmetic are not
 in them, and only the entry computation is counted: a scanned layer stack (`:scan`) runs its
 loop body once per layer, but that body is not in the count (the output says so).
