@@ -155,15 +155,12 @@ def _layer_pieces(family, cfg, batch, seq):
               layers.rotary(k, positions, cfg.rope_theta), v)
     return fn
 
-  def separate(x, wq, wk, wv):
-    return tuple(jnp.einsum("btd,dhk->bthk", x, w) for w in (wq, wk, wv))
-
   swiglu = lambda fn: lambda *a: (fn(*a),)  # noqa: E731
   return [("llama MLP", {"paired": swiglu(layers.swiglu_paired),
                          "split": swiglu(layers.swiglu_split)},
            (x, bf16((d, f), 0.05), bf16((d, f), 0.05), bf16((f, d), 0.05))),
           ("llama q/k/v + rotary", {"stacked": with_rotary(layers.qkv_projection),
-                                    "separate": with_rotary(separate)},
+                                    "separate": with_rotary(layers.separate_qkv)},
            (x, bf16((d, h, hd), 0.05), bf16((d, kv, hd), 0.05), bf16((d, kv, hd), 0.05)))]
 
 

@@ -377,3 +377,20 @@ def test_qkv_projection_keeps_tensor_sharded_heads_in_place():
   assert stacked["all-to-all"] == stacked["collective-permute"] == 0, stacked
   assert stacked["all-gather"] <= separate["all-gather"], (stacked, separate)
   assert stacked["all-reduce"] <= separate["all-reduce"], (stacked, separate)
+
+
+def test_qkv_picks_its_form_per_platform():
+  """Lowered for a GPU (from this CPU) llama's q/k/v is the stacked matmul, for the CPU three."""
+  cfg = tiny("llama", d_model=16, num_heads=4, num_kv_heads=2)  # head_dim 4, group 2
+  attn = models.build(cfg, nnx.Rngs(0)).blocks[0].attn
+  graphdef, state = nnx.split(attn)
+  x = jax.ShapeDtypeStruct((2, 8, 16), jnp.float32)
+  grad = jax.jit(jax.grad(lambda s, x: sum(jnp.sum(o) for o in nnx.merge(graphdef, s).qkv(x)),
+                          argnums=(0, 1)))
+
+  def stacked_matmuls(platform):  # contractions with the [d, kv, group + 2, head_dim] weight
+    text = grad.trace(state, x).lower(lowering_platforms=(platform,)).as_text()
+    return [line for line in text.splitlines() if "dot_general" in line and "16x2x4x4x" in line]
+
+  assert stacked_matmuls("cuda")  # dx against the stacked weight
+  assert not stacked_matmuls("cpu")

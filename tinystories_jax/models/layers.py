@@ -84,6 +84,11 @@ def rotary(x_bthd: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Arra
   return out.astype(x_bthd.dtype)
 
 
+def separate_qkv(x_btd, wq_dhk, wk_dgk, wv_dgk):
+  """q, k, v = x·wq, x·wk, x·wv as three matmuls (XLA:GPU merges them into one itself)."""
+  return tuple(jnp.einsum("btd,dhk->bthk", x_btd, w) for w in (wq_dhk, wk_dgk, wv_dgk))
+
+
 def qkv_projection(x_btd, wq_dhk, wk_dgk, wv_dgk):
   """q, k, v = x·wq, x·wk, x·wv, as one matmul against the three weights stacked per kv head.
 
@@ -91,7 +96,8 @@ def qkv_projection(x_btd, wq_dhk, wk_dgk, wv_dgk):
   then its key, then its value. Its backward stacks dq, dk, dv the same way in one explicit
   concatenate (`_split_qkv`), into which XLA fuses what produced them (rotary's backward), and
   both gradient matmuls read that one array. The new axis sits inside the kv-head axis, so heads
-  sharded over `tensor` stay where they are.
+  sharded over `tensor` stay where they are. llama's attention uses it off the CPU
+  (`Attention.qkv`; docs/training.md).
   """
   d, h, hd = wq_dhk.shape
   kv = wk_dgk.shape[1]
@@ -151,10 +157,11 @@ class Attention(nnx.Module):
     dt = self.dtype
     x, wq, wk, wv = (a.astype(dt) for a in (x_btd, self.wq[...], self.wk[...], self.wv[...]))
     if self.use_rotary:
-      return qkv_projection(x, wq, wk, wv)
+      # The CPU keeps three matmuls, and so the compiled step measured there (docs/training.md).
+      return lax.platform_dependent(x, wq, wk, wv, cpu=separate_qkv, default=qkv_projection)
     # Without rotary (GPT-Neo) nothing is left to fuse into the stacking: compiled for an H200,
     # XLA's own merge of the three matmuls wrote less (docs/training.md).
-    return tuple(jnp.einsum("btd,dhk->bthk", x, w) for w in (wq, wk, wv))
+    return separate_qkv(x, wq, wk, wv)
 
   def rotate(self, q_bthd, k_bskd, q_positions_bt, k_positions_bs):
     if not self.use_rotary:
