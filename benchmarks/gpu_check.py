@@ -10,10 +10,10 @@ Sections, each guarded so one failure does not end the run, in this order:
              the features the timed shapes leave out (GQA, MQA, segments, padding, float32)
   matmul     bf16 matmul ceiling, 8192^3, median of timed calls after warm-up
   layers     model pieces that have two forms (models/layers.py), forward + backward at the
-             train shapes in bf16, interleaved, the GPU default first: the llama MLP with gate
-             and up paired on a new axis against split in two (the CPU's form); llama's q/k/v
-             projection + rotary as one stacked matmul against three; GPT-Neo's MLP with
-             gelu_new's tanh recomputed in the backward against saved
+             train shapes (--train_shapes) in bf16, interleaved, the GPU default first: the
+             llama MLP with gate and up paired on a new axis against split in two (the CPU's
+             form); llama's q/k/v projection + rotary as one stacked matmul against three (the
+             CPU's); GPT-Neo's MLP with gelu_new's tanh recomputed in the backward against saved
   train      per model shape: our train step (tinystories_jax.training.benchmark) for each
              attention:loss[:scan][:remat][:padN][:online|:kernel] variant (--train_variants), then
              the transformers peer at the same shape (LlamaForCausalLM + torch.compile;
@@ -171,14 +171,18 @@ def section_layers(run: Run, args) -> None:
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
   from tinystories_jax.models import presets  # noqa: PLC0415
-  seen = set()
-  for family, name, vocab, batch, seq, overrides in (SMOKE_TRAIN_SHAPES if args.smoke
-                                                     else TRAIN_SHAPES):
-    if (family, name) in seen:
+  seen, wanted = set(), _names(args.train_shapes)
+  for shape in SMOKE_TRAIN_SHAPES if args.smoke else TRAIN_SHAPES:
+    family, name, vocab, batch, seq, overrides = shape
+    if (family, name) in seen or not _shape_wanted(shape, wanted):
       continue
     seen.add((family, name))
     cfg = presets.get(family, name, vocab_size=vocab, **overrides)
     for piece, forms, inputs in _layer_pieces(family, cfg, batch, seq):
+      if run.out_of_time():
+        run.emit({"kind": "layers", "piece": piece, "model": f"{family}:{name}",
+                  "skipped": "time budget spent"})
+        continue
       outs = jax.eval_shape(next(iter(forms.values())), *inputs)
       cts = [jax.random.normal(jax.random.key(i), o.shape).astype(o.dtype)
              for i, o in enumerate(outs)]
@@ -626,9 +630,12 @@ def write_tables(run: Run) -> None:
                    f"{'ok' if r.get('ok') else 'FAILED'} "
                    f"(max rel err {r.get('max_rel_err', float('nan')):.1e}) {r.get('error', '')}")
   pieces = [r for r in run.rows if r.get("kind") == "layers" and "ms" in r]
-  if pieces:
+  skipped = [r for r in run.rows if r.get("kind") == "layers" and "skipped" in r]
+  if pieces or skipped:
     parts += ["", "| fwd+bwd, bf16 | model | B x T x d, d_ff, heads | form | ms | other / this |",
               "|---|---|---|---|---|---|"]
+    parts += [f"| {r.get('piece', 'all')} | {r.get('model', '-')} | - | - | - | {r['skipped']} |"
+              for r in skipped]
     for r in pieces:
       other = next((p["ms"] for p in pieces if (p["piece"], p["model"]) == (r["piece"], r["model"])
                     and p["form"] != r["form"]), None)

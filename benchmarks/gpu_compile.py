@@ -10,10 +10,10 @@ compiled step, how many kernels it launches and the bytes their operands and res
 and the largest kernels. A second total counts an operand that a fusion only slices or gathers
 (directly or after elementwise ops) at the size of those slices (reading q out of a fused q/k/v
 matmul's result reads a third of it; gathering the target logits reads one per row); the first
-counts it whole. Both are proxies
-for memory traffic, not timings: caches, the layout a kernel reads and its arithmetic are not
-in them, and only the entry computation is counted: a scanned layer stack (`:scan`) runs its
-loop body once per layer, but that body is not in the count (the output says so).
+counts it whole. Both are proxies for memory traffic, not timings: caches, the layout a kernel
+reads and its arithmetic are not in them, and only the entry computation is counted: a scanned
+layer stack (`:scan`) runs its loop body once per layer, but that body is not in the count
+(the output says so).
 It also shows that the Pallas kernels lower and compile for the target (Triton, then ptxas),
 which the CPU interpreter does not check.
 
@@ -147,18 +147,18 @@ def _parameter_reads(body: str) -> dict[int, int]:
   reads = {}
   for pname, index in params.items():
     size = _elements(shapes[pname])
-    frontier, taken, partial, seen = [pname], 0, True, set()
+    frontier, visited, taken, partial = [pname], {pname}, 0, True
     while frontier and partial:
       for user, op, position in uses[frontier.pop()]:
-        if user in seen:
-          continue
-        seen.add(user)
         if op in _ELEMENTWISE and (op == "bitcast" or _elements(shapes[user]) == size):
-          frontier.append(user)
-        elif op in ("slice", "dynamic-slice") or (op == "gather" and position == 0):
+          if user not in visited:
+            visited.add(user)
+            frontier.append(user)
+        elif op in ("slice", "dynamic-slice", "gather") and position == 0:
           taken += _elements(shapes[user])
         else:
           partial = False
+          break
     if partial and taken:
       reads[index] = min(taken, size) * shape_bytes(shapes[pname]) // max(size, 1)
   return reads

@@ -394,3 +394,10 @@ def test_qkv_picks_its_form_per_platform():
 
   assert stacked_matmuls("cuda")  # dx against the stacked weight
   assert not stacked_matmuls("cpu")
+  # Heads split over an abstract 4-way `tensor` axis but kv heads (2) not: three matmuls, as the
+  # stacked weight would move shards; on a 2-way axis both are split and it stacks.
+  axes = ("data", "fsdp", "tensor")
+  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1, 1, 4), axes)):
+    assert not stacked_matmuls("cuda")
+  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1, 1, 2), axes)):
+    assert stacked_matmuls("cuda")

@@ -89,6 +89,21 @@ def separate_qkv(x_btd, wq_dhk, wk_dgk, wv_dgk):
   return tuple(jnp.einsum("btd,dhk->bthk", x_btd, w) for w in (wq_dhk, wk_dgk, wv_dgk))
 
 
+def _stacking_keeps_heads_in_place(heads: int, kv_heads: int) -> bool:
+  """Whether `qkv_projection` leaves heads split over the mesh's `tensor` axis where they are.
+
+  `parallel.rules` splits heads and kv heads over `tensor` only where it divides them, so with
+  query heads split and kv heads replicated (4 kv heads on an 8-way axis) the stacked weight
+  would have to move shards between devices; three matmuls do not.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return True
+  n = {name: size for (name, size), kind in zip(mesh.shape.items(), mesh.axis_types)
+       if kind != jax.sharding.AxisType.Manual}.get("tensor", 1)
+  return kv_heads % n == 0 or heads % n != 0
+
+
 def qkv_projection(x_btd, wq_dhk, wk_dgk, wv_dgk):
   """q, k, v = x·wq, x·wk, x·wv, as one matmul against the three weights stacked per kv head.
 
@@ -108,6 +123,8 @@ def qkv_projection(x_btd, wq_dhk, wk_dgk, wv_dgk):
 
 @jax.custom_vjp
 def _split_qkv(y_btkgh):
+  """[B, T, kv, group + 2, D] -> q [B, T, kv·group, D], k and v [B, T, kv, D]; the backward
+  stacks their gradients back in one concatenate."""
   b, t, kv, g2, hd = y_btkgh.shape
   q = y_btkgh[:, :, :, : g2 - 2].reshape(b, t, kv * (g2 - 2), hd)
   return q, y_btkgh[:, :, :, g2 - 2], y_btkgh[:, :, :, g2 - 1]
@@ -156,7 +173,7 @@ class Attention(nnx.Module):
   def qkv(self, x_btd: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     dt = self.dtype
     x, wq, wk, wv = (a.astype(dt) for a in (x_btd, self.wq[...], self.wk[...], self.wv[...]))
-    if self.use_rotary:
+    if self.use_rotary and _stacking_keeps_heads_in_place(wq.shape[1], wk.shape[1]):
       # The CPU keeps three matmuls, and so the compiled step measured there (docs/training.md).
       return lax.platform_dependent(x, wq, wk, wv, cpu=separate_qkv, default=qkv_projection)
     # Without rotary (GPT-Neo) nothing is left to fuse into the stacking: compiled for an H200,
