@@ -15,8 +15,8 @@ Sections, each guarded so one failure does not end the run, in this order:
              form); llama's q/k/v projection + rotary as one stacked matmul against three (the
              CPU's); GPT-Neo's MLP with gelu_new's tanh recomputed in the backward against saved
   train      per model shape: our train step (tinystories_jax.training.benchmark) for each
-             attention:loss[:scan][:remat][:padN][:online|:kernel] variant (--train_variants), then
-             the transformers peer at the same shape (LlamaForCausalLM + torch.compile;
+             attention:loss[:scan][:remat][:padN][:xla|:online|:kernel] variant (--train_variants),
+             then the transformers peer at the same shape (LlamaForCausalLM + torch.compile;
              GPTNeoForCausalLM eager and compiled; bf16 autocast, AdamW, grad clip, random
              tokens) in a child process, so the two frameworks do not share the GPU's memory
              pool and a run cut short still pairs what it measured
@@ -65,9 +65,10 @@ SMOKE_TRAIN_SHAPES = (
     ("gpt_neo", "1m", 512, 4, 64, {"num_heads": 4, "num_layers": 2, "window": 16,
                                    "attention_layers": ("global", "local")}),
 )
-# attention:loss[:scan][:remat][:padN][:online|:kernel] variants of our step timed at every shape
-# (":scan" sets scan_layers, ":remat" model.remat="block"; ":padN" the fused loss's vocab padding
-# multiple, ":pad1" none; ":online" its one-pass log-sum-exp in XLA, ":kernel" its Pallas kernels).
+# attention:loss[:scan][:remat][:padN][:xla|:online|:kernel] variants of our step timed at every
+# shape (":scan" sets scan_layers, ":remat" model.remat="block"; ":padN" the fused loss's vocab
+# padding multiple, ":pad1" none; its passes over the logits are train.loss_kernel's default,
+# "auto", unless ":xla" (XLA, two passes), ":online" (XLA, one pass) or ":kernel" (Pallas) says).
 TRAIN_VARIANTS = "pallas:fused"
 
 
@@ -226,13 +227,14 @@ def section_sweep(run: Run, args) -> None:
 
 
 def parse_variant(text: str) -> dict:
-  """`attention:loss[:scan][:remat][:padN][:online|:kernel]` as a dict; ValueError says what is
-  wrong.
+  """`attention:loss[:scan][:remat][:padN][:xla|:online|:kernel]` as a dict; ValueError says
+  what is wrong.
 
   `scan` sets scan_layers, `remat` model.remat="block"; with the fused loss, `padN` pads the
-  output projection to a multiple of N rows (`pad1`: none; default 128), `online` takes its
-  log-sum-exp in one pass (train.loss_kernel="xla_online") and `kernel` runs its passes over the
-  logits as Pallas kernels (train.loss_kernel="pallas").
+  output projection to a multiple of N rows (`pad1`: none; default 128), and its passes over
+  the logits are train.loss_kernel="auto" (the default) unless `xla` (XLA's two passes),
+  `online` (XLA's one-pass log-sum-exp, "xla_online") or `kernel` (the Pallas kernels,
+  "pallas") names them.
   """
   from tinystories_jax.models import attention as attention_lib  # noqa: PLC0415
   from tinystories_jax.training import loss as loss_lib  # noqa: PLC0415
@@ -243,22 +245,22 @@ def parse_variant(text: str) -> dict:
   if loss not in loss_lib.LOSS_IMPLS:
     raise ValueError(f"{text!r}: loss {loss!r} is not one of {loss_lib.LOSS_IMPLS}")
   variant = {"attention": impl, "loss": loss, "scan": False, "remat": False,
-             "loss_kernel": "xla", "pad": None}
-  kernels = {"online": "xla_online", "kernel": "pallas"}
+             "loss_kernel": "auto", "pad": None}
+  kernels = {"xla": "xla", "online": "xla_online", "kernel": "pallas"}
   for x in extra:
     if x in ("scan", "remat"):
       variant[x] = True
     elif x in kernels:
-      if variant["loss_kernel"] != "xla":
-        raise ValueError(f"{text!r}: give at most one of online and kernel")
+      if variant["loss_kernel"] != "auto":
+        raise ValueError(f"{text!r}: give at most one of xla, online and kernel")
       variant["loss_kernel"] = kernels[x]
     elif x.startswith("pad") and x[3:].isdigit() and int(x[3:]) >= 1:
       variant["pad"] = int(x[3:])
     else:
-      raise ValueError(f"{text!r}: unknown option {x!r}; options are scan, remat, online, "
-                       "kernel and padN (N >= 1)")
-  if loss != "fused" and (variant["loss_kernel"] != "xla" or variant["pad"] is not None):
-    raise ValueError(f"{text!r}: online, kernel and padN apply to the fused loss only")
+      raise ValueError(f"{text!r}: unknown option {x!r}; options are scan, remat, xla, "
+                       "online, kernel and padN (N >= 1)")
+  if loss != "fused" and (variant["loss_kernel"] != "auto" or variant["pad"] is not None):
+    raise ValueError(f"{text!r}: xla, online, kernel and padN apply to the fused loss only")
   if loss == "fused" and variant["pad"] is None:
     variant["pad"] = loss_lib.VOCAB_MULTIPLE  # recorded, so padded rows say so
   return variant
@@ -269,6 +271,7 @@ def _train_ours(run: Run, args, shape) -> None:
     from tinystories_jax.kernels import flash_attention as fa  # noqa: PLC0415
     from tinystories_jax.models import presets  # noqa: PLC0415
     from tinystories_jax.training import benchmark  # noqa: PLC0415
+    from tinystories_jax.training import loss as loss_lib  # noqa: PLC0415
   except ImportError as e:
     run.emit({"kind": "train", "system": "ours",
               "skipped": f"tinystories_jax.training not importable: {e}"})
@@ -278,6 +281,8 @@ def _train_ours(run: Run, args, shape) -> None:
   for variant in map(parse_variant, texts):
     impl, loss, scan, remat = (variant[k] for k in ("attention", "loss", "scan", "remat"))
     pad, loss_kernel = variant["pad"], variant["loss_kernel"]
+    if loss == "fused":  # what "auto" runs here, recorded in the row
+      loss_kernel = loss_lib.resolve_kernel(loss_kernel, loss_lib.padded_vocab(vocab, pad))
     row = {"kind": "train", "system": "ours", "model": f"{family}:{name}", "vocab": vocab,
            "batch": batch, "seq": seq, "attention": impl, "loss_impl": loss}
     if scan:
@@ -286,7 +291,7 @@ def _train_ours(run: Run, args, shape) -> None:
       row["remat"] = "block"
     if pad is not None:
       row["loss_vocab_multiple"] = pad
-    if loss_kernel != "xla":
+    if loss == "fused":
       row["loss_kernel"] = loss_kernel
     if run.out_of_time():
       run.emit({**row, "skipped": "time budget spent"})
@@ -557,6 +562,8 @@ def _variant(r: dict) -> str:
     text += ", one-pass lse"
   elif r.get("loss_kernel") == "pallas":
     text += ", Pallas loss kernels"
+  elif r.get("loss_kernel") == "xla":
+    text += ", XLA loss passes"
   return text
 
 

@@ -126,6 +126,20 @@ def test_pallas_kernel_needs_padding_and_a_gpu():
     loss_lib.fused_loss_sums(h, w, targets, mask, kernel="pallas")
 
 
+def test_auto_kernel_is_pallas_where_it_runs():
+  resolve = loss_lib.resolve_kernel
+  assert resolve("auto", 32000, "gpu") == "pallas"
+  assert resolve("auto", 50304, "cuda") == "pallas"
+  assert resolve("auto", 50257, "gpu") == "xla"  # unpadded: the kernels cannot tile it
+  assert resolve("auto", 32000, "cpu") == "xla"
+  assert resolve("auto", 32000, "tpu") == "xla"
+  assert resolve("auto", 32000) == "xla"  # this machine's backend: the CPU
+  for name in ("xla", "xla_online", "pallas"):
+    assert resolve(name, 50257, "cpu") == name  # a named kernel is taken as named
+  with pytest.raises(ValueError, match="Unknown loss kernel 'triton'"):
+    resolve("triton", 32000, "gpu")
+
+
 def test_padded_vocab():
   assert loss_lib.padded_vocab(50257, 128) == 50304
   assert loss_lib.padded_vocab(32000, 128) == 32000

@@ -27,7 +27,7 @@ def measure_train_throughput(model_cfg: ModelConfig, *, batch_size: int, seq_len
                              steps: int = 10, warmup: int = 3, loss: str = "fused",
                              loss_chunk: int = 128,
                              loss_vocab_multiple: int = loss_lib.VOCAB_MULTIPLE,
-                             loss_kernel: str = "xla",
+                             loss_kernel: str = "auto",
                              grad_accum_steps: int = 1,
                              mesh_config: mesh_lib.MeshConfig | None = None,
                              devices=None, seed: int = 0, trace_dir: str | None = None,

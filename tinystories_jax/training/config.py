@@ -59,7 +59,7 @@ class TrainConfig:
   loss: str = "fused"
   loss_chunk: int = 128
   loss_vocab_multiple: int = VOCAB_MULTIPLE
-  loss_kernel: str = "xla"
+  loss_kernel: str = "auto"
   z_loss: float = 0.0
   on_nonfinite: str = "stop"
   peak_flops: float = 0.0
@@ -142,7 +142,7 @@ def validate(run: RunConfig) -> None:
   need(t.loss in LOSS_IMPLS, f"train.loss={t.loss!r} is not one of {LOSS_IMPLS}.")
   need(t.loss_kernel in LOSS_KERNELS,
        f"train.loss_kernel={t.loss_kernel!r} is not one of {LOSS_KERNELS}.")
-  need(t.loss_kernel == "xla" or t.loss == "fused",
+  need(t.loss_kernel in ("auto", "xla") or t.loss == "fused",
        f"train.loss_kernel={t.loss_kernel!r} applies to train.loss='fused', not {t.loss!r}.")
   need(t.on_nonfinite in NONFINITE,
        f"train.on_nonfinite={t.on_nonfinite!r} is not one of {NONFINITE}.")

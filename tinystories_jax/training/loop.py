@@ -28,6 +28,7 @@ from tinystories_jax.parallel import mesh as mesh_lib
 from tinystories_jax.parallel import distributed, placement, rules
 from tinystories_jax.training import checkpoint as ckpt_lib
 from tinystories_jax.training import evaluate as eval_lib
+from tinystories_jax.training import loss as loss_lib
 from tinystories_jax.training import metrics as metrics_lib
 from tinystories_jax.training import optimizer as opt_lib
 from tinystories_jax.training import state as state_lib
@@ -237,9 +238,15 @@ def train(run: RunConfig, workdir: str) -> dict[str, Any]:
   schedule = opt_lib.learning_rate(run.optimizer, t.steps)
   shardings = state_lib.state_shardings(layout, tx, mesh)
   abstract = state_lib.abstract_state(layout, tx, shardings)
+  loss_kernel = t.loss_kernel
+  if t.loss == "fused":
+    loss_kernel = loss_lib.resolve_kernel(
+        t.loss_kernel, loss_lib.padded_vocab(model_cfg.vocab_size, t.loss_vocab_multiple))
+    logging.info("Output loss: fused, its passes over the logits by %s (train.loss_kernel=%r).",
+                 loss_kernel, t.loss_kernel)
   step_cfg = step_lib.StepConfig(loss_impl=t.loss, loss_chunk=t.loss_chunk,
                                  loss_vocab_multiple=t.loss_vocab_multiple,
-                                 loss_kernel=t.loss_kernel, z_loss=t.z_loss,
+                                 loss_kernel=loss_kernel, z_loss=t.z_loss,
                                  grad_accum_steps=accum,
                                  skip_nonfinite=t.on_nonfinite == "skip")
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),

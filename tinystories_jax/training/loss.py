@@ -17,8 +17,9 @@ matmuls, where autodiff of the plain form writes and re-reads float32 logits and
 gradient. That is about half the memory traffic of the plain form, and autodiff of the plain
 form also runs both gradient matmuls in float32; on an H200 the fused form made the llama 15M
 step at vocab 32000 1.49x faster than the plain one (docs/training.md). In float32 it equals
-the plain form. Its passes over the logits are XLA's by default; `kernel="pallas"` runs them as
-the Pallas kernels of `kernels.cross_entropy` on GPUs.
+the plain form. Its passes over the logits (`kernel`) are, by default ("auto"), the Pallas
+kernels of `kernels.cross_entropy` on GPUs (1.01-1.09x the whole step on an H200) and XLA's
+fusions elsewhere.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import numpy as np
 
 LOSS_IMPLS = ("plain", "chunked", "fused")
 # What makes the fused loss's passes over its logits (see `fused_loss_sums`).
-LOSS_KERNELS = ("xla", "xla_online", "pallas")
+LOSS_KERNELS = ("auto", "xla", "xla_online", "pallas")
 # Rows the fused loss pads the output projection to (a multiple of 128 keeps GPU GEMMs aligned).
 VOCAB_MULTIPLE = 128
 
@@ -97,8 +98,25 @@ def padded_vocab(vocab: int, multiple: int) -> int:
   return vocab if multiple <= 1 else -(-vocab // multiple) * multiple
 
 
+def resolve_kernel(kernel: str, padded_vocab_size: int, backend: str | None = None) -> str:
+  """What `kernel` runs as: "auto" is "pallas" where the Pallas kernels run (a GPU, and a padded
+  vocabulary they tile), else "xla"; any other name is itself.
+
+  "auto" follows the H200 measurements in docs/training.md: the Pallas kernels made the whole
+  step 1.01-1.09x faster than XLA's two passes at every train shape, and XLA's one-pass form
+  ("xla_online") was no faster than its two-pass one.
+  """
+  if kernel not in LOSS_KERNELS:
+    raise ValueError(f"Unknown loss kernel {kernel!r}; use one of {LOSS_KERNELS}.")
+  if kernel != "auto":
+    return kernel
+  from tinystories_jax.kernels import cross_entropy  # noqa: PLC0415 (loads Pallas on use)
+  ok, _ = cross_entropy.supports(padded_vocab_size, backend or jax.default_backend())
+  return "pallas" if ok else "xla"
+
+
 def fused_loss_sums(h_btd, w_vd, targets_bt, mask_bt, *, vocab_multiple: int = VOCAB_MULTIPLE,
-                    kernel: str = "xla") -> LossSums:
+                    kernel: str = "auto") -> LossSums:
   """Same sums as `plain_loss_sums`, with logits in `h_btd`'s dtype and a hand-written backward.
 
   The output projection is zero-padded to `vocab_multiple` rows inside the loss (the padded
@@ -109,11 +127,10 @@ def fused_loss_sums(h_btd, w_vd, targets_bt, mask_bt, *, vocab_multiple: int = V
 
   `kernel` picks what makes the passes over the logits (`LOSS_KERNELS`): "xla" (the
   log-sum-exp in two passes, the maximum then the sum of exponentials), "xla_online" (in one,
-  `online_logsumexp`), or "pallas" (GPU kernels for the log-sum-exp and the logit gradient,
-  `kernels.cross_entropy`).
+  `online_logsumexp`), "pallas" (GPU kernels for the log-sum-exp and the logit gradient,
+  `kernels.cross_entropy`), or "auto" (`resolve_kernel`: "pallas" on GPUs, "xla" elsewhere).
   """
-  if kernel not in LOSS_KERNELS:
-    raise ValueError(f"Unknown loss kernel {kernel!r}; use one of {LOSS_KERNELS}.")
+  kernel = resolve_kernel(kernel, padded_vocab(w_vd.shape[0], vocab_multiple))
   return _fused(h_btd, w_vd, targets_bt, mask_bt, vocab_multiple, kernel)
 
 
@@ -215,7 +232,7 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
 def loss_sums(h_btd, w_vd, targets_bt, mask_bt, *, impl: str, chunk: int,
-              vocab_multiple: int = VOCAB_MULTIPLE, kernel: str = "xla") -> LossSums:
+              vocab_multiple: int = VOCAB_MULTIPLE, kernel: str = "auto") -> LossSums:
   """Dispatches to the configured implementation (`"plain"`, `"chunked"` or `"fused"`)."""
   if impl == "plain":
     return plain_loss_sums(h_btd, w_vd, targets_bt, mask_bt)

@@ -33,7 +33,7 @@ class StepConfig:
   loss_impl: str = "fused"       # "plain" | "chunked" | "fused" (training/loss.py)
   loss_chunk: int = 128          # positions per block for the chunked loss
   loss_vocab_multiple: int = loss_lib.VOCAB_MULTIPLE  # fused loss: output rows padded to this
-  loss_kernel: str = "xla"       # the fused loss's passes over its logits (loss.LOSS_KERNELS)
+  loss_kernel: str = "auto"      # the fused loss's passes over its logits (loss.LOSS_KERNELS)
   z_loss: float = 0.0            # weight of mean(logsumexp^2); PaLM uses 1e-4
   grad_accum_steps: int = 1      # micro-batches per optimizer step
   skip_nonfinite: bool = False   # drop an update whose loss or gradient is NaN/Inf
