@@ -41,8 +41,12 @@ SMOKE_WINDOWS = {"causal": None, "window64": 64}
 # Tile sizes tried for our kernel in the sweep: (block_q, block_k) of the forward, of dQ and of
 # dK/dV (see BlockSizes). The last is the resident-big / streamed-small shape of the backward.
 SWEEP = ((128, 64, 64, 64, 64, 64), (64, 64, 64, 64, 64, 64), (128, 128, 64, 64, 64, 64),
-         (128, 64, 128, 32, 32, 128))
-SWEEP_SHAPES = ((16, 2048, 12, 64), (64, 512, 16, 48))
+         (128, 64, 128, 32, 32, 128), (64, 32, 32, 32, 32, 64), (128, 32, 64, 32, 32, 64))
+# (shape, windows) the sweep visits, in this order: first the attention of the llama train
+# shapes (15m at 128x256, 42m at 32x1024; causal only, as llama runs it), then two of SHAPES.
+SWEEP_CASES = (((128, 256, 6, 48), ("causal",)), ((32, 1024, 8, 64), ("causal",)),
+               ((16, 2048, 12, 64), ("causal", "window256")),
+               ((64, 512, 16, 48), ("causal", "window256")))
 
 
 class Unsupported(Exception):
@@ -203,11 +207,11 @@ def sweep(*, interpret: bool, emit: Callable[[dict], None], smoke: bool, iters: 
           deadline: float | None = None) -> list[dict]:
   """Times our kernel's forward + backward under a few tile sizes (causal and window 256)."""
   rows = []
-  shapes = SMOKE_SHAPES[:1] if smoke else SWEEP_SHAPES
+  cases = (((SMOKE_SHAPES[0], tuple(SMOKE_WINDOWS)),) if smoke else SWEEP_CASES)
   configs = SWEEP[:2] if smoke else SWEEP
-  for shape in shapes:
+  for shape, window_names in cases:
     q, k, v, do = _inputs(shape, jnp.bfloat16, seed=7)
-    for window in (SMOKE_WINDOWS if smoke else WINDOWS).values():
+    for window in ((SMOKE_WINDOWS if smoke else WINDOWS)[w] for w in window_names):
       for blocks in configs:
         if deadline is not None and time.time() > deadline:
           return rows
