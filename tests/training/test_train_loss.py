@@ -138,6 +138,13 @@ def test_auto_kernel_is_pallas_where_it_runs():
     assert resolve(name, 50257, "cpu") == name  # a named kernel is taken as named
   with pytest.raises(ValueError, match="Unknown loss kernel 'triton'"):
     resolve("triton", 32000, "gpu")
+  # A vocabulary split over `tensor`: the kernels would gather it, so XLA's passes.
+  assert resolve("auto", 32000, "gpu", tensor_split=True) == "xla"
+  axes = ("data", "fsdp", "tensor")
+  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1, 1, 2), axes)):
+    assert resolve("auto", 32000, "gpu") == "xla"
+  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((2, 2, 1), axes)):
+    assert resolve("auto", 32000, "gpu") == "pallas"
 
 
 def test_padded_vocab():

@@ -98,18 +98,29 @@ def padded_vocab(vocab: int, multiple: int) -> int:
   return vocab if multiple <= 1 else -(-vocab // multiple) * multiple
 
 
-def resolve_kernel(kernel: str, padded_vocab_size: int, backend: str | None = None) -> str:
-  """What `kernel` runs as: "auto" is "pallas" where the Pallas kernels run (a GPU, and a padded
-  vocabulary they tile), else "xla"; any other name is itself.
+def resolve_kernel(kernel: str, padded_vocab_size: int, backend: str | None = None, *,
+                   tensor_split: bool | None = None) -> str:
+  """What `kernel` runs as: "auto" is "pallas" where the Pallas kernels run (a GPU, a padded
+  vocabulary they tile) and the vocabulary is not split over a `tensor` mesh axis (the kernels
+  would gather it), else "xla"; any other name is itself.
 
-  "auto" follows the H200 measurements in docs/training.md: the Pallas kernels made the whole
-  step 1.01-1.09x faster than XLA's two passes at every train shape, and XLA's one-pass form
-  ("xla_online") was no faster than its two-pass one.
+  `tensor_split` None reads the mesh being traced under (`jax.sharding.get_abstract_mesh`).
+  "auto" follows the H200 measurements in docs/training.md: on one GPU the Pallas kernels made
+  the whole step 1.01-1.09x faster than XLA's two passes at every train shape, and XLA's
+  one-pass form ("xla_online") was no faster than its two-pass one.
   """
   if kernel not in LOSS_KERNELS:
     raise ValueError(f"Unknown loss kernel {kernel!r}; use one of {LOSS_KERNELS}.")
   if kernel != "auto":
     return kernel
+  if tensor_split is None:
+    mesh = jax.sharding.get_abstract_mesh()
+    sizes = {} if mesh.empty else {
+        name: size for (name, size), kind in zip(mesh.shape.items(), mesh.axis_types)
+        if kind != jax.sharding.AxisType.Manual}
+    tensor_split = sizes.get("tensor", 1) > 1
+  if tensor_split:
+    return "xla"
   from tinystories_jax.kernels import cross_entropy  # noqa: PLC0415 (loads Pallas on use)
   ok, _ = cross_entropy.supports(padded_vocab_size, backend or jax.default_backend())
   return "pallas" if ok else "xla"
@@ -128,7 +139,8 @@ def fused_loss_sums(h_btd, w_vd, targets_bt, mask_bt, *, vocab_multiple: int = V
   `kernel` picks what makes the passes over the logits (`LOSS_KERNELS`): "xla" (the
   log-sum-exp in two passes, the maximum then the sum of exponentials), "xla_online" (in one,
   `online_logsumexp`), "pallas" (GPU kernels for the log-sum-exp and the logit gradient,
-  `kernels.cross_entropy`), or "auto" (`resolve_kernel`: "pallas" on GPUs, "xla" elsewhere).
+  `kernels.cross_entropy`), or "auto" (`resolve_kernel`: "pallas" on GPUs unless the mesh splits
+  the vocabulary over `tensor`, "xla" elsewhere).
   """
   kernel = resolve_kernel(kernel, padded_vocab(w_vd.shape[0], vocab_multiple))
   return _fused(h_btd, w_vd, targets_bt, mask_bt, vocab_multiple, kernel)
