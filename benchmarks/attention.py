@@ -205,7 +205,7 @@ def run(*, smoke: bool, interpret: bool, emit: Callable[[dict], None], iters: in
 
 def sweep(*, interpret: bool, emit: Callable[[dict], None], smoke: bool, iters: int = 20,
           deadline: float | None = None) -> list[dict]:
-  """Times our kernel's forward + backward under a few tile sizes (causal and window 256)."""
+  """Times our kernel's forward + backward under the tile sizes of SWEEP at SWEEP_CASES."""
   rows = []
   cases = (((SMOKE_SHAPES[0], tuple(SMOKE_WINDOWS)),) if smoke else SWEEP_CASES)
   configs = SWEEP[:2] if smoke else SWEEP

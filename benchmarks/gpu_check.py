@@ -278,11 +278,18 @@ def _train_ours(run: Run, args, shape) -> None:
     return
   family, name, vocab, batch, seq, overrides = shape
   texts = ["pallas:fused", "xla:chunked:scan"] if args.smoke else _variant_texts(args)
-  for variant in map(parse_variant, texts):
+  seen = {}  # the step each variant resolves to at this shape -> the first variant naming it
+  for text, variant in zip(texts, map(parse_variant, texts)):
     impl, loss, scan, remat = (variant[k] for k in ("attention", "loss", "scan", "remat"))
     pad, loss_kernel = variant["pad"], variant["loss_kernel"]
     if loss == "fused":  # what "auto" runs here, recorded in the row
       loss_kernel = loss_lib.resolve_kernel(loss_kernel, loss_lib.padded_vocab(vocab, pad))
+    step = (impl, loss, scan, remat, pad, loss_kernel)
+    if step in seen:  # e.g. the default and ":kernel" on a GPU: time (and trace) it once
+      print(f"# {family}:{name} {text}: the same step as {seen[step]}, not timed again",
+            flush=True)
+      continue
+    seen[step] = text
     row = {"kind": "train", "system": "ours", "model": f"{family}:{name}", "vocab": vocab,
            "batch": batch, "seq": seq, "attention": impl, "loss_impl": loss}
     if scan:
@@ -703,7 +710,7 @@ def main() -> None:
                            "default: all")
   parser.add_argument("--train_variants", default=TRAIN_VARIANTS,
                       help="our step's variants timed at every train shape, comma-separated "
-                           "attention:loss[:scan][:remat][:padN][:online|:kernel] "
+                           "attention:loss[:scan][:remat][:padN][:xla|:online|:kernel] "
                            "(e.g. pallas:fused:pad1)")
   parser.add_argument("--profile", default="",
                       help="train shapes (preset/vocab or preset) whose rows of ours also write "

@@ -1,7 +1,7 @@
 """Compiles the real train step for an H200 or H100 on a machine without a GPU.
 
     python benchmarks/gpu_compile.py --shapes=15m/32000 \
-        --variants=pallas:fused,pallas:fused:online,pallas:fused:kernel
+        --variants=pallas:fused:xla,pallas:fused:online,pallas:fused:kernel
 
 For each shape and variant (the same names as `gpu_check.py`'s train section) it builds the train
 step on abstract inputs, compiles it with XLA's deviceless GPU compiler and prints, for the

@@ -8,6 +8,7 @@ import pytest
 
 from tinystories_jax.training import config as config_lib
 from tinystories_jax.training import loop
+from tinystories_jax.training import loss as loss_lib
 from train_helpers import tiny_config
 
 
@@ -83,6 +84,25 @@ def test_packed_stories_train(tiny_data, tmp_path):
   assert [r["step"] for r in rows] == [4, 8]
   assert np.isfinite(last["train_loss"]) and last["train_loss"] < rows[0]["train_loss"] + 0.5
   assert np.isfinite(last["eval_loss"])
+
+
+def test_loss_kernel_auto_is_resolved_once_for_the_run(tiny_data, tmp_path, monkeypatch):
+  calls, real = [], loss_lib.resolve_kernel
+
+  def spy(kernel, padded_vocab_size, backend=None, *, tensor_split=None):
+    out = real(kernel, padded_vocab_size, backend, tensor_split=tensor_split)
+    calls.append((kernel, backend, tensor_split, out))
+    return out
+
+  monkeypatch.setattr(loss_lib, "resolve_kernel", spy)
+  run = config_lib.run_config(tiny_config(tiny_data, **{
+      "train.steps": 2, "train.eval_every": 0, "train.log_every": 1}))
+  assert run.train.loss_kernel == "auto" and run.train.loss == "fused"
+  loop.train(run, str(tmp_path / "run"))
+  # The loop resolves "auto" for its mesh's devices (this CPU, no tensor axis) ...
+  assert calls[0] == ("auto", "cpu", False, "xla")
+  # ... and the traced steps get what it resolved, not "auto" again.
+  assert len(calls) > 1 and all(c[0] == "xla" for c in calls[1:])
 
 
 def test_training_continues_from_an_imported_workdir(tiny_data, tmp_path):
