@@ -71,3 +71,21 @@ def test_smoke_layers_section_times_both_forms_of_each_piece(tmp_path):
   table = (tmp_path / "gpu_check.md").read_text()
   assert "| llama q/k/v + rotary | llama:260k |" in table
   assert "| GPT-Neo MLP | gpt_neo:1m |" in table
+
+
+def test_variants_that_resolve_to_one_step_are_timed_once(tmp_path, monkeypatch, capsys):
+  """On this CPU the default loss kernel ("auto") is "xla": `pallas:fused` and
+  `pallas:fused:xla` are the same step, so it is timed (and would be traced) once."""
+  from tinystories_jax.training import benchmark  # pylint: disable=import-outside-toplevel
+  module = _module()
+  timed = []
+  monkeypatch.setattr(benchmark, "measure_train_throughput",
+                      lambda cfg, **kw: timed.append(kw["loss_kernel"]) or {"step_ms": 1.0})
+  run = module.Run(tmp_path, budget_s=600)
+  args = type("Args", (), {"smoke": False, "on_accelerator": False, "train_steps": 1,
+                           "profile": "", "out": str(tmp_path),
+                           "train_variants": "pallas:fused,pallas:fused:xla,pallas:fused:online"})
+  module._train_ours(run, args, module.SMOKE_TRAIN_SHAPES[0])  # noqa: SLF001
+  assert timed == ["xla", "xla_online"]
+  assert [r["loss_kernel"] for r in run.rows] == ["xla", "xla_online"]
+  assert "pallas:fused:xla: the same step as pallas:fused" in capsys.readouterr().out
