@@ -64,9 +64,8 @@ def measure_train_throughput(model_cfg: ModelConfig, *, batch_size: int, seq_len
   shardings = state_lib.state_shardings(layout, tx, mesh)
   state, extra = state_lib.init_state(model_cfg, tx, shardings, seed)
   if loss == "fused":  # "auto" as the mesh's devices run it
-    loss_kernel = loss_lib.resolve_kernel(
-        loss_kernel, loss_lib.padded_vocab(model_cfg.vocab_size, loss_vocab_multiple),
-        backend=mesh.devices.flat[0].platform, tensor_split=mesh.shape.get("tensor", 1) > 1)
+    loss_kernel = loss_lib.resolve_kernel_for_mesh(loss_kernel, model_cfg.vocab_size,
+                                                   loss_vocab_multiple, mesh)
   step_cfg = step_lib.StepConfig(loss_impl=loss, loss_chunk=loss_chunk,
                                  loss_vocab_multiple=loss_vocab_multiple,
                                  loss_kernel=loss_kernel,

@@ -240,9 +240,8 @@ def train(run: RunConfig, workdir: str) -> dict[str, Any]:
   abstract = state_lib.abstract_state(layout, tx, shardings)
   loss_kernel = t.loss_kernel
   if t.loss == "fused":
-    loss_kernel = loss_lib.resolve_kernel(
-        t.loss_kernel, loss_lib.padded_vocab(model_cfg.vocab_size, t.loss_vocab_multiple),
-        backend=mesh.devices.flat[0].platform, tensor_split=mesh.shape.get("tensor", 1) > 1)
+    loss_kernel = loss_lib.resolve_kernel_for_mesh(t.loss_kernel, model_cfg.vocab_size,
+                                                   t.loss_vocab_multiple, mesh)
     logging.info("Output loss: fused, its passes over the logits by %s (train.loss_kernel=%r).",
                  loss_kernel, t.loss_kernel)
   step_cfg = step_lib.StepConfig(loss_impl=t.loss, loss_chunk=t.loss_chunk,

@@ -126,6 +126,13 @@ def resolve_kernel(kernel: str, padded_vocab_size: int, backend: str | None = No
   return "pallas" if ok else "xla"
 
 
+def resolve_kernel_for_mesh(kernel: str, vocab: int, vocab_multiple: int, mesh) -> str:
+  """`resolve_kernel` for a run on `mesh`: its devices' platform, its `tensor` axis."""
+  return resolve_kernel(kernel, padded_vocab(vocab, vocab_multiple),
+                        backend=mesh.devices.flat[0].platform,
+                        tensor_split=mesh.shape.get("tensor", 1) > 1)
+
+
 def fused_loss_sums(h_btd, w_vd, targets_bt, mask_bt, *, vocab_multiple: int = VOCAB_MULTIPLE,
                     kernel: str = "auto") -> LossSums:
   """Same sums as `plain_loss_sums`, with logits in `h_btd`'s dtype and a hand-written backward.
