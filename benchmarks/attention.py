@@ -39,9 +39,18 @@ SMOKE_SHAPES = ((1, 128, 2, 64), (1, 128, 2, 48))
 WINDOWS = {"causal": None, "window256": 256}
 SMOKE_WINDOWS = {"causal": None, "window64": 64}
 # Tile sizes tried for our kernel in the sweep: (block_q, block_k) of the forward, of dQ and of
-# dK/dV (see BlockSizes). The last is the resident-big / streamed-small shape of the backward.
-SWEEP = ((128, 64, 64, 64, 64, 64), (64, 64, 64, 64, 64, 64), (128, 128, 64, 64, 64, 64),
-         (128, 64, 128, 32, 32, 128), (64, 32, 32, 32, 32, 64), (128, 32, 64, 32, 32, 64))
+# dK/dV (see BlockSizes), then the GPU compiler's warps and stages where they differ from the
+# kernels' defaults (4 warps up to head_dim 64; 3 stages forward, 2 backward). The first is the
+# default at head_dim <= 64.
+SWEEP = (BlockSizes(128, 64, 64, 64, 64, 64), BlockSizes(64, 64, 64, 64, 64, 64),
+         BlockSizes(128, 128, 64, 64, 64, 64), BlockSizes(128, 64, 128, 32, 32, 128),
+         BlockSizes(64, 32, 32, 32, 32, 64), BlockSizes(128, 32, 64, 32, 32, 64),
+         BlockSizes(128, 64, 64, 64, 64, 64, num_warps=8),
+         BlockSizes(128, 64, 128, 64, 64, 128, num_warps=8),
+         BlockSizes(128, 128, 128, 64, 64, 128, num_warps=8),
+         BlockSizes(64, 64, 64, 64, 64, 64, num_stages=3),
+         BlockSizes(128, 64, 64, 64, 64, 64, num_stages=4),
+         BlockSizes(64, 64, 64, 128, 128, 64))
 # (shape, windows) the sweep visits, in this order: first the attention of the llama train
 # shapes (15m at 128x256, 42m at 32x1024; causal only, as llama runs it), then two of SHAPES.
 SWEEP_CASES = (((128, 256, 6, 48), ("causal",)), ((32, 1024, 8, 64), ("causal",)),
@@ -203,24 +212,57 @@ def run(*, smoke: bool, interpret: bool, emit: Callable[[dict], None], iters: in
   return rows
 
 
+def sweep_label(bs: BlockSizes | None) -> str:
+  """`q,k/q,k/q,k` tiles of the forward, dQ and dK/dV kernels, plus warps and stages if set."""
+  if bs is None:
+    return "cudnn"
+  b = [getattr(bs, name) for name in BlockSizes.names()]
+  label = f"{b[0]},{b[1]}/{b[2]},{b[3]}/{b[4]},{b[5]}"
+  if bs.num_warps:
+    label += f" w{bs.num_warps}"
+  if bs.num_stages:
+    label += f" s{bs.num_stages}"
+  return label
+
+
 def sweep(*, interpret: bool, emit: Callable[[dict], None], smoke: bool, iters: int = 20,
           deadline: float | None = None) -> list[dict]:
-  """Times our kernel's forward + backward under the tile sizes of SWEEP at SWEEP_CASES."""
+  """Times our kernel's forward and forward + backward under each tile configuration of SWEEP
+  at SWEEP_CASES, then cuDNN's at the same case on a GPU, for reference.
+
+  Each row also records its output's and gradients' largest difference from the first
+  configuration's, relative to their largest value, so a wrong tiling cannot look fast.
+  """
   rows = []
   cases = (((SMOKE_SHAPES[0], tuple(SMOKE_WINDOWS)),) if smoke else SWEEP_CASES)
-  configs = SWEEP[:2] if smoke else SWEEP
+  configs = list(SWEEP[:2] if smoke else SWEEP)
+  if jax.default_backend() == "gpu":
+    configs.append(None)
   for shape, window_names in cases:
     q, k, v, do = _inputs(shape, jnp.bfloat16, seed=7)
     for window in ((SMOKE_WINDOWS if smoke else WINDOWS)[w] for w in window_names):
-      for blocks in configs:
+      first = []
+      for bs in configs:
         if deadline is not None and time.time() > deadline:
           return rows
-        bs = BlockSizes(*blocks)
         row = {"kind": "attention_sweep", "B": shape[0], "T": shape[1], "H": shape[2],
-               "D": shape[3], "window": window, "blocks": list(blocks)}
+               "D": shape[3], "window": window, "config": sweep_label(bs)}
+        if bs is not None:
+          row["blocks"] = [getattr(bs, name) for name in BlockSizes.names()]
+          row["num_warps"], row["num_stages"] = bs.num_warps, bs.num_stages
         try:
-          fn = functools.partial(_ours, window=window, interpret=interpret, block_sizes=bs)
-          row["fwdbwd_ms"] = time_ms(jax.jit(_fwd_bwd(fn)), q, k, v, do, iters=iters)
+          if bs is None:
+            fn = functools.partial(_dpa, window=window, implementation="cudnn")
+          else:
+            fn = functools.partial(_ours, window=window, interpret=interpret, block_sizes=bs)
+          fwd, fwd_bwd = jax.jit(fn), jax.jit(_fwd_bwd(fn))
+          if bs is not None:
+            out = jax.tree.leaves(fwd_bwd(q, k, v, do))
+            if not first:
+              first.extend(out)
+            row["rel_diff_vs_first"] = max(_rel_err(a, b) for a, b in zip(out, first))
+          row["fwd_ms"] = time_ms(fwd, q, k, v, iters=iters)
+          row["fwdbwd_ms"] = time_ms(fwd_bwd, q, k, v, do, iters=iters)
         except Exception as e:  # noqa: BLE001
           row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         rows.append(row)

@@ -679,10 +679,13 @@ def write_tables(run: Run) -> None:
       parts.append(f"| {r['system']} | {r['batch']} | {r['new_tokens_per_s']:.0f} | {ratios} |")
   sweep = [r for r in run.rows if r.get("kind") == "attention_sweep" and "fwdbwd_ms" in r]
   if sweep:
-    parts += ["", "| sweep shape | window | blocks (fwd q, k; dQ q, k; dK/dV q, k) | fwd+bwd ms |",
-              "|---|---|---|---|"]
-    parts += [f"| {r['B']},{r['T']},{r['H']},{r['D']} | {r['window']} | {r['blocks']} | "
-              f"{r['fwdbwd_ms']:.3f} |" for r in sweep]
+    parts += ["", "| sweep shape | window | tiles: fwd q,k / dQ q,k / dK,dV q,k (warps, stages) "
+              "| fwd ms | fwd+bwd ms | rel. diff vs first |", "|---|---|---|---|---|---|"]
+    parts += [f"| {r['B']},{r['T']},{r['H']},{r['D']} | {r['window']} | {r['config']} | "
+              f"{r['fwd_ms']:.3f} | {r['fwdbwd_ms']:.3f} | "
+              f"{r['rel_diff_vs_first']:.1e} |" if "rel_diff_vs_first" in r else
+              f"| {r['B']},{r['T']},{r['H']},{r['D']} | {r['window']} | {r['config']} | "
+              f"{r['fwd_ms']:.3f} | {r['fwdbwd_ms']:.3f} | - |" for r in sweep]
   # Whole sections skipped for time or failed (their rows carry no shape of their own).
   section_notes = [r for r in run.rows if set(r) <= {"time", "kind", "skipped", "error",
                                                       "traceback"} and len(r) > 2]

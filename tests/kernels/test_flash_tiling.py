@@ -72,6 +72,15 @@ def test_block_sizes_must_be_powers_of_two():
     flash_tiling.BlockSizes(block_q=48)
 
 
+def test_block_sizes_check_the_gpu_compiler_settings():
+  bs = flash_tiling.BlockSizes(num_warps=8, num_stages=4)
+  assert "num_warps" not in bs.names() and len(bs.names()) == 6
+  with pytest.raises(ValueError, match="num_warps"):
+    flash_tiling.BlockSizes(num_warps=3)
+  with pytest.raises(ValueError, match="num_stages"):
+    flash_tiling.BlockSizes(num_stages=0)
+
+
 def test_visible_pairs_counts_the_mask():
   for t, s, causal, window in [(10, 10, True, None), (10, 10, True, 3), (4, 9, True, 2),
                                (5, 7, False, None)]:

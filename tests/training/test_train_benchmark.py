@@ -38,6 +38,7 @@ def test_trace_dir_writes_a_trace_the_summary_reads(tmp_path):
   summary = _profile_summary()
   traces = summary.find_traces([str(tmp_path)], tmp_path / "scratch")
   assert list(traces) == ["run"]
+  assert "ENTRY" in (tmp_path / "run" / "step_hlo.txt").read_text()
   if jax.default_backend() == "cpu":
     assert summary.device_events(traces["run"]) == []
 

@@ -246,8 +246,9 @@ def flash_attention(q_bthd, k_bskd, v_bskd, *, causal=True, window=None, q_segme
     k_bskd, v_bskd = k_bskd.astype(q_bthd.dtype), v_bskd.astype(q_bthd.dtype)
 
   blocks = block_sizes or default_block_sizes(family, d)
-  blocks = BlockSizes(**{name: _fit_to_length(getattr(blocks, name), t if "_q" in name else s)
-                        for name in BlockSizes.names()})
+  blocks = dataclasses.replace(blocks, **{
+      name: _fit_to_length(getattr(blocks, name), t if "_q" in name else s)
+      for name in BlockSizes.names()})
   t_pad = _round_up(t, blocks.q_multiple)
   s_pad = _round_up(s, blocks.k_multiple)
   if window is not None and window >= s:

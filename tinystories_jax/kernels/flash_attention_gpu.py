@@ -260,8 +260,10 @@ def _block_d(head_dim: int) -> int:
   return max(16, 1 << (head_dim - 1).bit_length())
 
 
-def _warps(head_dim: int) -> int:
-  return 4 if head_dim <= 64 else 8
+def _params(block_sizes, block_d: int, default_stages: int):
+  """Compiler parameters: the block sizes' warps and stages where set, else by tile width."""
+  warps = block_sizes.num_warps or (4 if block_d <= 64 else 8)
+  return compiler_params(warps, block_sizes.num_stages or default_stages)
 
 
 def forward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, *, scale, causal, window, kv_len,
@@ -314,7 +316,7 @@ def forward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, *, scale, causal, windo
                  _spec((None, None, bq), lambda i, bi, hi: (bi, hi, last - i))],
       out_shape=[jax.ShapeDtypeStruct(q_bthd.shape, q_bthd.dtype),
                  jax.ShapeDtypeStruct((b, h, t), _F32)],
-      compiler_params=compiler_params(_warps(d), 3 if d <= 64 else 2),
+      compiler_params=_params(block_sizes, d, 3 if d <= 64 else 2),
       interpret=interpret,
       name="flash_attention_fwd",
   )(*args)
@@ -330,7 +332,7 @@ def backward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, o_bthd, lse_bht, do_bt
   has_segments = q_seg_bt is not None
   # delta_i = sum_d o_id * do_id, the softmax-gradient correction; XLA fuses this well.
   delta_bht = jnp.einsum("bthd,bthd->bht", o_bthd.astype(_F32), do_bthd.astype(_F32))
-  params = compiler_params(_warps(d), 2)
+  params = _params(block_sizes, d, 2)
 
   def common(bq, bk):
     return dict(has_segments=has_segments, scale=scale, scale_log2=scale * math.log2(math.e),

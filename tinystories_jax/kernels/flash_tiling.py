@@ -38,6 +38,9 @@ class BlockSizes:
     block_k_dq: keys per inner step of the dQ loop.
     block_q_dkv: query rows per inner step of the dK/dV loop.
     block_k_dkv: keys per dK/dV program.
+    num_warps: GPU only: warps per program of all three kernels; None picks by head dim.
+    num_stages: GPU only: software-pipelining stages of all three kernels; None picks per
+      kernel (the TPU kernels ignore both).
   """
   block_q: int = 128
   block_k: int = 64
@@ -45,16 +48,23 @@ class BlockSizes:
   block_k_dq: int = 64
   block_q_dkv: int = 64
   block_k_dkv: int = 64
+  num_warps: int | None = None
+  num_stages: int | None = None
 
   def __post_init__(self):
     for name in self.names():
       value = getattr(self, name)
       if value < 16 or value & (value - 1):
         raise ValueError(f"BlockSizes.{name} must be a power of two >= 16, got {value}.")
+    if self.num_warps is not None and self.num_warps not in (1, 2, 4, 8, 16):
+      raise ValueError(f"BlockSizes.num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps}.")
+    if self.num_stages is not None and not 1 <= self.num_stages <= 8:
+      raise ValueError(f"BlockSizes.num_stages must be 1 to 8, got {self.num_stages}.")
 
   @staticmethod
   def names() -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(BlockSizes))
+    """The six tile sizes (not the GPU compiler settings)."""
+    return tuple(f.name for f in dataclasses.fields(BlockSizes) if f.name.startswith("block_"))
 
   @property
   def q_multiple(self) -> int:

@@ -8,6 +8,7 @@ loss) on a one-axis data-parallel mesh over all local devices, and times `steps`
 
 from __future__ import annotations
 
+import pathlib
 import time
 from typing import Any
 
@@ -49,7 +50,8 @@ def measure_train_throughput(model_cfg: ModelConfig, *, batch_size: int, seq_len
     devices: the devices to lay the mesh over (default: all).
     seed: parameter and token seed.
     trace_dir: if set, `trace_steps` more steps run after the timed ones under
-      `jax.profiler.trace(trace_dir)` (an XProf trace: per-kernel device times).
+      `jax.profiler.trace(trace_dir)` (an XProf trace: per-kernel device times), and the
+      step's optimized HLO is written beside it (`step_hlo.txt`).
     trace_steps: steps traced.
 
   Returns:
@@ -104,6 +106,9 @@ def measure_train_throughput(model_cfg: ModelConfig, *, batch_size: int, seq_len
       for i in range(trace_steps):
         state, metrics = train_step(state, extra, batches[i % 2])
       jax.block_until_ready((state, metrics))
+    # The optimized HLO beside the trace, so its kernels (named after fusions) can be read.
+    hlo = train_step.lower(state, extra, batches[0]).compile().as_text()
+    (pathlib.Path(trace_dir) / "step_hlo.txt").write_text(hlo)
   tokens_per_s = steps * batch_size * grad_accum_steps * seq_len / elapsed
   return {
       "tokens_per_s": tokens_per_s,
