@@ -15,7 +15,8 @@ Sections, each guarded so one failure does not end the run, in this order:
              form); llama's q/k/v projection + rotary as one stacked matmul against three (the
              CPU's); GPT-Neo's MLP with gelu_new's tanh recomputed in the backward against saved
   train      per model shape: our train step (tinystories_jax.training.benchmark) for each
-             attention:loss[:scan][:remat][:padN][:xla|:online|:kernel] variant (--train_variants),
+             attention:loss[:scan][:remat][:padN][:xla|:online|:kernel|:2pass] variant
+             (--train_variants),
              then the transformers peer at the same shape (LlamaForCausalLM + torch.compile;
              GPTNeoForCausalLM eager and compiled; bf16 autocast, AdamW, grad clip, random
              tokens) in a child process, so the two frameworks do not share the GPU's memory
@@ -65,10 +66,11 @@ SMOKE_TRAIN_SHAPES = (
     ("gpt_neo", "1m", 512, 4, 64, {"num_heads": 4, "num_layers": 2, "window": 16,
                                    "attention_layers": ("global", "local")}),
 )
-# attention:loss[:scan][:remat][:padN][:xla|:online|:kernel] variants of our step timed at every
-# shape (":scan" sets scan_layers, ":remat" model.remat="block"; ":padN" the fused loss's vocab
-# padding multiple, ":pad1" none; its passes over the logits are train.loss_kernel's default,
-# "auto", unless ":xla" (XLA, two passes), ":online" (XLA, one pass) or ":kernel" (Pallas) says).
+# attention:loss[:scan][:remat][:padN][:xla|:online|:kernel|:2pass] variants of our step timed at
+# every shape (":scan" sets scan_layers, ":remat" model.remat="block"; ":padN" the fused loss's
+# vocab padding multiple, ":pad1" none; its passes over the logits are train.loss_kernel's default,
+# "auto", unless ":xla" (XLA, two passes), ":online" (XLA, one pass), ":kernel" (Pallas, one
+# pass) or ":2pass" (Pallas, two passes) says).
 TRAIN_VARIANTS = "pallas:fused"
 
 
@@ -227,14 +229,15 @@ def section_sweep(run: Run, args) -> None:
 
 
 def parse_variant(text: str) -> dict:
-  """`attention:loss[:scan][:remat][:padN][:xla|:online|:kernel]` as a dict; ValueError says
-  what is wrong.
+  """`attention:loss[:scan][:remat][:padN][:xla|:online|:kernel|:2pass]` as a dict; ValueError
+  says what is wrong.
 
   `scan` sets scan_layers, `remat` model.remat="block"; with the fused loss, `padN` pads the
   output projection to a multiple of N rows (`pad1`: none; default 128), and its passes over
   the logits are train.loss_kernel="auto" (the default) unless `xla` (XLA's two passes),
-  `online` (XLA's one-pass log-sum-exp, "xla_online") or `kernel` (the Pallas kernels,
-  "pallas") names them.
+  `online` (XLA's one-pass log-sum-exp, "xla_online"), `kernel` (the Pallas kernels, "pallas":
+  one pass over the logits) or `2pass` (the Pallas log-sum-exp and logit-gradient kernels,
+  "pallas_two_pass") names them.
   """
   from tinystories_jax.models import attention as attention_lib  # noqa: PLC0415
   from tinystories_jax.training import loss as loss_lib  # noqa: PLC0415
@@ -246,19 +249,20 @@ def parse_variant(text: str) -> dict:
     raise ValueError(f"{text!r}: loss {loss!r} is not one of {loss_lib.LOSS_IMPLS}")
   variant = {"attention": impl, "loss": loss, "scan": False, "remat": False,
              "loss_kernel": "auto", "pad": None}
-  kernels = {"xla": "xla", "online": "xla_online", "kernel": "pallas"}
+  kernels = {"xla": "xla", "online": "xla_online", "kernel": "pallas",
+             "2pass": "pallas_two_pass"}
   for x in extra:
     if x in ("scan", "remat"):
       variant[x] = True
     elif x in kernels:
       if variant["loss_kernel"] != "auto":
-        raise ValueError(f"{text!r}: give at most one of xla, online and kernel")
+        raise ValueError(f"{text!r}: give at most one of xla, online, kernel and 2pass")
       variant["loss_kernel"] = kernels[x]
     elif x.startswith("pad") and x[3:].isdigit() and int(x[3:]) >= 1:
       variant["pad"] = int(x[3:])
     else:
       raise ValueError(f"{text!r}: unknown option {x!r}; options are scan, remat, xla, "
-                       "online, kernel and padN (N >= 1)")
+                       "online, kernel, 2pass and padN (N >= 1)")
   if loss != "fused" and (variant["loss_kernel"] != "auto" or variant["pad"] is not None):
     raise ValueError(f"{text!r}: xla, online, kernel and padN apply to the fused loss only")
   if loss == "fused" and variant["pad"] is None:
@@ -568,7 +572,9 @@ def _variant(r: dict) -> str:
   if r.get("loss_kernel") == "xla_online" or r.get("loss_online_lse"):
     text += ", one-pass lse"
   elif r.get("loss_kernel") == "pallas":
-    text += ", Pallas loss kernels"
+    text += ", Pallas one-pass loss kernel"
+  elif r.get("loss_kernel") == "pallas_two_pass":
+    text += ", Pallas two-pass loss kernels"
   elif r.get("loss_kernel") == "xla":
     text += ", XLA loss passes"
   return text
@@ -713,7 +719,7 @@ def main() -> None:
                            "default: all")
   parser.add_argument("--train_variants", default=TRAIN_VARIANTS,
                       help="our step's variants timed at every train shape, comma-separated "
-                           "attention:loss[:scan][:remat][:padN][:xla|:online|:kernel] "
+                           "attention:loss[:scan][:remat][:padN][:xla|:online|:kernel|:2pass] "
                            "(e.g. pallas:fused:pad1)")
   parser.add_argument("--profile", default="",
                       help="train shapes (preset/vocab or preset) whose rows of ours also write "

@@ -26,6 +26,7 @@ def test_parse_variant():
                                               "scan": False, "remat": False,
                                               "loss_kernel": "xla_online", "pad": 1}
   assert parse("pallas:fused:kernel")["loss_kernel"] == "pallas"
+  assert parse("pallas:fused:2pass")["loss_kernel"] == "pallas_two_pass"
   assert parse("pallas:fused:xla")["loss_kernel"] == "xla"
   assert parse("xla:chunked:scan:remat") == {"attention": "xla", "loss": "chunked", "scan": True,
                                              "remat": True, "loss_kernel": "auto", "pad": None}
