@@ -127,8 +127,9 @@ def section_matmul(run: Run, args) -> None:
 
 
 def _layer_pieces(family, cfg, batch, seq):
-  """(piece, {form: fn}, inputs) for the model pieces that have two forms. The first form is the
-  default off the CPU; the second is what it replaced. Each fn maps the inputs to a tuple."""
+  """(piece, {form: fn}, inputs) for the model pieces that have two forms or more. The first
+  form is the default off the CPU; the second is what it replaced; a third is a candidate.
+  Each fn maps the inputs to a tuple."""
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
   from tinystories_jax.models import layers  # noqa: PLC0415
@@ -151,11 +152,10 @@ def _layer_pieces(family, cfg, batch, seq):
   h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
 
-  def with_rotary(project):
+  def with_rotary(project, rotary=layers.rotary):
     def fn(x, wq, wk, wv):
       q, k, v = project(x, wq, wk, wv)
-      return (layers.rotary(q, positions, cfg.rope_theta),
-              layers.rotary(k, positions, cfg.rope_theta), v)
+      return (rotary(q, positions, cfg.rope_theta), rotary(k, positions, cfg.rope_theta), v)
     return fn
 
   swiglu = lambda fn: lambda *a: (fn(*a),)  # noqa: E731
@@ -163,7 +163,9 @@ def _layer_pieces(family, cfg, batch, seq):
                          "split": swiglu(layers.swiglu_split)},
            (x, bf16((d, f), 0.05), bf16((d, f), 0.05), bf16((f, d), 0.05))),
           ("llama q/k/v + rotary", {"stacked": with_rotary(layers.qkv_projection),
-                                    "separate": with_rotary(layers.separate_qkv)},
+                                    "separate": with_rotary(layers.separate_qkv),
+                                    "stacked, rotary by reverse": with_rotary(
+                                        layers.qkv_projection, layers.rotary_by_reverse)},
            (x, bf16((d, h, hd), 0.05), bf16((d, kv, hd), 0.05), bf16((d, kv, hd), 0.05)))]
 
 
@@ -652,14 +654,15 @@ def write_tables(run: Run) -> None:
   pieces = [r for r in run.rows if r.get("kind") == "layers" and "ms" in r]
   skipped = [r for r in run.rows if r.get("kind") == "layers" and "skipped" in r]
   if pieces or skipped:
-    parts += ["", "| fwd+bwd, bf16 | model | B x T x d, d_ff, heads | form | ms | other / this |",
-              "|---|---|---|---|---|---|"]
+    parts += ["", "| fwd+bwd, bf16 | model | B x T x d, d_ff, heads | form | ms | "
+              "GPU default / this |", "|---|---|---|---|---|---|"]
     parts += [f"| {r.get('piece', 'all')} | {r.get('model', '-')} | - | - | - | {r['skipped']} |"
               for r in skipped]
     for r in pieces:
-      other = next((p["ms"] for p in pieces if (p["piece"], p["model"]) == (r["piece"], r["model"])
-                    and p["form"] != r["form"]), None)
-      ratio = "" if other is None else f"{other / r['ms']:.2f}x"
+      default = next((p["ms"] for p in pieces if (p["piece"], p["model"]) == (r["piece"],
+                                                                               r["model"])
+                      and p["gpu_default"]), None)
+      ratio = "" if default is None or r["gpu_default"] else f"{default / r['ms']:.2f}x"
       form = f"{r['form']}{' (GPU default)' if r['gpu_default'] else ''}"
       parts.append(f"| {r['piece']} | {r['model']} | {r['shape']} | {form} | {r['ms']:.3f} | "
                    f"{ratio} |")

@@ -195,9 +195,10 @@ def _one_pass_kernel(x_ref, tgt_ref, s_ref, lse_ref, tl_ref, *, vocab: int, padd
     plgpu.store(s_ref, g, mask=in_array)
 
 
-def _one_pass_call(x_nv, targets_n, vocab: int, interpret: bool):
+def _one_pass_call(x_nv, targets_n, vocab: int, interpret: bool, num_warps: int | None = None):
   n, vp = x_nv.shape
   br, width, warps = one_pass_tile(n, vp)
+  warps = num_warps or warps
   row = pl.BlockSpec((br,), lambda i: (i,))
   tile = pl.BlockSpec((br, width), lambda i: (i, 0))
   return pl.pallas_call(
@@ -269,13 +270,15 @@ def logit_grad(logits_bnv, lse_bn, softmax_weight_bn, target_weight_bn, targets_
   return _row_sharded(run, logits_bnv, lse_bn, softmax_weight_bn, target_weight_bn, targets_bn)
 
 
-def softmax_minus_onehot(logits_bnv, targets_bn, vocab: int, *, interpret: bool | None = None):
+def softmax_minus_onehot(logits_bnv, targets_bn, vocab: int, *, interpret: bool | None = None,
+                         num_warps: int | None = None):
   """One pass over the logits [B, N, Vp]: (softmax - onehot(targets) [B, N, Vp] in the logits'
   dtype, written over the logits' buffer where XLA can give it; float32 log-sum-exp [B, N];
   float32 target logits [B, N]).
 
   The softmax is over the first `vocab` columns; later columns get 0. Needs `one_pass_tile`
   to fit the padded vocabulary (`MAX_ONE_PASS_WIDTH`); `logsumexp` and `logit_grad` do not.
+  `num_warps` overrides `one_pass_tile`'s (for benchmarks/loss_kernels.py).
   """
   interpret = _resolve_interpret(interpret, logits_bnv.shape[-1])
   b, n, vp = logits_bnv.shape
@@ -284,7 +287,7 @@ def softmax_minus_onehot(logits_bnv, targets_bn, vocab: int, *, interpret: bool 
                      f"{vp}; use logsumexp and logit_grad (train.loss_kernel='pallas_two_pass').")
 
   def run(x, tgt):
-    s, lse, tl = _one_pass_call(x.reshape(-1, vp), tgt.reshape(-1), vocab, interpret)
+    s, lse, tl = _one_pass_call(x.reshape(-1, vp), tgt.reshape(-1), vocab, interpret, num_warps)
     return s.reshape(x.shape), lse.reshape(x.shape[:2]), tl.reshape(x.shape[:2])
   return _row_sharded(run, logits_bnv, targets_bn)
 

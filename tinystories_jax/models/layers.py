@@ -84,6 +84,21 @@ def rotary(x_bthd: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Arra
   return out.astype(x_bthd.dtype)
 
 
+def rotary_by_reverse(x_bthd: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
+  """`rotary`'s values, written without a concatenate: the head dim viewed as [2, D/2], the
+  halves swapped by a reverse of that axis, so the forward and its autodiff backward are
+  elementwise with an index remap (a concatenate of D/2-wide halves ran at 1.7-2.2 TB/s on an
+  H200 at head_dim 48, docs/training.md)."""
+  d = x_bthd.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  angles = positions_bt.astype(jnp.float32)[:, :, None] * inv_freq  # [B, T, D/2]
+  cos = jnp.cos(angles)[:, :, None, None, :]
+  sin = jnp.sin(angles)[:, :, None, None, :] * jnp.array([-1.0, 1.0])[:, None]
+  x = x_bthd.astype(jnp.float32).reshape(*x_bthd.shape[:-1], 2, d // 2)
+  out = x * cos + x[..., ::-1, :] * sin
+  return out.reshape(x_bthd.shape).astype(x_bthd.dtype)
+
+
 def separate_qkv(x_btd, wq_dhk, wk_dgk, wv_dgk):
   """q, k, v = x·wq, x·wk, x·wv as three matmuls (XLA:GPU merges them into one itself)."""
   return tuple(jnp.einsum("btd,dhk->bthk", x_btd, w) for w in (wq_dhk, wk_dgk, wv_dgk))
