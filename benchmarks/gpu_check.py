@@ -9,14 +9,15 @@ Sections, each guarded so one failure does not end the run, in this order:
   kernel_check  our kernel compiled, forward and gradients against the float32 reference, on
              the features the timed shapes leave out (GQA, MQA, segments, padding, float32)
   matmul     bf16 matmul ceiling, 8192^3, median of timed calls after warm-up
-  layers     model pieces that have two forms (models/layers.py), forward + backward at the
+  layers     model pieces that have two forms or more (models/layers.py), forward + backward at the
              train shapes (--train_shapes) in bf16, interleaved, the GPU default first: the
              llama MLP with gate and up paired on a new axis against split in two (the CPU's
-             form); llama's q/k/v projection + rotary as one stacked matmul against three (the
-             CPU's); GPT-Neo's MLP with gelu_new's tanh recomputed in the backward against saved
+             form); llama's q/k/v projection + rotary as one stacked matmul with rotary's halves
+             swapped by a reverse, against the same with a concatenate and against three matmuls
+             (the CPU's); GPT-Neo's MLP with gelu_new's tanh recomputed in the backward against
+             saved
   train      per model shape: our train step (tinystories_jax.training.benchmark) for each
-             attention:loss[:scan][:remat][:padN][:xla|:online|:kernel|:2pass] variant
-             (--train_variants),
+             attention:loss[:scan][:remat][:padN][:xla|:online|:kernel] variant (--train_variants),
              then the transformers peer at the same shape (LlamaForCausalLM + torch.compile;
              GPTNeoForCausalLM eager and compiled; bf16 autocast, AdamW, grad clip, random
              tokens) in a child process, so the two frameworks do not share the GPU's memory
@@ -66,11 +67,10 @@ SMOKE_TRAIN_SHAPES = (
     ("gpt_neo", "1m", 512, 4, 64, {"num_heads": 4, "num_layers": 2, "window": 16,
                                    "attention_layers": ("global", "local")}),
 )
-# attention:loss[:scan][:remat][:padN][:xla|:online|:kernel|:2pass] variants of our step timed at
-# every shape (":scan" sets scan_layers, ":remat" model.remat="block"; ":padN" the fused loss's
-# vocab padding multiple, ":pad1" none; its passes over the logits are train.loss_kernel's default,
-# "auto", unless ":xla" (XLA, two passes), ":online" (XLA, one pass), ":kernel" (Pallas, one
-# pass) or ":2pass" (Pallas, two passes) says).
+# attention:loss[:scan][:remat][:padN][:xla|:online|:kernel] variants of our step timed at every
+# shape (":scan" sets scan_layers, ":remat" model.remat="block"; ":padN" the fused loss's vocab
+# padding multiple, ":pad1" none; its passes over the logits are train.loss_kernel's default,
+# "auto", unless ":xla" (XLA, two passes), ":online" (XLA, one pass) or ":kernel" (Pallas) says).
 TRAIN_VARIANTS = "pallas:fused"
 
 
@@ -128,8 +128,8 @@ def section_matmul(run: Run, args) -> None:
 
 def _layer_pieces(family, cfg, batch, seq):
   """(piece, {form: fn}, inputs) for the model pieces that have two forms or more. The first
-  form is the default off the CPU; the second is what it replaced; a third is a candidate.
-  Each fn maps the inputs to a tuple."""
+  form is the GPU's default; the others are what it replaced (the last, the CPU's form). Each
+  fn maps the inputs to a tuple."""
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
   from tinystories_jax.models import layers  # noqa: PLC0415
@@ -152,7 +152,7 @@ def _layer_pieces(family, cfg, batch, seq):
   h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
 
-  def with_rotary(project, rotary=layers.rotary):
+  def with_rotary(project, rotary):
     def fn(x, wq, wk, wv):
       q, k, v = project(x, wq, wk, wv)
       return (rotary(q, positions, cfg.rope_theta), rotary(k, positions, cfg.rope_theta), v)
@@ -162,10 +162,13 @@ def _layer_pieces(family, cfg, batch, seq):
   return [("llama MLP", {"paired": swiglu(layers.swiglu_paired),
                          "split": swiglu(layers.swiglu_split)},
            (x, bf16((d, f), 0.05), bf16((d, f), 0.05), bf16((f, d), 0.05))),
-          ("llama q/k/v + rotary", {"stacked": with_rotary(layers.qkv_projection),
-                                    "separate": with_rotary(layers.separate_qkv),
-                                    "stacked, rotary by reverse": with_rotary(
-                                        layers.qkv_projection, layers.rotary_by_reverse)},
+          ("llama q/k/v + rotary", {
+              "stacked, rotary by reverse": with_rotary(layers.qkv_projection,
+                                                        layers.rotary_by_reverse),
+              "stacked, rotary by concatenate": with_rotary(layers.qkv_projection,
+                                                            layers.rotary_by_concatenate),
+              "separate, rotary by concatenate": with_rotary(layers.separate_qkv,
+                                                             layers.rotary_by_concatenate)},
            (x, bf16((d, h, hd), 0.05), bf16((d, kv, hd), 0.05), bf16((d, kv, hd), 0.05)))]
 
 
@@ -231,15 +234,14 @@ def section_sweep(run: Run, args) -> None:
 
 
 def parse_variant(text: str) -> dict:
-  """`attention:loss[:scan][:remat][:padN][:xla|:online|:kernel|:2pass]` as a dict; ValueError
-  says what is wrong.
+  """`attention:loss[:scan][:remat][:padN][:xla|:online|:kernel]` as a dict; ValueError says
+  what is wrong.
 
   `scan` sets scan_layers, `remat` model.remat="block"; with the fused loss, `padN` pads the
   output projection to a multiple of N rows (`pad1`: none; default 128), and its passes over
   the logits are train.loss_kernel="auto" (the default) unless `xla` (XLA's two passes),
-  `online` (XLA's one-pass log-sum-exp, "xla_online"), `kernel` (the Pallas kernels, "pallas":
-  one pass over the logits) or `2pass` (the Pallas log-sum-exp and logit-gradient kernels,
-  "pallas_two_pass") names them.
+  `online` (XLA's one-pass log-sum-exp, "xla_online") or `kernel` (the Pallas kernels,
+  "pallas") names them.
   """
   from tinystories_jax.models import attention as attention_lib  # noqa: PLC0415
   from tinystories_jax.training import loss as loss_lib  # noqa: PLC0415
@@ -251,20 +253,19 @@ def parse_variant(text: str) -> dict:
     raise ValueError(f"{text!r}: loss {loss!r} is not one of {loss_lib.LOSS_IMPLS}")
   variant = {"attention": impl, "loss": loss, "scan": False, "remat": False,
              "loss_kernel": "auto", "pad": None}
-  kernels = {"xla": "xla", "online": "xla_online", "kernel": "pallas",
-             "2pass": "pallas_two_pass"}
+  kernels = {"xla": "xla", "online": "xla_online", "kernel": "pallas"}
   for x in extra:
     if x in ("scan", "remat"):
       variant[x] = True
     elif x in kernels:
       if variant["loss_kernel"] != "auto":
-        raise ValueError(f"{text!r}: give at most one of xla, online, kernel and 2pass")
+        raise ValueError(f"{text!r}: give at most one of xla, online and kernel")
       variant["loss_kernel"] = kernels[x]
     elif x.startswith("pad") and x[3:].isdigit() and int(x[3:]) >= 1:
       variant["pad"] = int(x[3:])
     else:
       raise ValueError(f"{text!r}: unknown option {x!r}; options are scan, remat, xla, "
-                       "online, kernel, 2pass and padN (N >= 1)")
+                       "online, kernel and padN (N >= 1)")
   if loss != "fused" and (variant["loss_kernel"] != "auto" or variant["pad"] is not None):
     raise ValueError(f"{text!r}: xla, online, kernel and padN apply to the fused loss only")
   if loss == "fused" and variant["pad"] is None:
@@ -574,9 +575,7 @@ def _variant(r: dict) -> str:
   if r.get("loss_kernel") == "xla_online" or r.get("loss_online_lse"):
     text += ", one-pass lse"
   elif r.get("loss_kernel") == "pallas":
-    text += ", Pallas one-pass loss kernel"
-  elif r.get("loss_kernel") == "pallas_two_pass":
-    text += ", Pallas two-pass loss kernels"
+    text += ", Pallas loss kernels"
   elif r.get("loss_kernel") == "xla":
     text += ", XLA loss passes"
   return text
@@ -722,7 +721,7 @@ def main() -> None:
                            "default: all")
   parser.add_argument("--train_variants", default=TRAIN_VARIANTS,
                       help="our step's variants timed at every train shape, comma-separated "
-                           "attention:loss[:scan][:remat][:padN][:xla|:online|:kernel|:2pass] "
+                           "attention:loss[:scan][:remat][:padN][:xla|:online|:kernel] "
                            "(e.g. pallas:fused:pad1)")
   parser.add_argument("--profile", default="",
                       help="train shapes (preset/vocab or preset) whose rows of ours also write "

@@ -26,7 +26,6 @@ def test_parse_variant():
                                               "scan": False, "remat": False,
                                               "loss_kernel": "xla_online", "pad": 1}
   assert parse("pallas:fused:kernel")["loss_kernel"] == "pallas"
-  assert parse("pallas:fused:2pass")["loss_kernel"] == "pallas_two_pass"
   assert parse("pallas:fused:xla")["loss_kernel"] == "xla"
   assert parse("xla:chunked:scan:remat") == {"attention": "xla", "loss": "chunked", "scan": True,
                                              "remat": True, "loss_kernel": "auto", "pad": None}
@@ -55,20 +54,23 @@ def test_bad_arguments_stop_before_any_work(argv, says, tmp_path):
   assert not (tmp_path / "gpu_check.jsonl").exists()
 
 
-def test_smoke_layers_section_times_both_forms_of_each_piece(tmp_path):
-  """The layers section runs anywhere at the smoke shapes: both forms of every piece, and the
+def test_smoke_layers_section_times_every_form_of_each_piece(tmp_path):
+  """The layers section runs anywhere at the smoke shapes: every form of every piece, and the
   table."""
   proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--sections=layers",
                          f"--out={tmp_path}"], capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
   rows = [json.loads(line) for line in (tmp_path / "gpu_check.jsonl").read_text().splitlines()]
   forms = {(r["piece"], r["form"]): r for r in rows if r.get("kind") == "layers"}
+  qkv = "llama q/k/v + rotary"
   assert set(forms) == {("llama MLP", "paired"), ("llama MLP", "split"),
-                        ("llama q/k/v + rotary", "stacked"), ("llama q/k/v + rotary", "separate"),
+                        (qkv, "stacked, rotary by reverse"),
+                        (qkv, "stacked, rotary by concatenate"),
+                        (qkv, "separate, rotary by concatenate"),
                         ("GPT-Neo MLP", "tanh recomputed"), ("GPT-Neo MLP", "tanh saved")}
   assert all(r["ms"] > 0 for r in forms.values())
-  assert {k[1] for k, r in forms.items() if r["gpu_default"]} == {"paired", "stacked",
-                                                              "tanh recomputed"}
+  assert {k[1] for k, r in forms.items() if r["gpu_default"]} == {
+      "paired", "stacked, rotary by reverse", "tanh recomputed"}
   table = (tmp_path / "gpu_check.md").read_text()
   assert "| llama q/k/v + rotary | llama:260k |" in table
   assert "| GPT-Neo MLP | gpt_neo:1m |" in table

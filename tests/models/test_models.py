@@ -279,6 +279,42 @@ def test_swiglu_picks_its_form_per_platform():
   assert not paired_matmuls("cpu")
 
 
+@pytest.mark.parametrize("head_dim", [4, 48, 64])
+def test_rotary_forms_agree(head_dim):
+  """Both forms rotate pairs (i, i + D/2) by position; values and gradients match exactly."""
+  from tinystories_jax.models import layers  # pylint: disable=import-outside-toplevel
+  keys = jax.random.split(jax.random.key(head_dim), 3)
+  x = jax.random.normal(keys[0], (2, 5, 3, head_dim))
+  ct = jax.random.normal(keys[1], x.shape)
+  pos = jax.random.randint(keys[2], (2, 5), 0, 1000)
+  outs = [jax.vjp(lambda x, f=f: f(x, pos, 10000.0), x) for f in (
+      layers.rotary_by_concatenate, layers.rotary_by_reverse, layers.rotary)]
+  for out, vjp in outs[1:]:
+    np.testing.assert_array_equal(out, outs[0][0])
+    np.testing.assert_array_equal(vjp(ct)[0], outs[0][1](ct)[0])
+  # Position 0 is the identity; a rotation keeps each pair's norm.
+  np.testing.assert_allclose(layers.rotary(x, jnp.zeros((2, 5), jnp.int32), 10000.0), x)
+  half = head_dim // 2
+  pair_norms = lambda y: y[..., :half] ** 2 + y[..., half:] ** 2  # noqa: E731
+  np.testing.assert_allclose(pair_norms(outs[0][0]), pair_norms(x), rtol=1e-5, atol=1e-5)
+
+
+def test_rotary_picks_its_form_per_platform():
+  """Lowered for an NVIDIA GPU (from this CPU) rotary swaps halves with a reverse; for the CPU
+  it concatenates them."""
+  from tinystories_jax.models import layers  # pylint: disable=import-outside-toplevel
+  x = jax.ShapeDtypeStruct((2, 8, 3, 48), jnp.bfloat16)
+  pos = jax.ShapeDtypeStruct((2, 8), jnp.int32)
+  fn = jax.jit(lambda x, p: layers.rotary(x, p, 10000.0))
+
+  def ops(platform):
+    text = fn.trace(x, pos).lower(lowering_platforms=(platform,)).as_text()
+    return "stablehlo.reverse" in text, "stablehlo.concatenate" in text
+
+  assert ops("cuda") == (True, False)
+  assert ops("cpu") == (False, True)
+
+
 def test_swiglu_paired_keeps_a_tensor_sharded_d_ff_in_place():
   """On a data x tensor mesh with d_ff split over tensor (the MLP's sharding rule), the paired
   form needs only the all-reduces the split one does: no shards moved between devices."""

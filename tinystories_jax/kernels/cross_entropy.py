@@ -12,11 +12,6 @@ The two kernels here replace them:
   softmax rule (running maximum, sum rescaled when it grows), so the logits are read once;
 - `logit_grad`: one program per `[rows, columns]` tile, reading the logits and writing the
   gradient in the logits' dtype.
-A third kernel does both in one pass, in the forward: `softmax_minus_onehot` holds each row whole
-(up to `MAX_ONE_PASS_WIDTH` columns), and writes its log-sum-exp, its target's logit and
-`softmax - onehot(target)` over the logits it read (same buffer). The loss's backward then only
-scales that by per-row weights around its two matmuls: the logits are read once, not twice.
-
 Exponentials are base 2 (`exp2`, a single hardware instruction) with log2(e) folded into the
 logits. Columns at or past `vocab` (the loss pads the projection to a multiple of 128 rows) are
 masked out of the softmax and get a zero gradient.
@@ -37,7 +32,6 @@ import math
 import jax
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 import jax.numpy as jnp
 
 from tinystories_jax.kernels import flash_attention as fa
@@ -46,10 +40,6 @@ from tinystories_jax.kernels import flash_attention_gpu as gpu_kernels
 MIN_BLOCK_V = 64
 MAX_BLOCK_V = 512
 MAX_BLOCK_ROWS = 16
-# Widest padded vocabulary `softmax_minus_onehot` holds in one program (a power-of-two tile).
-MAX_ONE_PASS_WIDTH = 65536
-# Elements of one one-pass tile per thread the warps are sized for.
-_ONE_PASS_PER_THREAD = 64
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
 _F32 = jnp.float32
@@ -163,58 +153,6 @@ def _grad_call(x_nv, lse_n, soft_n, tgt_w_n, targets_n, vocab: int, interpret: b
     targets_n.astype(jnp.int32))
 
 
-def one_pass_tile(rows: int, padded_vocab: int) -> tuple[int, int, int] | None:
-  """(rows, columns, warps) of one `softmax_minus_onehot` program, or None past the width."""
-  width = 1 << max(padded_vocab - 1, 1).bit_length()
-  if width > MAX_ONE_PASS_WIDTH:
-    return None
-  br = _pow2_divisor(rows, max(1, min(MAX_BLOCK_ROWS, 8192 // width)))
-  warps = min(16, max(4, br * width // (32 * _ONE_PASS_PER_THREAD)))
-  return br, width, warps
-
-
-def _one_pass_kernel(x_ref, tgt_ref, s_ref, lse_ref, tl_ref, *, vocab: int, padded_vocab: int):
-  rows, width = x_ref.shape
-  cols = lax.broadcasted_iota(jnp.int32, (rows, width), 1)
-  in_array = None if width == padded_vocab else cols < padded_vocab
-  if in_array is None:
-    x = x_ref[...].astype(_F32)
-  else:
-    x = plgpu.load(x_ref, mask=in_array, other=0.0).astype(_F32)
-  x2 = x * _LOG2E if vocab == width else jnp.where(cols < vocab, x * _LOG2E, -jnp.inf)
-  m = jnp.max(x2, axis=1)
-  p = jnp.exp2(x2 - m[:, None])
-  total = jnp.sum(p, axis=1)
-  hit = cols == tgt_ref[...][:, None]
-  lse_ref[...] = (m + jnp.log2(total)) * _LN2
-  tl_ref[...] = jnp.sum(jnp.where(hit, x, 0.0), axis=1)
-  g = (p * (1.0 / total)[:, None] - jnp.where(hit, 1.0, 0.0)).astype(s_ref.dtype)
-  if in_array is None:
-    s_ref[...] = g
-  else:
-    plgpu.store(s_ref, g, mask=in_array)
-
-
-def _one_pass_call(x_nv, targets_n, vocab: int, interpret: bool, num_warps: int | None = None):
-  n, vp = x_nv.shape
-  br, width, warps = one_pass_tile(n, vp)
-  warps = num_warps or warps
-  row = pl.BlockSpec((br,), lambda i: (i,))
-  tile = pl.BlockSpec((br, width), lambda i: (i, 0))
-  return pl.pallas_call(
-      functools.partial(_one_pass_kernel, vocab=vocab, padded_vocab=vp),
-      grid=(n // br,),
-      in_specs=[tile, row],
-      out_specs=[tile, row, row],
-      out_shape=[jax.ShapeDtypeStruct((n, vp), x_nv.dtype), jax.ShapeDtypeStruct((n,), _F32),
-                 jax.ShapeDtypeStruct((n,), _F32)],
-      input_output_aliases={0: 0},
-      compiler_params=gpu_kernels.compiler_params(num_warps=warps, num_stages=1),
-      interpret=interpret,
-      name="cross_entropy_one_pass",
-  )(x_nv, targets_n.astype(jnp.int32))
-
-
 def _row_sharded(fn, *args):
   """Runs `fn` on each device's rows under a multi-device mesh (a Pallas call is opaque to XLA's
   partitioner, which would gather the whole logits onto every device); directly otherwise.
@@ -239,7 +177,7 @@ def _row_sharded(fn, *args):
   spec = lambda x: P(tuple(axes), *([None] * (x.ndim - 1)))  # noqa: E731
   out = jax.eval_shape(fn, *args)
   return jax.shard_map(fn, mesh=mesh, in_specs=tuple(spec(a) for a in args),
-                       out_specs=jax.tree.map(spec, out), check_vma=False)(*args)
+                       out_specs=spec(out), check_vma=False)(*args)
 
 
 def logsumexp(logits_bnv, vocab: int, *, interpret: bool | None = None) -> jax.Array:
@@ -268,37 +206,6 @@ def logit_grad(logits_bnv, lse_bn, softmax_weight_bn, target_weight_bn, targets_
                      interpret)
     return out.reshape(x.shape)
   return _row_sharded(run, logits_bnv, lse_bn, softmax_weight_bn, target_weight_bn, targets_bn)
-
-
-def softmax_minus_onehot(logits_bnv, targets_bn, vocab: int, *, interpret: bool | None = None,
-                         num_warps: int | None = None):
-  """One pass over the logits [B, N, Vp]: (softmax - onehot(targets) [B, N, Vp] in the logits'
-  dtype, written over the logits' buffer where XLA can give it; float32 log-sum-exp [B, N];
-  float32 target logits [B, N]).
-
-  The softmax is over the first `vocab` columns; later columns get 0. Needs `one_pass_tile`
-  to fit the padded vocabulary (`MAX_ONE_PASS_WIDTH`); `logsumexp` and `logit_grad` do not.
-  `num_warps` overrides `one_pass_tile`'s (for benchmarks/loss_kernels.py).
-  """
-  interpret = _resolve_interpret(interpret, logits_bnv.shape[-1])
-  b, n, vp = logits_bnv.shape
-  if one_pass_tile(b * n, vp) is None:
-    raise ValueError(f"softmax_minus_onehot holds at most {MAX_ONE_PASS_WIDTH} columns, not "
-                     f"{vp}; use logsumexp and logit_grad (train.loss_kernel='pallas_two_pass').")
-
-  def run(x, tgt):
-    s, lse, tl = _one_pass_call(x.reshape(-1, vp), tgt.reshape(-1), vocab, interpret, num_warps)
-    return s.reshape(x.shape), lse.reshape(x.shape[:2]), tl.reshape(x.shape[:2])
-  return _row_sharded(run, logits_bnv, targets_bn)
-
-
-def softmax_minus_onehot_reference(logits_bnv, targets_bn, vocab: int):
-  """What `softmax_minus_onehot` computes, in plain jnp."""
-  lse = logsumexp_reference(logits_bnv, vocab)
-  ones = jnp.ones(targets_bn.shape, _F32)
-  s = logit_grad_reference(logits_bnv, lse, ones, ones, targets_bn, vocab)
-  tl = jnp.take_along_axis(logits_bnv, targets_bn[..., None], axis=-1)[..., 0].astype(_F32)
-  return s, lse, tl
 
 
 def logsumexp_reference(logits_bnv, vocab: int) -> jax.Array:
