@@ -755,7 +755,9 @@ def main() -> None:
                  "--train_shapes selects, with train in --sections and ours in --train_systems")
   import jax  # noqa: PLC0415
   args.on_accelerator = jax.default_backend() in ("gpu", "tpu")
-  if not args.on_accelerator and not args.smoke:
+  # The layers section is plain JAX (no Pallas): on a CPU it times the CPU's forms.
+  cpu_ok = _names(args.sections) <= {"versions", "layers"}
+  if not args.on_accelerator and not args.smoke and not cpu_ok:
     # A GPU whose CUDA backend failed to start leaves JAX on the CPU: the full shapes would then
     # run interpreted there until the call's time ran out.
     parser.error(f"JAX sees no GPU or TPU (backend {jax.default_backend()!r}); check the CUDA "

@@ -38,13 +38,16 @@ _OUT = flags.DEFINE_string("out", None, "Also append the results as JSON lines t
 
 
 def _time_iterator(it, batches: int) -> float:
-  for _ in range(5):  # warm-up: worker start, first epoch's shuffle
-    next(it)
-  tokens = 0
-  start = time.perf_counter()
-  for _ in range(batches):
-    tokens += next(it)["inputs"].size
-  return tokens / (time.perf_counter() - start)
+  try:
+    for _ in range(5):  # warm-up: worker start, first epoch's shuffle
+      next(it)
+    tokens = 0
+    start = time.perf_counter()
+    for _ in range(batches):
+      tokens += next(it)["inputs"].size
+    return tokens / (time.perf_counter() - start)
+  finally:
+    it.close()  # stop worker processes now, not at interpreter exit
 
 
 def main(argv):

@@ -86,6 +86,24 @@ def test_packed_stories_train(tiny_data, tmp_path):
   assert np.isfinite(last["eval_loss"])
 
 
+def test_the_data_iterator_is_closed_at_the_end(tiny_data, tmp_path, monkeypatch):
+  """Grain's worker processes (data.worker_count > 0) stop with the run, not at exit."""
+  from tinystories_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  made, real = [], pipeline.make_iterator
+
+  def spy(*args, **kwargs):
+    made.append(real(*args, **kwargs))
+    return made[-1]
+
+  monkeypatch.setattr(pipeline, "make_iterator", spy)
+  run = config_lib.run_config(tiny_config(tiny_data, **{
+      "train.steps": 2, "train.eval_every": 0, "train.log_every": 1}))
+  loop.train(run, str(tmp_path / "run"))
+  assert len(made) == 1
+  with pytest.raises(ValueError, match="closed"):  # a closed Grain iterator refuses
+    next(made[0])
+
+
 def test_loss_kernel_auto_is_resolved_once_for_the_run(tiny_data, tmp_path, monkeypatch):
   calls, real = [], loss_lib.resolve_kernel
 

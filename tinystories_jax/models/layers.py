@@ -75,8 +75,8 @@ def rotary(x_bthd: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Arra
   llama2.c's `run.c` rotates adjacent pairs (2i, 2i+1) instead; `interop.llama2c` permutes the
   q/k projection rows on export so both layouts give the same model.
 
-  Two forms with the same values: `rotary_by_reverse` on NVIDIA GPUs, `rotary_by_concatenate`
-  elsewhere; they differ only in speed (docs/training.md).
+  Two forms with the same values: `rotary_by_reverse` on NVIDIA GPUs, where it was measured
+  faster, and `rotary_by_concatenate` elsewhere; they differ only in speed (docs/training.md).
   """
   return lax.platform_dependent(x_bthd, positions_bt, cuda=functools.partial(
       rotary_by_reverse, theta=theta), default=functools.partial(rotary_by_concatenate,
@@ -84,8 +84,8 @@ def rotary(x_bthd: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Arra
 
 
 def rotary_by_concatenate(x_bthd: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
-  """`rotary` as the two rotated halves concatenated (the CPU's form: at head_dim 48 it ran
-  2.2x faster there than `rotary_by_reverse`, docs/training.md)."""
+  """`rotary` as the two rotated halves concatenated (off NVIDIA GPUs; the CPU's q/k/v
+  projection and rotary as they were measured there, docs/training.md)."""
   d = x_bthd.shape[-1]
   inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
   angles = positions_bt.astype(jnp.float32)[:, :, None] * inv_freq  # [B, T, D/2]
@@ -100,8 +100,9 @@ def rotary_by_concatenate(x_bthd: jax.Array, positions_bt: jax.Array, theta: flo
 def rotary_by_reverse(x_bthd: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
   """`rotary` without a concatenate: the head dim viewed as [2, D/2], the halves swapped by a
   reverse of that axis, so the forward and its autodiff backward are elementwise with an index
-  remap (the GPU's form: the fusions concatenating D/2-wide halves ran at 1.7-2.2 TB/s on an
-  H200 at head_dim 48; with q/k/v stacked this form was 1.06x faster there, docs/training.md)."""
+  remap (NVIDIA GPUs: on an H200 the fusions concatenating D/2-wide halves ran at 1.7-2.2 TB/s
+  at head_dim 48, and q/k/v stacked + rotary ran 1.06x faster forward + backward in this form
+  at the llama 15M shape, 1.03x at 42M; docs/training.md)."""
   d = x_bthd.shape[-1]
   inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
   angles = positions_bt.astype(jnp.float32)[:, :, None] * inv_freq  # [B, T, D/2]

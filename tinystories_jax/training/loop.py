@@ -402,6 +402,7 @@ def train(run: RunConfig, workdir: str) -> dict[str, Any]:
   progress.close()
   writer.close()
   checkpointer.close()
+  data_iter.close()  # stops Grain's worker processes (data.worker_count > 0) before exit
   if not stopped_early:
     logging.info("Finished %d steps in %s.", t.steps, workdir)
   return row
