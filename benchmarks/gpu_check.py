@@ -24,7 +24,7 @@ Sections, each guarded so one failure does not end the run, in this order:
              pool and a run cut short still pairs what it measured
   attention  forward and forward+backward at four shapes, causal and window 256: our Pallas kernel,
              cuDNN, XLA, jax's stock Pallas (Triton) `mha` and its Mosaic GPU kernel (forward)
-  sweep      our kernel's tile sizes
+  sweep      our kernel's tiles, warps and stages, beside cuDNN
   pipeline   benchmarks/input_pipeline.py (needs grain), in a child process
   sampling   benchmarks/sampling.py at batch 1, 64 and 256 (ours in float32 and with bfloat16
              matmuls, each with a chunked and a whole KV cache; transformers' generate in float32
@@ -755,7 +755,7 @@ def main() -> None:
                  "--train_shapes selects, with train in --sections and ours in --train_systems")
   import jax  # noqa: PLC0415
   args.on_accelerator = jax.default_backend() in ("gpu", "tpu")
-  # The layers section is plain JAX (no Pallas): on a CPU it times the CPU's forms.
+  # The layers section is plain JAX (no Pallas): it also runs on a CPU (every form).
   cpu_ok = _names(args.sections) <= {"versions", "layers"}
   if not args.on_accelerator and not args.smoke and not cpu_ok:
     # A GPU whose CUDA backend failed to start leaves JAX on the CPU: the full shapes would then

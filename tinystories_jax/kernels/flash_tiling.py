@@ -29,7 +29,8 @@ _INT32_MAX = 2**31 - 1
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  """Tile sizes of the forward and the two backward kernels; powers of two, at least 16.
+  """Tile sizes of the forward and the two backward kernels (powers of two, at least 16), and
+  optionally the GPU compiler's warps and stages.
 
   Attributes:
     block_q: query rows per forward program.

@@ -100,7 +100,7 @@ def rotary_by_concatenate(x_bthd: jax.Array, positions_bt: jax.Array, theta: flo
 def rotary_by_reverse(x_bthd: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
   """`rotary` without a concatenate: the head dim viewed as [2, D/2], the halves swapped by a
   reverse of that axis, so the forward and its autodiff backward are elementwise with an index
-  remap (NVIDIA GPUs: on an H200 the fusions concatenating D/2-wide halves ran at 1.7-2.2 TB/s
+  remap (NVIDIA GPUs: on an H200 the fusions concatenating D/2-wide halves ran at 1.7-2.7 TB/s
   at head_dim 48, and q/k/v stacked + rotary ran 1.06x faster forward + backward in this form
   at the llama 15M shape, 1.03x at 42M; docs/training.md)."""
   d = x_bthd.shape[-1]
