@@ -9,13 +9,13 @@ Sections, each guarded so one failure does not end the run, in this order:
   kernel_check  our kernel compiled, forward and gradients against the float32 reference, on
              the features the timed shapes leave out (GQA, MQA, segments, padding, float32)
   matmul     bf16 matmul ceiling, 8192^3, median of timed calls after warm-up
-  layers     model pieces that have two forms or more (models/layers.py), forward + backward at the
-             train shapes (--train_shapes) in bf16, interleaved, the GPU default first: the
-             llama MLP with gate and up paired on a new axis against split in two (the CPU's
-             form); llama's q/k/v projection + rotary as one stacked matmul with rotary's halves
-             swapped by a reverse, against the same with a concatenate and against three matmuls
-             (the CPU's); GPT-Neo's MLP with gelu_new's tanh recomputed in the backward against
-             saved
+  layers     model pieces written in two forms or more (models/layers.py), forward + backward
+             at the train shapes (--train_shapes) in bf16, interleaved, the GPU default first:
+             the llama MLP with gate and up paired on a new axis against split in two (the
+             CPU's form); llama's q/k/v projection + rotary as one stacked matmul with rotary's
+             halves swapped by a reverse, against the same with a concatenate and against three
+             matmuls (the CPU's); GPT-Neo's MLP with gelu_new's tanh recomputed in the backward
+             against saved. Plain JAX: with only versions and layers it also runs on a CPU
   train      per model shape: our train step (tinystories_jax.training.benchmark) for each
              attention:loss[:scan][:remat][:padN][:xla|:online|:kernel] variant (--train_variants),
              then the transformers peer at the same shape (LlamaForCausalLM + torch.compile;
