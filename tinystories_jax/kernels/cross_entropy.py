@@ -36,6 +36,7 @@ import jax.numpy as jnp
 
 from tinystories_jax.kernels import flash_attention as fa
 from tinystories_jax.kernels import flash_attention_gpu as gpu_kernels
+from tinystories_jax.kernels import sharding
 
 MIN_BLOCK_V = 64
 MAX_BLOCK_V = 512
@@ -43,8 +44,6 @@ MAX_BLOCK_ROWS = 16
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
 _F32 = jnp.float32
-# Mesh axes the rows (batch) may be split over; each row's passes are independent.
-_BATCH_AXES = ("data", "fsdp")
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
@@ -153,33 +152,6 @@ def _grad_call(x_nv, lse_n, soft_n, tgt_w_n, targets_n, vocab: int, interpret: b
     targets_n.astype(jnp.int32))
 
 
-def _row_sharded(fn, *args):
-  """Runs `fn` on each device's rows under a multi-device mesh (a Pallas call is opaque to XLA's
-  partitioner, which would gather the whole logits onto every device); directly otherwise.
-
-  The batch axis is split over the mesh's `data` and `fsdp` axes that divide it; a vocabulary
-  sharded over `tensor` is gathered. Inside a caller's `shard_map`, that call needs
-  `check_vma=False` (as for `flash_attention`).
-  """
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1:
-    return fn(*args)
-  sizes = {name: size for (name, size), kind in zip(mesh.shape.items(), mesh.axis_types)
-           if kind != jax.sharding.AxisType.Manual}
-  rows, axes, split = args[0].shape[0], [], 1
-  for axis in _BATCH_AXES:
-    if sizes.get(axis, 1) > 1 and rows % (split * sizes[axis]) == 0:
-      axes.append(axis)
-      split *= sizes[axis]
-  if not axes:
-    return fn(*args)
-  P = jax.sharding.PartitionSpec  # noqa: N806
-  spec = lambda x: P(tuple(axes), *([None] * (x.ndim - 1)))  # noqa: E731
-  out = jax.eval_shape(fn, *args)
-  return jax.shard_map(fn, mesh=mesh, in_specs=tuple(spec(a) for a in args),
-                       out_specs=spec(out), check_vma=False)(*args)
-
-
 def logsumexp(logits_bnv, vocab: int, *, interpret: bool | None = None) -> jax.Array:
   """float32 log-sum-exp over the first `vocab` columns of `logits_bnv` [B, N, Vp] -> [B, N]."""
   interpret = _resolve_interpret(interpret, logits_bnv.shape[-1])
@@ -187,7 +159,7 @@ def logsumexp(logits_bnv, vocab: int, *, interpret: bool | None = None) -> jax.A
 
   def run(x):
     return _lse_call(x.reshape(-1, vp), vocab, interpret).reshape(x.shape[:2])
-  return _row_sharded(run, logits_bnv)
+  return sharding.rows_sharded(run, (logits_bnv,))
 
 
 def logit_grad(logits_bnv, lse_bn, softmax_weight_bn, target_weight_bn, targets_bn, vocab: int,
@@ -205,7 +177,8 @@ def logit_grad(logits_bnv, lse_bn, softmax_weight_bn, target_weight_bn, targets_
     out = _grad_call(x.reshape(-1, vp), flat(lse), flat(soft), flat(tgt_w), flat(tgt), vocab,
                      interpret)
     return out.reshape(x.shape)
-  return _row_sharded(run, logits_bnv, lse_bn, softmax_weight_bn, target_weight_bn, targets_bn)
+  return sharding.rows_sharded(
+      run, (logits_bnv, lse_bn, softmax_weight_bn, target_weight_bn, targets_bn))
 
 
 def logsumexp_reference(logits_bnv, vocab: int) -> jax.Array:
