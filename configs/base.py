@@ -28,6 +28,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"            # compute dtype (float32|bfloat16); weights stay float32
   c.model.remat = "none"               # "block" recomputes each block in the backward pass
   c.model.scan_layers = False          # run the blocks as one lax.scan (same parameters)
+  c.model.norm = "xla"                 # llama's residual add + RMSNorm: "xla" (jnp) or
+  #                                      "pallas" (one kernel each way; GPUs)
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 2000                 # optimizer steps in the whole run (resume continues to it)

@@ -201,6 +201,42 @@ def test_scanned_layers_equal_the_loop(family, overrides):
     np.testing.assert_allclose(b, a, atol=1e-6)
 
 
+@pytest.mark.parametrize("overrides", [dict(), dict(remat="block"), dict(scan_layers=True),
+                                       dict(dtype="bfloat16")])
+def test_pallas_norm_equals_xla_inside_the_model(overrides):
+  """model.norm_impl="pallas" (the residual add + RMSNorm kernels, through the interpreter):
+  the llama model's loss and every parameter gradient as with the jnp norms."""
+  fa = pytest.importorskip("tinystories_jax.kernels.flash_attention")
+  tokens = jnp.asarray(np.random.default_rng(2).integers(0, 61, (2, 8)))
+  segments = jnp.asarray([[1, 1, 1, 2, 2, 2, 2, 0], [1] * 8])
+
+  def loss_and_grads(cfg):
+    model = models.build(cfg, nnx.Rngs(0))
+
+    def loss(model):
+      return jnp.mean(model(tokens, segment_ids_bt=segments) ** 2)
+
+    return nnx.jit(nnx.value_and_grad(loss))(model)
+
+  l0, g0 = loss_and_grads(tiny("llama", num_layers=3, **overrides))
+  with fa.force_interpret():
+    l1, g1 = loss_and_grads(tiny("llama", num_layers=3, norm_impl="pallas", **overrides))
+  tol = 1e-5 if "dtype" not in overrides else 3e-2
+  np.testing.assert_allclose(l1, l0, rtol=tol)
+  norm_grads = 0
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g0), jax.tree.leaves(g1)):
+    norm_grads += "norm" in jax.tree_util.keystr(path)
+    np.testing.assert_allclose(b, a, atol=tol, rtol=tol, err_msg=jax.tree_util.keystr(path))
+  assert norm_grads == 2 * 3 + 1  # two norms a block and the final one, all compared
+
+
+def test_pallas_norm_is_llamas_only():
+  with pytest.raises(ValueError, match="GPT-Neo's LayerNorm"):
+    tiny("gpt_neo", norm_impl="pallas")
+  with pytest.raises(ValueError, match="norm_impl 'triton'"):
+    tiny("llama", norm_impl="triton")
+
+
 def test_layer_period():
   from tinystories_jax.models import scan  # noqa: PLC0415
   assert scan.layer_period(("global",) * 6) == 1

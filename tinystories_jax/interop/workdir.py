@@ -127,11 +127,12 @@ def read_workdir(workdir: str | os.PathLike, step: int | None = None
   """(model config, params as a pure dict of numpy arrays, the whole config.json).
 
   Reads the latest checkpoint unless `step` is given, restoring only its "params" item onto the
-  first local device.
+  first local device. The model config's `norm_impl` comes back as "xla": the norms' Pallas
+  kernels are a GPU training setting, and the jnp norms compute the same values anywhere.
   """
   workdir = pathlib.Path(workdir).absolute()
   config = read_config(workdir)
-  cfg = ModelConfig.from_dict(config["model"])
+  cfg = ModelConfig.from_dict(dict(config["model"], norm_impl="xla"))
   ckpt_dir = workdir / CHECKPOINTS
   if not ckpt_dir.is_dir():
     raise WorkdirError(f"{workdir} has no {CHECKPOINTS}/ directory; nothing to read.")

@@ -16,6 +16,7 @@ FAMILIES = ("gpt_neo", "llama")
 ATTENTION_KINDS = ("global", "local")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT = ("none", "block")
+NORM_IMPLS = ("xla", "pallas")
 
 
 def llama_hidden_dim(d_model: int, multiple_of: int) -> int:
@@ -52,6 +53,9 @@ class ModelConfig:
     dtype: compute dtype of activations and matmuls; parameters stay `param_dtype`; softmax,
       norms' statistics and logits are float32 regardless.
     param_dtype: storage dtype of the parameters.
+    norm_impl: "xla" (the norms as jnp, which XLA fuses) or "pallas" (llama only: each residual
+      add and the RMSNorm after it as one Pallas kernel each way, `kernels.rms_norm`; GPUs, or
+      the interpreter under `flash_attention.force_interpret`).
     remat: "none" or "block" (recompute each block in the backward pass).
     scan_layers: run the blocks as one `lax.scan` (models/scan.py); same parameters and results.
     init_std: standard deviation of the normal initializer for matrices and embeddings.
@@ -75,6 +79,7 @@ class ModelConfig:
   attention_impl: str = "auto"
   dtype: str = "float32"
   param_dtype: str = "float32"
+  norm_impl: str = "xla"
   remat: str = "none"
   scan_layers: bool = False
   init_std: float = 0.02
@@ -119,6 +124,11 @@ class ModelConfig:
         fail(f"{name} {getattr(self, name)!r} is not one of {DTYPES}.")
     if self.remat not in REMAT:
       fail(f"remat {self.remat!r} is not one of {REMAT}.")
+    if self.norm_impl not in NORM_IMPLS:
+      fail(f"norm_impl {self.norm_impl!r} is not one of {NORM_IMPLS}.")
+    if self.norm_impl == "pallas" and self.family != "llama":
+      fail("norm_impl 'pallas' (a config's model.norm) is llama's RMSNorm kernel; GPT-Neo's "
+           "LayerNorm runs as 'xla'.")
     object.__setattr__(self, "num_kv_heads", kv)
     object.__setattr__(self, "head_dim", head_dim)
     object.__setattr__(self, "d_ff", d_ff)

@@ -54,6 +54,11 @@ class LayerNorm(nnx.Module):
     y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
     return y.astype(self.dtype)
 
+  def add_and_norm(self, x_btd, delta_btd, *, keep_sum: bool = True):
+    """(s, norm(s)) for s = x + delta (delta None: s = x), or norm(s) alone without `keep_sum`."""
+    s = x_btd if delta_btd is None else x_btd + delta_btd
+    return (s, self(s)) if keep_sum else self(s)
+
 
 class RMSNorm(nnx.Module):
   """RMSNorm (llama); statistics in float32, like llama2.c and transformers."""
@@ -62,11 +67,29 @@ class RMSNorm(nnx.Module):
     self.scale = param(rngs, ones, (cfg.d_model,), ("norm",), jnp.dtype(cfg.param_dtype))
     self.eps = cfg.norm_eps
     self.dtype = jnp.dtype(cfg.dtype)
+    self.impl = cfg.norm_impl
 
   def __call__(self, x_btd: jax.Array) -> jax.Array:
     x = x_btd.astype(jnp.float32)
     y = x * jax.lax.rsqrt(jnp.square(x).mean(-1, keepdims=True) + self.eps)
     return (y * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+
+  def add_and_norm(self, x_btd, delta_btd, *, keep_sum: bool = True):
+    """(s, norm(s)) for s = x + delta (delta None: s = x), or norm(s) alone without `keep_sum`.
+
+    `model.norm_impl="pallas"` runs the add and the norm as one kernel each way
+    (`kernels.rms_norm`); "xla" runs the same expressions as jnp.
+    """
+    if self.impl == "pallas":
+      from tinystories_jax.kernels import rms_norm  # noqa: PLC0415 (loads Pallas on use)
+      x, delta = (None if a is None else a.astype(self.dtype) for a in (x_btd, delta_btd))
+      if delta is None:
+        y = rms_norm.rms_norm(x, self.scale[...], eps=self.eps)
+        return (x, y) if keep_sum else y
+      return rms_norm.rms_norm(x, self.scale[...], eps=self.eps, delta_btd=delta,
+                               return_sum=keep_sum)
+    s = x_btd if delta_btd is None else x_btd + delta_btd
+    return (s, self(s)) if keep_sum else self(s)
 
 
 def rotary(x_bthd: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
@@ -372,8 +395,16 @@ class Block(nnx.Module):
     self.mlp = GeluMLP(cfg, rngs) if cfg.is_gpt_neo else SwiGLU(cfg, rngs)
 
   def __call__(self, x_btd, positions_bt, segment_ids_bt=None):
-    x = x_btd + self.attn(self.norm1(x_btd), positions_bt, segment_ids_bt)
-    return x + self.mlp(self.norm2(x))
+    x, mlp_out = self.deferred(x_btd, None, positions_bt, segment_ids_bt)
+    return x + mlp_out
+
+  def deferred(self, x_btd, delta_btd, positions_bt, segment_ids_bt=None):
+    """The block applied to x + delta, returning (x', mlp_out) with the last residual add left
+    to the caller: the model hands it to the next norm (`add_and_norm`), so each residual add
+    and the norm reading its sum can run as one kernel. delta None: nothing to add."""
+    x, h = self.norm1.add_and_norm(x_btd, delta_btd)
+    x, h = self.norm2.add_and_norm(x, self.attn(h, positions_bt, segment_ids_bt))
+    return x, self.mlp(h)
 
 
 class CausalLM(nnx.Module):
@@ -406,15 +437,17 @@ class CausalLM(nnx.Module):
     x = jnp.take(self.embedding[...], tokens_bt, axis=0).astype(dt)
     x = self.embed_positions(x, positions_bt)
     if self.cfg.scan_layers:
-      return self.final_norm(scan_lib.scan_blocks(
+      x, delta = scan_lib.scan_blocks(
           list(self.blocks), self.cfg.attention_layers, x, positions_bt, segment_ids_bt,
-          remat=self.cfg.remat == "block"))
+          remat=self.cfg.remat == "block")
+      return self.final_norm.add_and_norm(x, delta, keep_sum=False)
+    delta = None  # each block's last residual add, done by the next norm
     for block in self.blocks:
       if self.cfg.remat == "block":
-        x = nnx.remat(Block.__call__)(block, x, positions_bt, segment_ids_bt)
+        x, delta = nnx.remat(Block.deferred)(block, x, delta, positions_bt, segment_ids_bt)
       else:
-        x = block(x, positions_bt, segment_ids_bt)
-    return self.final_norm(x)
+        x, delta = block.deferred(x, delta, positions_bt, segment_ids_bt)
+    return self.final_norm.add_and_norm(x, delta, keep_sum=False)
 
   def output_embedding(self) -> jax.Array:
     """The output projection w_vd (the tied input embedding unless `tie_embeddings` is False)."""

@@ -32,8 +32,11 @@ def layer_period(kinds: Sequence[str]) -> int:
 
 def scan_blocks(blocks: Sequence[nnx.Module], kinds: Sequence[str], x_btd: jax.Array,
                 positions_bt: jax.Array, segment_ids_bt: jax.Array | None, *,
-                remat: bool) -> jax.Array:
-  """Applies `blocks` in order, as a scan over groups of one period of `kinds`."""
+                remat: bool) -> tuple[jax.Array, jax.Array]:
+  """Applies `blocks` in order (`Block.deferred`), as a scan over groups of one period of
+  `kinds`; returns the last block's (x, mlp output), whose sum the final norm forms.
+
+  The carry is (x, delta); the first delta is zeros, since a scan's carry keeps one type."""
   period = layer_period(kinds)
   split = [nnx.split(block) for block in blocks]
   graphdefs = [graphdef for graphdef, _ in split[:period]]
@@ -41,12 +44,12 @@ def scan_blocks(blocks: Sequence[nnx.Module], kinds: Sequence[str], x_btd: jax.A
   stacked = [jax.tree.map(lambda *leaves: jnp.stack(leaves), *[s for _, s in split[j::period]])
              for j in range(period)]
 
-  def group(x, states):
+  def group(carry, states):
     for graphdef, state in zip(graphdefs, states):
-      x = nnx.merge(graphdef, state)(x, positions_bt, segment_ids_bt)
-    return x, None
+      carry = nnx.merge(graphdef, state).deferred(*carry, positions_bt, segment_ids_bt)
+    return carry, None
 
   if remat:
     group = jax.checkpoint(group)
-  x_btd, _ = jax.lax.scan(group, x_btd, stacked)
-  return x_btd
+  carry, _ = jax.lax.scan(group, (x_btd, jnp.zeros_like(x_btd)), stacked)
+  return carry

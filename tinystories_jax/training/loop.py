@@ -23,7 +23,7 @@ from absl import logging
 
 from tinystories_jax.data import pipeline
 from tinystories_jax.models import presets
-from tinystories_jax.models.config import ModelConfig, count_flops_per_token
+from tinystories_jax.models.config import NORM_IMPLS, ModelConfig, count_flops_per_token
 from tinystories_jax.parallel import mesh as mesh_lib
 from tinystories_jax.parallel import distributed, placement, rules
 from tinystories_jax.training import checkpoint as ckpt_lib
@@ -91,12 +91,15 @@ def resolve_model(run: RunConfig, vocab_size: int) -> ModelConfig:
   """The preset named by `model.family` / `model.name`, sized to the data's vocabulary."""
   m = run.model
   makers = {"llama": presets.llama, "gpt_neo": presets.gpt_neo}
+  if m.norm not in NORM_IMPLS:
+    raise ConfigError(f"model.norm={m.norm!r} is not one of {NORM_IMPLS}.")
   if m.family not in makers:
     raise ConfigError(f"model.family={m.family!r} is not one of {sorted(makers)}.")
   try:
     cfg = makers[m.family](m.name, vocab_size=vocab_size)
     cfg = ModelConfig.from_dict(dict(cfg.to_dict(), attention_impl=m.attention, dtype=m.dtype,
-                                     remat=m.remat, scan_layers=m.scan_layers))
+                                     remat=m.remat, scan_layers=m.scan_layers,
+                                     norm_impl=m.norm))
   except (KeyError, ValueError) as e:
     msg = str(e).strip("'\"")
     raise ConfigError(f"model.family={m.family!r} model.name={m.name!r}: {msg}") from e
@@ -107,6 +110,13 @@ def resolve_model(run: RunConfig, vocab_size: int) -> ModelConfig:
   why = attn.unsupported_reason(m.attention, cfg.dtype, cfg.head_dim)
   if why:
     raise ConfigError(f"model.attention={m.attention!r} cannot run this model here: {why}")
+  if cfg.norm_impl == "pallas":
+    from tinystories_jax.kernels import flash_attention as fa  # pylint: disable=g-import-not-at-top
+    from tinystories_jax.kernels import rms_norm  # pylint: disable=g-import-not-at-top
+    _, why = rms_norm.supports(cfg.d_model,
+                               "gpu" if fa.interpret_forced() else jax.default_backend())
+    if why:
+      raise ConfigError(f"model.norm='pallas' cannot run here: {why}")
   if run.train.loss_kernel == "pallas":
     from tinystories_jax.kernels import cross_entropy  # pylint: disable=g-import-not-at-top
     from tinystories_jax.training.loss import padded_vocab  # pylint: disable=g-import-not-at-top
