@@ -234,10 +234,11 @@ def section_sweep(run: Run, args) -> None:
 
 
 def parse_variant(text: str) -> dict:
-  """`attention:loss[:scan][:remat][:padN][:xla|:online|:kernel]` as a dict; ValueError says
-  what is wrong.
+  """`attention:loss[:scan][:remat][:norm][:padN][:xla|:online|:kernel]` as a dict; ValueError
+  says what is wrong.
 
-  `scan` sets scan_layers, `remat` model.remat="block"; with the fused loss, `padN` pads the
+  `scan` sets scan_layers, `remat` model.remat="block", `norm` model.norm_impl="pallas" (the
+  residual add + RMSNorm kernels; llama shapes only); with the fused loss, `padN` pads the
   output projection to a multiple of N rows (`pad1`: none; default 128), and its passes over
   the logits are train.loss_kernel="auto" (the default) unless `xla` (XLA's two passes),
   `online` (XLA's one-pass log-sum-exp, "xla_online") or `kernel` (the Pallas kernels,
@@ -251,12 +252,14 @@ def parse_variant(text: str) -> dict:
                      f"{attention_lib.implementations()}")
   if loss not in loss_lib.LOSS_IMPLS:
     raise ValueError(f"{text!r}: loss {loss!r} is not one of {loss_lib.LOSS_IMPLS}")
-  variant = {"attention": impl, "loss": loss, "scan": False, "remat": False,
+  variant = {"attention": impl, "loss": loss, "scan": False, "remat": False, "norm": "xla",
              "loss_kernel": "auto", "pad": None}
   kernels = {"xla": "xla", "online": "xla_online", "kernel": "pallas"}
   for x in extra:
     if x in ("scan", "remat"):
       variant[x] = True
+    elif x == "norm":
+      variant["norm"] = "pallas"
     elif x in kernels:
       if variant["loss_kernel"] != "auto":
         raise ValueError(f"{text!r}: give at most one of xla, online and kernel")
@@ -264,7 +267,7 @@ def parse_variant(text: str) -> dict:
     elif x.startswith("pad") and x[3:].isdigit() and int(x[3:]) >= 1:
       variant["pad"] = int(x[3:])
     else:
-      raise ValueError(f"{text!r}: unknown option {x!r}; options are scan, remat, xla, "
+      raise ValueError(f"{text!r}: unknown option {x!r}; options are scan, remat, norm, xla, "
                        "online, kernel and padN (N >= 1)")
   if loss != "fused" and (variant["loss_kernel"] != "auto" or variant["pad"] is not None):
     raise ValueError(f"{text!r}: xla, online, kernel and padN apply to the fused loss only")
@@ -288,10 +291,14 @@ def _train_ours(run: Run, args, shape) -> None:
   seen = {}  # the step each variant resolves to at this shape -> the first variant naming it
   for text, variant in zip(texts, map(parse_variant, texts)):
     impl, loss, scan, remat = (variant[k] for k in ("attention", "loss", "scan", "remat"))
-    pad, loss_kernel = variant["pad"], variant["loss_kernel"]
+    pad, loss_kernel, norm = variant["pad"], variant["loss_kernel"], variant["norm"]
     if loss == "fused":  # what "auto" runs here, recorded in the row
       loss_kernel = loss_lib.resolve_kernel(loss_kernel, loss_lib.padded_vocab(vocab, pad))
-    step = (impl, loss, scan, remat, pad, loss_kernel)
+    if norm == "pallas" and family != "llama":
+      print(f"# {family}:{name} {text}: the norm kernels are llama's (RMSNorm), not run here",
+            flush=True)
+      continue
+    step = (impl, loss, scan, remat, norm, pad, loss_kernel)
     if step in seen:  # e.g. the default and ":kernel" on a GPU: time (and trace) it once
       print(f"# {family}:{name} {text}: the same step as {seen[step]}, not timed again",
             flush=True)
@@ -303,6 +310,8 @@ def _train_ours(run: Run, args, shape) -> None:
       row["scan_layers"] = True
     if remat:
       row["remat"] = "block"
+    if norm != "xla":
+      row["norm_impl"] = norm
     if pad is not None:
       row["loss_vocab_multiple"] = pad
     if loss == "fused":
@@ -312,11 +321,13 @@ def _train_ours(run: Run, args, shape) -> None:
       continue
     try:
       cfg = presets.get(family, name, vocab_size=vocab, dtype="bfloat16", attention_impl=impl,
-                        scan_layers=scan, remat="block" if remat else "none", **overrides)
+                        scan_layers=scan, remat="block" if remat else "none", norm_impl=norm,
+                        **overrides)
       trace_dir = None
       if _shape_wanted(shape, _names(args.profile), empty_means_all=False):
         trace_dir = str(pathlib.Path(args.out) / "profile" / (
             f"{name}-{vocab}-{impl}-{loss}{'-scan' if scan else ''}{'-remat' if remat else ''}"
+            f"{'-norm' if norm != 'xla' else ''}"
             f"{'' if pad is None else f'-pad{pad}'}"
             f"{'' if loss_kernel == 'xla' else '-' + loss_kernel.replace('_', '-')}"))
       with fa.force_interpret(args.smoke or not args.on_accelerator):

@@ -20,11 +20,13 @@ fi
 
 python3 benchmarks/gpu_check.py --out="$OUT" "$@"
 
-# The kernel tests compiled on the GPU last, so a short run still gets the measurements.
+# The kernel tests compiled on the GPU last, so a short run still gets the measurements
+# (TEST_PATHS narrows them, e.g. TEST_PATHS=tests/kernels/test_rms_norm.py).
 if python3 -c "import pytest" 2>/dev/null; then
-  echo "# compiled kernel tests (pytest -m gpu tests/kernels)"
+  echo "# compiled kernel tests (pytest -m gpu ${TEST_PATHS:-tests/kernels})"
+  # shellcheck disable=SC2086  # TEST_PATHS may name several paths
   JAX_PLATFORMS=cuda timeout "${TEST_TIMEOUT_S:-150}" python3 -m pytest -q -m gpu \
-    -p no:cacheprovider tests/kernels >"$OUT/pytest_gpu.txt" 2>&1
+    -p no:cacheprovider ${TEST_PATHS:-tests/kernels} >"$OUT/pytest_gpu.txt" 2>&1
   echo "# pytest exit status $?"
   tail -n 15 "$OUT/pytest_gpu.txt"
 else

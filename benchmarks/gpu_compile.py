@@ -235,7 +235,7 @@ def compile_step(topology, family, preset, vocab, batch, seq, variant) -> str:
 
   cfg = presets.get(family, preset, vocab_size=vocab, dtype="bfloat16",
                     attention_impl=variant["attention"], scan_layers=variant["scan"],
-                    remat="block" if variant["remat"] else "none")
+                    remat="block" if variant["remat"] else "none", norm_impl=variant["norm"])
   devices = np.asarray(topology.devices).reshape(1, 1, 1)
   mesh = jax.sharding.Mesh(devices, mesh_lib.AXES,
                            axis_types=(jax.sharding.AxisType.Auto,) * 3)

@@ -21,17 +21,20 @@ def _module():
 def test_parse_variant():
   parse = _module().parse_variant
   assert parse("pallas:fused") == {"attention": "pallas", "loss": "fused", "scan": False,
-                                   "remat": False, "loss_kernel": "auto", "pad": 128}
+                                   "remat": False, "norm": "xla", "loss_kernel": "auto",
+                                   "pad": 128}
   assert parse("cudnn:fused:pad1:online") == {"attention": "cudnn", "loss": "fused",
-                                              "scan": False, "remat": False,
+                                              "scan": False, "remat": False, "norm": "xla",
                                               "loss_kernel": "xla_online", "pad": 1}
+  assert parse("pallas:fused:norm")["norm"] == "pallas"
   assert parse("pallas:fused:kernel")["loss_kernel"] == "pallas"
   assert parse("pallas:fused:xla")["loss_kernel"] == "xla"
   assert parse("xla:chunked:scan:remat") == {"attention": "xla", "loss": "chunked", "scan": True,
-                                             "remat": True, "loss_kernel": "auto", "pad": None}
+                                             "remat": True, "norm": "xla", "loss_kernel": "auto",
+                                             "pad": None}
   for bad, says in (("pallas", "loss ''"), ("palas:fused", "attention 'palas'"),
                     ("pallas:fused:pad", "'pad'"), ("pallas:fused:pad0", "'pad0'"),
-                    ("pallas:fused:onlne", "'onlne'"), ("pallas:plain:online", "fused loss only"),
+                    ("pallas:fused:onlne", "'onlne'"), ("pallas:fused:norms", "'norms'"), ("pallas:plain:online", "fused loss only"),
                     ("pallas:chunked:kernel", "fused loss only"),
                     ("pallas:fused:online:kernel", "at most one"),
                     ("pallas:fused:xla:online", "at most one"),
