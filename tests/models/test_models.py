@@ -174,6 +174,17 @@ def test_remat_changes_nothing_numerically():
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+def _packed_loss_and_grads(cfg, tokens):
+  """(loss, parameter gradients) and the parameters of `cfg`'s model on two packed rows."""
+  segments = jnp.asarray([[1, 1, 1, 2, 2, 2, 2, 0], [1] * 8])
+  model = models.build(cfg, nnx.Rngs(0))
+
+  def loss(model):
+    return jnp.mean(model(tokens, segment_ids_bt=segments) ** 2)
+
+  return nnx.jit(nnx.value_and_grad(loss))(model), _params(model)
+
+
 @pytest.mark.parametrize("family,overrides", [
     ("llama", dict(num_layers=3)),
     ("gpt_neo", dict(num_layers=4)),                                     # global, local x 2
@@ -183,18 +194,8 @@ def test_remat_changes_nothing_numerically():
 def test_scanned_layers_equal_the_loop(family, overrides):
   """scan_layers: same parameter tree, same logits and gradients as the Python loop."""
   tokens = jnp.asarray(np.random.default_rng(1).integers(0, 61, (2, 8)))
-  segments = jnp.asarray([[1, 1, 1, 2, 2, 2, 2, 0], [1] * 8])
-
-  def loss_and_grads(cfg):
-    model = models.build(cfg, nnx.Rngs(0))
-
-    def loss(model):
-      return jnp.mean(model(tokens, segment_ids_bt=segments) ** 2)
-
-    return nnx.jit(nnx.value_and_grad(loss))(model), _params(model)
-
-  (l0, g0), p0 = loss_and_grads(tiny(family, **overrides))
-  (l1, g1), p1 = loss_and_grads(tiny(family, scan_layers=True, **overrides))
+  (l0, g0), p0 = _packed_loss_and_grads(tiny(family, **overrides), tokens)
+  (l1, g1), p1 = _packed_loss_and_grads(tiny(family, scan_layers=True, **overrides), tokens)
   assert jax.tree.structure(p0) == jax.tree.structure(p1)
   np.testing.assert_allclose(l1, l0, rtol=1e-6)
   for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
@@ -208,19 +209,10 @@ def test_pallas_norm_equals_xla_inside_the_model(overrides):
   the llama model's loss and every parameter gradient as with the jnp norms."""
   fa = pytest.importorskip("tinystories_jax.kernels.flash_attention")
   tokens = jnp.asarray(np.random.default_rng(2).integers(0, 61, (2, 8)))
-  segments = jnp.asarray([[1, 1, 1, 2, 2, 2, 2, 0], [1] * 8])
-
-  def loss_and_grads(cfg):
-    model = models.build(cfg, nnx.Rngs(0))
-
-    def loss(model):
-      return jnp.mean(model(tokens, segment_ids_bt=segments) ** 2)
-
-    return nnx.jit(nnx.value_and_grad(loss))(model)
-
-  l0, g0 = loss_and_grads(tiny("llama", num_layers=3, **overrides))
+  (l0, g0), _ = _packed_loss_and_grads(tiny("llama", num_layers=3, **overrides), tokens)
   with fa.force_interpret():
-    l1, g1 = loss_and_grads(tiny("llama", num_layers=3, norm_impl="pallas", **overrides))
+    (l1, g1), _ = _packed_loss_and_grads(
+        tiny("llama", num_layers=3, norm_impl="pallas", **overrides), tokens)
   tol = 1e-5 if "dtype" not in overrides else 3e-2
   np.testing.assert_allclose(l1, l0, rtol=tol)
   norm_grads = 0

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 
 from tinystories_jax.kernels import flash_attention as fa
 from tinystories_jax.kernels import flash_attention_gpu as gpu_kernels
+from tinystories_jax.kernels import flash_tiling
 from tinystories_jax.kernels import sharding
 
 MIN_BLOCK_V = 64
@@ -46,17 +47,10 @@ _LN2 = math.log(2.0)
 _F32 = jnp.float32
 
 
-def _pow2_divisor(n: int, cap: int) -> int:
-  """The largest power of two dividing `n`, at most `cap`."""
-  block = 1
-  while block < cap and n % (2 * block) == 0:
-    block *= 2
-  return block
-
-
 def block_shape(rows: int, padded_vocab: int) -> tuple[int, int]:
   """(rows, columns) of one tile."""
-  return _pow2_divisor(rows, MAX_BLOCK_ROWS), _pow2_divisor(padded_vocab, MAX_BLOCK_V)
+  return (flash_tiling.pow2_divisor(rows, MAX_BLOCK_ROWS),
+          flash_tiling.pow2_divisor(padded_vocab, MAX_BLOCK_V))
 
 
 def supports(padded_vocab: int, platform: str) -> tuple[bool, str]:

@@ -78,6 +78,15 @@ class BlockSizes:
     return max(self.block_k, self.block_k_dq, self.block_k_dkv)
 
 
+def pow2_divisor(n: int, cap: int) -> int:
+  """The largest power of two dividing `n`, at most `cap` (a tile size for `n` rows: Triton
+  tiles are powers of two; the loss and norm kernels use it too)."""
+  block = 1
+  while block < cap and n % (2 * block) == 0:
+    block *= 2
+  return block
+
+
 def _i32(x):
   return jnp.asarray(x, dtype=jnp.int32)
 

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 
 from tinystories_jax.kernels import flash_attention as fa
 from tinystories_jax.kernels import flash_attention_gpu as gpu_kernels
+from tinystories_jax.kernels import flash_tiling
 from tinystories_jax.kernels import sharding
 
 # Elements of one [block_rows, width] tile (width rounded up to a power of two): 4096 keeps the
@@ -45,22 +46,14 @@ MAX_WIDTH = 8192
 _F32 = jnp.float32
 
 
-def _pow2_divisor(n: int, cap: int) -> int:
-  """The largest power of two dividing `n`, at most `cap`."""
-  block = 1
-  while block < cap and n % (2 * block) == 0:
-    block *= 2
-  return block
-
-
 def _tile_width(d: int) -> int:
   return 1 << (d - 1).bit_length()
 
 
 def block_shape(rows: int, d: int) -> tuple[int, int]:
   """(block_rows, program_rows): rows a tile holds, and rows one program handles."""
-  block_rows = _pow2_divisor(rows, max(1, TILE_ELEMENTS // _tile_width(d)))
-  program_rows = block_rows * _pow2_divisor(rows // block_rows, MAX_STEPS)
+  block_rows = flash_tiling.pow2_divisor(rows, max(1, TILE_ELEMENTS // _tile_width(d)))
+  program_rows = block_rows * flash_tiling.pow2_divisor(rows // block_rows, MAX_STEPS)
   return block_rows, program_rows
 
 
