@@ -17,7 +17,8 @@ Sections, each guarded so one failure does not end the run, in this order:
              matmuls (the CPU's); GPT-Neo's MLP with gelu_new's tanh recomputed in the backward
              against saved. Plain JAX: with only versions and layers it also runs on a CPU
   train      per model shape: our train step (tinystories_jax.training.benchmark) for each
-             attention:loss[:scan][:remat][:padN][:xla|:online|:kernel] variant (--train_variants),
+             attention:loss[:scan][:remat][:norm][:padN][:xla|:online|:kernel] variant
+             (--train_variants),
              then the transformers peer at the same shape (LlamaForCausalLM + torch.compile;
              GPTNeoForCausalLM eager and compiled; bf16 autocast, AdamW, grad clip, random
              tokens) in a child process, so the two frameworks do not share the GPU's memory
@@ -67,8 +68,9 @@ SMOKE_TRAIN_SHAPES = (
     ("gpt_neo", "1m", 512, 4, 64, {"num_heads": 4, "num_layers": 2, "window": 16,
                                    "attention_layers": ("global", "local")}),
 )
-# attention:loss[:scan][:remat][:padN][:xla|:online|:kernel] variants of our step timed at every
-# shape (":scan" sets scan_layers, ":remat" model.remat="block"; ":padN" the fused loss's vocab
+# attention:loss[:scan][:remat][:norm][:padN][:xla|:online|:kernel] variants of our step timed at
+# every shape (":scan" sets scan_layers, ":remat" model.remat="block", ":norm"
+# model.norm_impl="pallas" (llama shapes); ":padN" the fused loss's vocab
 # padding multiple, ":pad1" none; its passes over the logits are train.loss_kernel's default,
 # "auto", unless ":xla" (XLA, two passes), ":online" (XLA, one pass) or ":kernel" (Pallas) says).
 TRAIN_VARIANTS = "pallas:fused"
@@ -579,6 +581,8 @@ def _variant(r: dict) -> str:
     text += ", scan"
   if r.get("remat") == "block":
     text += ", remat"
+  if r.get("norm_impl") == "pallas":
+    text += ", Pallas norm kernels"
   if r.get("loss_vocab_multiple") == 1:
     text += ", vocab unpadded"
   elif "loss_vocab_multiple" in r:

@@ -34,13 +34,21 @@ def test_parse_variant():
                                              "pad": None}
   for bad, says in (("pallas", "loss ''"), ("palas:fused", "attention 'palas'"),
                     ("pallas:fused:pad", "'pad'"), ("pallas:fused:pad0", "'pad0'"),
-                    ("pallas:fused:onlne", "'onlne'"), ("pallas:fused:norms", "'norms'"), ("pallas:plain:online", "fused loss only"),
+                    ("pallas:fused:onlne", "'onlne'"), ("pallas:fused:norms", "'norms'"),
+                    ("pallas:plain:online", "fused loss only"),
                     ("pallas:chunked:kernel", "fused loss only"),
                     ("pallas:fused:online:kernel", "at most one"),
                     ("pallas:fused:xla:online", "at most one"),
                     ("pallas:chunked:xla", "fused loss only")):
     with pytest.raises(ValueError, match=says):
       parse(bad)
+
+
+def test_table_labels_tell_the_norm_kernels_apart():
+  label = _module()._variant  # noqa: SLF001
+  row = {"attention": "pallas", "loss_impl": "fused", "loss_kernel": "pallas"}
+  assert "norm" not in label(row)
+  assert "Pallas norm kernels" in label({**row, "norm_impl": "pallas"})
 
 
 @pytest.mark.parametrize("argv, says", [

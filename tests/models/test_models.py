@@ -213,12 +213,16 @@ def test_pallas_norm_equals_xla_inside_the_model(overrides):
   with fa.force_interpret():
     (l1, g1), _ = _packed_loss_and_grads(
         tiny("llama", num_layers=3, norm_impl="pallas", **overrides), tokens)
-  tol = 1e-5 if "dtype" not in overrides else 3e-2
+  # Each gradient against its own largest entry (they span 1e-5 to 1e-2 here); in bf16 XLA may
+  # normalise the unrounded sum where the kernel normalises the stored one.
+  tol = 1e-4 if "dtype" not in overrides else 5e-2
   np.testing.assert_allclose(l1, l0, rtol=tol)
   norm_grads = 0
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g0), jax.tree.leaves(g1)):
     norm_grads += "norm" in jax.tree_util.keystr(path)
-    np.testing.assert_allclose(b, a, atol=tol, rtol=tol, err_msg=jax.tree_util.keystr(path))
+    assert np.abs(a).max() > 0, jax.tree_util.keystr(path)
+    np.testing.assert_allclose(b, a, atol=tol * np.abs(a).max(), rtol=0,
+                               err_msg=jax.tree_util.keystr(path))
   assert norm_grads == 2 * 3 + 1  # two norms a block and the final one, all compared
 
 

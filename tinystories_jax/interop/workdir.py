@@ -128,7 +128,8 @@ def read_workdir(workdir: str | os.PathLike, step: int | None = None
 
   Reads the latest checkpoint unless `step` is given, restoring only its "params" item onto the
   first local device. The model config's `norm_impl` comes back as "xla": the norms' Pallas
-  kernels are a GPU training setting, and the jnp norms compute the same values anywhere.
+  kernels are a GPU training setting, and the jnp norms compute the same function (to
+  rounding) anywhere.
   """
   workdir = pathlib.Path(workdir).absolute()
   config = read_config(workdir)

@@ -4,8 +4,8 @@ A pre-norm block adds each branch's output to the residual stream and normalises
 the next branch: `s = x + delta; y = rmsnorm(s) * scale`. XLA runs that as two kernels forward
 (the add with the row reduction, then the normalisation, which reads `s` again) and two
 backward (the row reduction of `dy · scale · s`, then the gradient, which reads `dy` and `s`
-again); compiled for an H200, the llama 42M step spends about 340 MB of operands and results a
-norm on them (docs/training.md). Here each direction is one kernel:
+again). Here each direction is one kernel (compiled for an H200, 67 fewer kernels and 1.3 GB
+less memory traffic a step at the llama 42M shape; docs/kernels.md):
 
 - forward: reads `x` and `delta`, writes `s` (in their dtype), `y` and the float32 reciprocal
   RMS of each row (the backward's residual);
@@ -13,8 +13,10 @@ norm on them (docs/training.md). Here each direction is one kernel:
   (the residual path's), writes `dx` (which is also `delta`'s gradient) and one partial sum of
   `dy · s · rstd` per program for the scale's gradient, which XLA sums.
 
-Numerics follow `models.layers.RMSNorm`: the sum is rounded to the activations' dtype, the
-statistics, the scale and the gradients are float32 until the stores. One program handles
+Numerics: the statistics, the scale and the gradients are float32 until the stores, as in
+`models.layers.RMSNorm`; the kernel normalises the sum as stored (rounded to the activations'
+dtype), where XLA, allowed excess precision by default, may normalise the unrounded float32
+sum: in bf16 the two agree to rounding. One program handles
 `program_rows` rows, `block_rows` at a time; Triton tiles are powers of two, so a width such as
 288 is read through 512-wide tiles with masked loads and stores (the extra columns read as
 zeros and contribute nothing). Rows that are not a multiple of a power of two still run, with

@@ -128,7 +128,7 @@ class ModelConfig:
       fail(f"norm_impl {self.norm_impl!r} is not one of {NORM_IMPLS}.")
     if self.norm_impl == "pallas" and self.family != "llama":
       fail("norm_impl 'pallas' (a config's model.norm) is llama's RMSNorm kernel; GPT-Neo's "
-           "LayerNorm runs as 'xla'.")
+           "LayerNorm has none: use model.norm='xla'.")
     object.__setattr__(self, "num_kv_heads", kv)
     object.__setattr__(self, "head_dim", head_dim)
     object.__setattr__(self, "d_ff", d_ff)

@@ -400,8 +400,9 @@ class Block(nnx.Module):
 
   def deferred(self, x_btd, delta_btd, positions_bt, segment_ids_bt=None):
     """The block applied to x + delta, returning (x', mlp_out) with the last residual add left
-    to the caller: the model hands it to the next norm (`add_and_norm`), so each residual add
-    and the norm reading its sum can run as one kernel. delta None: nothing to add."""
+    to the caller: with `norm_impl="pallas"` the model hands it to the next norm
+    (`add_and_norm`), so each residual add and the norm reading its sum run as one kernel.
+    delta None: nothing to add."""
     x, h = self.norm1.add_and_norm(x_btd, delta_btd)
     x, h = self.norm2.add_and_norm(x, self.attn(h, positions_bt, segment_ids_bt))
     return x, self.mlp(h)
@@ -436,17 +437,23 @@ class CausalLM(nnx.Module):
     dt = jnp.dtype(self.cfg.dtype)
     x = jnp.take(self.embedding[...], tokens_bt, axis=0).astype(dt)
     x = self.embed_positions(x, positions_bt)
+    # With the norm kernels each block's last residual add is left to the next norm (the
+    # kernel adds and normalises in one pass); the jnp norms keep the plain blocks, so their
+    # step (and its remat and scan boundaries) is what it always was.
+    deferred, remat = self.cfg.norm_impl == "pallas", self.cfg.remat == "block"
+    delta = None
     if self.cfg.scan_layers:
-      x, delta = scan_lib.scan_blocks(
-          list(self.blocks), self.cfg.attention_layers, x, positions_bt, segment_ids_bt,
-          remat=self.cfg.remat == "block")
-      return self.final_norm.add_and_norm(x, delta, keep_sum=False)
-    delta = None  # each block's last residual add, done by the next norm
-    for block in self.blocks:
-      if self.cfg.remat == "block":
-        x, delta = nnx.remat(Block.deferred)(block, x, delta, positions_bt, segment_ids_bt)
-      else:
-        x, delta = block.deferred(x, delta, positions_bt, segment_ids_bt)
+      x, delta = scan_lib.scan_blocks(list(self.blocks), self.cfg.attention_layers, x,
+                                      positions_bt, segment_ids_bt, remat=remat,
+                                      deferred=deferred)
+    elif deferred:
+      step = nnx.remat(Block.deferred) if remat else Block.deferred
+      for block in self.blocks:
+        x, delta = step(block, x, delta, positions_bt, segment_ids_bt)
+    else:
+      step = nnx.remat(Block.__call__) if remat else Block.__call__
+      for block in self.blocks:
+        x = step(block, x, positions_bt, segment_ids_bt)
     return self.final_norm.add_and_norm(x, delta, keep_sum=False)
 
   def output_embedding(self) -> jax.Array:

@@ -31,12 +31,12 @@ def layer_period(kinds: Sequence[str]) -> int:
 
 
 def scan_blocks(blocks: Sequence[nnx.Module], kinds: Sequence[str], x_btd: jax.Array,
-                positions_bt: jax.Array, segment_ids_bt: jax.Array | None, *,
-                remat: bool) -> tuple[jax.Array, jax.Array]:
-  """Applies `blocks` in order (`Block.deferred`), as a scan over groups of one period of
-  `kinds`; returns the last block's (x, mlp output), whose sum the final norm forms.
-
-  The carry is (x, delta); the first delta is zeros, since a scan's carry keeps one type."""
+                positions_bt: jax.Array, segment_ids_bt: jax.Array | None, *, remat: bool,
+                deferred: bool = False) -> tuple[jax.Array, jax.Array | None]:
+  """Applies `blocks` in order, as a scan over groups of one period of `kinds`; returns
+  (x, None), or with `deferred` (`Block.deferred`, the norm kernels) the last block's
+  (x, mlp output), whose sum the final norm forms. The deferred carry is (x, delta), its first
+  delta zeros, since a scan's carry keeps one type."""
   period = layer_period(kinds)
   split = [nnx.split(block) for block in blocks]
   graphdefs = [graphdef for graphdef, _ in split[:period]]
@@ -46,10 +46,12 @@ def scan_blocks(blocks: Sequence[nnx.Module], kinds: Sequence[str], x_btd: jax.A
 
   def group(carry, states):
     for graphdef, state in zip(graphdefs, states):
-      carry = nnx.merge(graphdef, state).deferred(*carry, positions_bt, segment_ids_bt)
+      block = nnx.merge(graphdef, state)
+      carry = (block.deferred(*carry, positions_bt, segment_ids_bt) if deferred
+               else block(carry, positions_bt, segment_ids_bt))
     return carry, None
 
   if remat:
     group = jax.checkpoint(group)
-  carry, _ = jax.lax.scan(group, (x_btd, jnp.zeros_like(x_btd)), stacked)
-  return carry
+  carry, _ = jax.lax.scan(group, (x_btd, jnp.zeros_like(x_btd)) if deferred else x_btd, stacked)
+  return carry if deferred else (carry, None)
