@@ -3,8 +3,8 @@
 The dataclass is resolved on construction: derived sizes (`num_kv_heads`, `head_dim`, `d_ff`,
 `attention_layers`) are filled in, so `to_dict()` always holds concrete numbers and a config read
 back with `from_dict()` builds the same model. To change a size, build a new config (or use
-`tinystories_jax.models.presets`) rather than `dataclasses.replace`, which keeps the derived sizes. Checkpoints store `to_dict()` under `"model"` in
-`WORKDIR/config.json`.
+`tinystories_jax.models.presets`) rather than `dataclasses.replace`, which keeps the derived
+sizes. Checkpoints store `to_dict()` under `"model"` in `WORKDIR/config.json`.
 """
 
 from __future__ import annotations
