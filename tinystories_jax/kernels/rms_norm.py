@@ -16,11 +16,12 @@ less memory traffic a step at the llama 42M shape; docs/kernels.md):
 Numerics: the statistics, the scale and the gradients are float32 until the stores, as in
 `models.layers.RMSNorm`; the kernel normalises the sum as stored (rounded to the activations'
 dtype), where XLA, allowed excess precision by default, may normalise the unrounded float32
-sum: in bf16 the two agree to rounding. One program handles
-`program_rows` rows, `block_rows` at a time; Triton tiles are powers of two, so a width such as
-288 is read through 512-wide tiles with masked loads and stores (the extra columns read as
-zeros and contribute nothing). Rows that are not a multiple of a power of two still run, with
-fewer rows a program. The interpreter (`interpret=True`, or `flash_attention.force_interpret`)
+sum: in bf16 the two agree to rounding.
+
+One program handles `program_rows` rows, `block_rows` at a time; Triton tiles are powers of
+two, so a width such as 288 is read through 512-wide tiles with masked loads and stores (the
+extra columns read as zeros and contribute nothing). Rows that are not a multiple of a power
+of two still run, with fewer rows a program. The interpreter (`interpret=True`, or `flash_attention.force_interpret`)
 runs both kernels on a CPU for the tests; `rms_norm_reference` is the same function in jnp.
 """
 
