@@ -15,14 +15,16 @@ Sections, each guarded so one failure does not end the run, in this order:
              CPU's form); llama's q/k/v projection + rotary as one stacked matmul with rotary's
              halves swapped by a reverse, against the same with a concatenate and against three
              matmuls (the CPU's); GPT-Neo's MLP with gelu_new's tanh recomputed in the backward
-             against saved. Plain JAX: with only versions and layers it also runs on a CPU
+             against saved; llama's residual add + RMSNorm in jnp against the Pallas kernels
+             (model.norm=pallas). With only versions and layers it also runs on a CPU (the
+             Pallas form through the interpreter, its time meaningless there)
   train      per model shape: our train step (tinystories_jax.training.benchmark) for each
              attention:loss[:scan][:remat][:norm][:padN][:xla|:online|:kernel] variant
-             (--train_variants),
-             then the transformers peer at the same shape (LlamaForCausalLM + torch.compile;
-             GPTNeoForCausalLM eager and compiled; bf16 autocast, AdamW, grad clip, random
-             tokens) in a child process, so the two frameworks do not share the GPU's memory
-             pool and a run cut short still pairs what it measured
+             (--train_variants), then the transformers peer at the same shape
+             (LlamaForCausalLM + torch.compile; GPTNeoForCausalLM eager and compiled; bf16
+             autocast, AdamW, grad clip, random tokens) in a child process, so the two
+             frameworks do not share the GPU's memory pool and a run cut short still pairs
+             what it measured
   attention  forward and forward+backward at four shapes, causal and window 256: our Pallas kernel,
              cuDNN, XLA, jax's stock Pallas (Triton) `mha` and its Mosaic GPU kernel (forward)
   sweep      our kernel's tiles, warps and stages, beside cuDNN
@@ -128,16 +130,18 @@ def section_matmul(run: Run, args) -> None:
             "tflops": 2 * n**3 / ms / 1e9})
 
 
-def _layer_pieces(family, cfg, batch, seq):
+def _layer_pieces(family, cfg, batch, seq, interpret):
   """(piece, {form: fn}, inputs) for the model pieces that have two forms or more. The first
-  form is the GPU's default; the others are what it replaced (the last, the CPU's form). Each
-  fn maps the inputs to a tuple."""
+  form is the GPU's default; the others are what it replaced (the last, the CPU's form) or an
+  option (the norm kernels; through the Pallas interpreter where `interpret`). Each fn maps the
+  inputs to a tuple."""
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
+  from tinystories_jax.kernels import rms_norm  # noqa: PLC0415
   from tinystories_jax.models import layers  # noqa: PLC0415
 
   d, f = cfg.d_model, cfg.d_ff
-  keys = iter(jax.random.split(jax.random.key(0), 8))
+  keys = iter(jax.random.split(jax.random.key(0), 16))
 
   def bf16(shape, scale=1.0):
     return (jax.random.normal(next(keys), shape) * scale).astype(jnp.bfloat16)
@@ -161,7 +165,18 @@ def _layer_pieces(family, cfg, batch, seq):
     return fn
 
   swiglu = lambda fn: lambda *a: (fn(*a),)  # noqa: E731
-  return [("llama MLP", {"paired": swiglu(layers.swiglu_paired),
+
+  def add_norm(fn, **kw):
+    return lambda x, delta, scale: fn(x, scale, eps=cfg.norm_eps, delta_btd=delta,
+                                      return_sum=True, **kw)
+
+  return [("llama residual add + RMSNorm", {
+              "jnp (XLA)": add_norm(rms_norm.rms_norm_reference),
+              # Interpreted (off a GPU) its time says nothing about the kernels.
+              "Pallas kernels (model.norm=pallas)" + (", interpreter" if interpret else ""):
+                  add_norm(rms_norm.rms_norm, interpret=interpret)},
+           (x, bf16((batch, seq, d)), 1.0 + 0.1 * jax.random.normal(next(keys), (d,)))),
+          ("llama MLP", {"paired": swiglu(layers.swiglu_paired),
                          "split": swiglu(layers.swiglu_split)},
            (x, bf16((d, f), 0.05), bf16((d, f), 0.05), bf16((f, d), 0.05))),
           ("llama q/k/v + rotary", {
@@ -188,7 +203,8 @@ def section_layers(run: Run, args) -> None:
       continue
     seen.add((family, name))
     cfg = presets.get(family, name, vocab_size=vocab, **overrides)
-    for piece, forms, inputs in _layer_pieces(family, cfg, batch, seq):
+    for piece, forms, inputs in _layer_pieces(family, cfg, batch, seq,
+                                              args.smoke or not args.on_accelerator):
       if run.out_of_time():
         run.emit({"kind": "layers", "piece": piece, "model": f"{family}:{name}",
                   "skipped": "time budget spent"})

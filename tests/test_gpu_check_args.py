@@ -73,15 +73,17 @@ def test_smoke_layers_section_times_every_form_of_each_piece(tmp_path):
   assert proc.returncode == 0, proc.stderr[-2000:]
   rows = [json.loads(line) for line in (tmp_path / "gpu_check.jsonl").read_text().splitlines()]
   forms = {(r["piece"], r["form"]): r for r in rows if r.get("kind") == "layers"}
-  qkv = "llama q/k/v + rotary"
-  assert set(forms) == {("llama MLP", "paired"), ("llama MLP", "split"),
+  qkv, norm = "llama q/k/v + rotary", "llama residual add + RMSNorm"
+  assert set(forms) == {(norm, "jnp (XLA)"),
+                        (norm, "Pallas kernels (model.norm=pallas), interpreter"),
+                        ("llama MLP", "paired"), ("llama MLP", "split"),
                         (qkv, "stacked, rotary by reverse"),
                         (qkv, "stacked, rotary by concatenate"),
                         (qkv, "separate, rotary by concatenate"),
                         ("GPT-Neo MLP", "tanh recomputed"), ("GPT-Neo MLP", "tanh saved")}
   assert all(r["ms"] > 0 for r in forms.values())
   assert {k[1] for k, r in forms.items() if r["gpu_default"]} == {
-      "paired", "stacked, rotary by reverse", "tanh recomputed"}
+      "jnp (XLA)", "paired", "stacked, rotary by reverse", "tanh recomputed"}
   table = (tmp_path / "gpu_check.md").read_text()
   assert "| llama q/k/v + rotary | llama:260k |" in table
   assert "| GPT-Neo MLP | gpt_neo:1m |" in table
