@@ -105,3 +105,22 @@ def test_variants_that_resolve_to_one_step_are_timed_once(tmp_path, monkeypatch,
   assert timed == ["xla", "xla_online"]
   assert [r["loss_kernel"] for r in run.rows] == ["xla", "xla_online"]
   assert "pallas:fused:xla: the same step as pallas:fused" in capsys.readouterr().out
+
+
+def test_the_norm_variant_builds_llama_with_the_kernels_and_skips_gpt_neo(tmp_path, monkeypatch,
+                                                                         capsys):
+  from tinystories_jax.training import benchmark  # pylint: disable=import-outside-toplevel
+  module = _module()
+  built = []
+  monkeypatch.setattr(benchmark, "measure_train_throughput",
+                      lambda cfg, **kw: built.append(cfg.norm_impl) or {"step_ms": 1.0})
+  run = module.Run(tmp_path, budget_s=600)
+  args = type("Args", (), {"smoke": False, "on_accelerator": False, "train_steps": 1,
+                           "profile": "", "out": str(tmp_path),
+                           "train_variants": "pallas:fused,pallas:fused:norm"})
+  llama, gpt_neo = module.SMOKE_TRAIN_SHAPES
+  module._train_ours(run, args, llama)  # noqa: SLF001
+  module._train_ours(run, args, gpt_neo)  # noqa: SLF001
+  assert built == ["xla", "pallas", "xla"]
+  assert [r.get("norm_impl") for r in run.rows] == [None, "pallas", None]
+  assert "the norm kernels are llama's" in capsys.readouterr().out
