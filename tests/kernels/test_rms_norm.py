@@ -156,7 +156,9 @@ def test_gpu_kernels_compiled(shape):
   loss = lambda fn: _loss(fn, w_s, w_y, True, True)  # noqa: E731
   kernel = lambda *a, **k: rn.rms_norm(*a, interpret=False, **k)  # noqa: E731
   got = jax.jit(jax.grad(loss(kernel), (0, 1, 2)))(x, delta, scale)
-  want = jax.jit(jax.grad(loss(rn.rms_norm_reference), (0, 1, 2)))(x, delta, scale)
+  # Op by op, so the reference normalises the stored bf16 sum as the kernel does (jitted, XLA
+  # may normalise the unrounded one).
+  want = jax.grad(loss(rn.rms_norm_reference), (0, 1, 2))(x, delta, scale)
   for g, w in zip(got, want):
     np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
                                rtol=2e-2, atol=5e-2)
