@@ -77,8 +77,8 @@ class RMSNorm(nnx.Module):
   def add_and_norm(self, x_btd, delta_btd, *, keep_sum: bool = True):
     """(s, norm(s)) for s = x + delta (delta None: s = x), or norm(s) alone without `keep_sum`.
 
-    `model.norm_impl="pallas"` runs the add and the norm as one kernel each way
-    (`kernels.rms_norm`); "xla" runs the same expressions as jnp.
+    `norm_impl="pallas"` (a config's `model.norm`) runs the add and the norm as one kernel
+    each way (`kernels.rms_norm`); "xla" runs the same expressions as jnp.
     """
     if self.impl == "pallas":
       from tinystories_jax.kernels import rms_norm  # noqa: PLC0415 (loads Pallas on use)
