@@ -30,7 +30,8 @@ from tinystories_jax.kernels.flash_tiling import Q_PAD_ID
 from tinystories_jax.kernels.flash_tiling import BlockSizes
 
 __all__ = ["BlockSizes", "flash_attention", "flash_attention_reference", "force_interpret",
-           "interpret_forced", "supports", "default_block_sizes"]
+           "interpret_forced", "supports", "default_block_sizes", "flash_attention_stacked",
+           "flash_attention_stacked_reference", "rotate_half", "stack_qkv_weights"]
 
 MIN_HEAD_DIM = 16
 MAX_HEAD_DIM = 128
@@ -173,7 +174,7 @@ def _round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
 
 
-def _shard_specs(batch: int, heads: int, kv_heads: int):
+def _shard_specs(batch: int, heads: int, kv_heads: int, split_heads: bool = True):
   """(mesh, spec of [B, T, H, D], spec of [B, T]) for the current mesh, or None if unsharded.
 
   A Pallas call is opaque to XLA's partitioner, which would gather its operands onto every device;
@@ -192,7 +193,8 @@ def _shard_specs(batch: int, heads: int, kv_heads: int):
       batch_axes.append(axis)
       split *= sizes[axis]
   n_head = sizes.get(_HEAD_AXIS, 1)
-  head_axis = _HEAD_AXIS if n_head > 1 and heads % n_head == 0 and kv_heads % n_head == 0 else None
+  head_axis = (_HEAD_AXIS if split_heads and n_head > 1 and heads % n_head == 0
+               and kv_heads % n_head == 0 else None)
   if not batch_axes and head_axis is None:
     return None
   batch_spec = tuple(batch_axes) if batch_axes else None
@@ -279,4 +281,154 @@ def flash_attention(q_bthd, k_bskd, v_bskd, *, causal=True, window=None, q_segme
     o_p = jax.shard_map(functools.partial(_flash_padded, cfg=cfg), mesh=mesh,
                         in_specs=(x_spec,) * 3 + (seg_spec,) * 2, out_specs=x_spec,
                         check_vma=False)(q_p, k_p, v_p, q_seg, kv_seg)
+  return o_p[:, :t]
+
+
+# ------------------------------------------------------------------------------------------------
+# Self-attention read straight from the stacked q/k/v projection, rotary inside the backward.
+
+
+def stack_qkv_weights(wq_dhk, wk_dgk, wv_dgk):
+  """The [d, 2K + H, D] weight whose product with x is the stacked projection
+  `flash_attention_stacked` reads: per kv head its key then its value, then the query heads."""
+  d, kv, hd = wk_dgk.shape
+  kv_pairs = jnp.stack([wk_dgk, wv_dgk], axis=2).reshape(d, 2 * kv, hd)
+  return jnp.concatenate([kv_pairs, wq_dhk], axis=1)
+
+
+def rotate_half(x_btnd, cos_btr, sin_btr):
+  """Rotary embedding in the rotate-half layout: (lo, hi) -> (lo·cos - hi·sin, hi·cos + lo·sin)
+  over the head dim's halves, in float32, returned in x's dtype.
+
+  cos_btr / sin_btr: float32 [B, T, D/2] (or wider: extra columns are ignored). Written with a
+  reverse of a [2, D/2] view rather than a concatenate of the halves (faster on NVIDIA GPUs,
+  models.layers.rotary_by_reverse), and equal to it.
+  """
+  *lead, d = x_btnd.shape
+  half = d // 2
+  cos = cos_btr[..., :half][:, :, None, None, :]
+  sin = sin_btr[..., :half][:, :, None, None, :] * jnp.array([-1.0, 1.0], jnp.float32)[:, None]
+  x = x_btnd.astype(jnp.float32).reshape(*lead, 2, half)
+  return (x * cos + x[..., ::-1, :] * sin).reshape(x_btnd.shape).astype(x_btnd.dtype)
+
+
+def _split_stacked(y_btnd, kv_heads: int):
+  """(q [B, T, H, D], k [B, T, K, D], v [B, T, K, D]) from the stacked projection."""
+  kv = y_btnd[:, :, : 2 * kv_heads]
+  return y_btnd[:, :, 2 * kv_heads:], kv[:, :, 0::2], kv[:, :, 1::2]
+
+
+def flash_attention_stacked_reference(y_btnd, cos_btr, sin_btr, *, kv_heads, causal=True,
+                                      window=None, segment_ids_bt=None, scale=None):
+  """`flash_attention_stacked` in plain jnp: split, rotate, `flash_attention_reference`."""
+  q, k, v = _split_stacked(y_btnd, kv_heads)
+  return flash_attention_reference(rotate_half(q, cos_btr, sin_btr),
+                                   rotate_half(k, cos_btr, sin_btr), v, causal=causal,
+                                   window=window, q_segment_ids_bt=segment_ids_bt,
+                                   kv_segment_ids_bs=segment_ids_bt, scale=scale)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _stacked_padded(y_btnd, cos_btr, sin_btr, q_seg_bt, kv_seg_bs, kv_heads, cfg):
+  return _stacked_padded_fwd(y_btnd, cos_btr, sin_btr, q_seg_bt, kv_seg_bs, kv_heads, cfg)[0]
+
+
+def _stacked_padded_fwd(y_btnd, cos_btr, sin_btr, q_seg_bt, kv_seg_bs, kv_heads, cfg):
+  q, k, _ = _split_stacked(y_btnd, kv_heads)
+  q, k = rotate_half(q, cos_btr, sin_btr), rotate_half(k, cos_btr, sin_btr)
+  o_bthd, lse_bht = _kernels("gpu").forward(q, k, y_btnd, q_seg_bt, kv_seg_bs, v_stacked=True,
+                                            **cfg.kernel_kwargs())
+  return o_bthd, (q, k, y_btnd, cos_btr, sin_btr, q_seg_bt, kv_seg_bs, o_bthd, lse_bht)
+
+
+def _stacked_padded_bwd(kv_heads, cfg, residuals, do_bthd):
+  del kv_heads  # in the shapes of the residuals
+  q, k, y_btnd, cos_btr, sin_btr, q_seg_bt, kv_seg_bs, o_bthd, lse_bht = residuals
+  dy = _kernels("gpu").backward_stacked(q, k, y_btnd, cos_btr, sin_btr, q_seg_bt, kv_seg_bs,
+                                        o_bthd, lse_bht, do_bthd.astype(o_bthd.dtype),
+                                        **cfg.kernel_kwargs())
+  # The rotary tables and segment ids are not differentiated.
+  return dy, None, None, None, None
+
+
+_stacked_padded.defvjp(_stacked_padded_fwd, _stacked_padded_bwd)
+
+
+def flash_attention_stacked(y_btnd, cos_btr, sin_btr, *, kv_heads, causal=True, window=None,
+                            segment_ids_bt=None, scale=None, block_sizes=None, interpret=None):
+  """Self-attention on the stacked q/k/v projection, with rotary on q and k: the same values as
+  `flash_attention(rotate_half(q), rotate_half(k), v)` for q, k, v the stacked slots, but the
+  kernels read v in place and write the gradient of `y` itself (slot by slot, rotary's backward
+  done on each tile), so no pass copies v out or stacks dq, dk and dv afterwards.
+
+  Pallas GPU (Triton) kernels only; a mesh may split the batch but not the heads (y's slots mix
+  keys, values and queries), so under a `tensor`-split mesh each device runs all heads of its
+  batch shard. `stack_qkv_weights` builds the weight whose product with x is `y`.
+
+  Args:
+    y_btnd: [B, T, 2K + H, D] (`flash_attention_gpu.stacked_slots`): kv head k's key at slot
+      2k and value at 2k + 1, then the H query heads; bfloat16 or float32.
+    cos_btr: float32 [B, T, D/2]: cos of each position's rotary angles.
+    sin_btr: float32 [B, T, D/2]: their sin.
+    kv_heads: K (it must divide H).
+    causal, window, scale, block_sizes, interpret: as in `flash_attention`.
+    segment_ids_bt: int32 [B, T] for queries and keys alike, as in `flash_attention`.
+
+  Returns:
+    o_bthd [B, T, H, D] in y's dtype.
+  """
+  b, t, n, d = y_btnd.shape
+  heads = n - 2 * kv_heads
+  if kv_heads <= 0 or heads <= 0 or heads % kv_heads or d % 2:
+    raise ValueError(f"flash_attention_stacked: y {y_btnd.shape} must hold 2·{kv_heads} key and "
+                     "value slots then a multiple of that many query heads, with an even "
+                     "head_dim.")
+  if cos_btr.shape != (b, t, d // 2) or sin_btr.shape != cos_btr.shape:
+    raise ValueError(f"flash_attention_stacked: cos and sin must be [B, T, D/2] = "
+                     f"{(b, t, d // 2)}, got {cos_btr.shape} and {sin_btr.shape}.")
+  interpret = _FORCE_INTERPRET if interpret is None else bool(interpret)
+  platform = "gpu" if interpret else jax.default_backend()
+  ok, reason = supports(d, y_btnd.dtype, platform)
+  if ok and _kernel_family(platform) != "gpu":
+    ok, reason = False, (f"flash_attention_stacked runs the GPU kernels only, not on "
+                         f"{platform!r}; use flash_attention on the split q, k, v there.")
+  if not ok:
+    raise ValueError(reason)
+  q_like = jax.ShapeDtypeStruct((b, t, heads, d), y_btnd.dtype)
+  kv_like = jax.ShapeDtypeStruct((b, t, kv_heads, d), y_btnd.dtype)
+  check_attention_args(q_like, kv_like, kv_like, causal=causal, window=window,
+                       q_segment_ids_bt=segment_ids_bt, kv_segment_ids_bs=segment_ids_bt)
+  blocks = block_sizes or default_block_sizes("gpu", d)
+  blocks = dataclasses.replace(blocks, **{name: _fit_to_length(getattr(blocks, name), t)
+                                          for name in BlockSizes.names()})
+  t_pad = _round_up(t, max(blocks.q_multiple, blocks.k_multiple))
+  if window is not None and window >= t:
+    window = None
+  cfg = _Config(family="gpu", scale=float(d**-0.5 if scale is None else scale),
+                causal=bool(causal), window=None if window is None else int(window),
+                kv_len=t, q_offset=0, block_sizes=blocks, interpret=interpret)
+  width = _kernels("gpu").rotary_table_width(d)
+  y_p = _pad_axis(y_btnd, 1, t_pad)
+  cos_p, sin_p = (_pad_axis(_pad_axis(x.astype(jnp.float32), 2, width), 1, t_pad)
+                  for x in (cos_btr, sin_btr))
+  q_seg = kv_seg = None
+  if segment_ids_bt is not None:
+    ids = segment_ids_bt.astype(jnp.int32)
+    q_seg = _pad_axis(jnp.where(ids == 0, Q_PAD_ID, ids), 1, t_pad, value=Q_PAD_ID)
+    kv_seg = _pad_axis(ids, 1, t_pad, value=KV_PAD_ID)
+  sharding = _shard_specs(b, heads, kv_heads, split_heads=False)
+  run = lambda y, c, s_, qs, ks: _stacked_padded(y, c, s_, qs, ks, kv_heads, cfg)  # noqa: E731
+  if sharding is None:
+    o_p = run(y_p, cos_p, sin_p, q_seg, kv_seg)
+  else:
+    mesh, x_spec, seg_spec = sharding
+    table_spec = jax.sharding.PartitionSpec(*seg_spec, None)
+    if q_seg is None:
+      o_p = jax.shard_map(lambda y, c, s_: run(y, c, s_, None, None), mesh=mesh,
+                          in_specs=(x_spec, table_spec, table_spec), out_specs=x_spec,
+                          check_vma=False)(y_p, cos_p, sin_p)
+    else:
+      o_p = jax.shard_map(run, mesh=mesh, in_specs=(x_spec,) + (table_spec,) * 2
+                          + (seg_spec,) * 2, out_specs=x_spec,
+                          check_vma=False)(y_p, cos_p, sin_p, q_seg, kv_seg)
   return o_p[:, :t]

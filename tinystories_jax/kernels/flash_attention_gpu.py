@@ -66,6 +66,62 @@ def _store(ref, value, head_mask):
     plgpu.store(ref, value, mask=head_mask)
 
 
+def _half_tile(head_dim: int) -> int:
+  """Tile width of one rotary half (D/2 columns, rounded up to a power of two, at least 16)."""
+  return max(16, 1 << (head_dim // 2 - 1).bit_length())
+
+
+def _parts(head_dim: int, block_d: int, rotary: bool):
+  """How a kernel reads the head dim: [(column offset, tile width, mask)], one entry for the
+  whole tile, or two for rotary's halves (columns [0, D/2) and [D/2, D), each its own tile, so
+  products and gradients can be taken per half and rotated without moving data between lanes)."""
+  if not rotary:
+    return ((None, block_d, _head_mask(head_dim, block_d)),)
+  half, tile = head_dim // 2, _half_tile(head_dim)
+  return ((0, tile, _head_mask(half, tile)), (half, tile, _head_mask(half, tile)))
+
+
+def _load_parts(ref, parts, index=None):
+  """The tile (or its halves) as a tuple; columns past the real head dim read as zeros."""
+  out = []
+  for offset, width, mask in parts:
+    if offset is None:
+      out.append(_load(ref, mask, index))
+      continue
+    view = ref.at[slice(None) if index is None else index, pl.ds(offset, width)]
+    out.append(view[...] if mask is None else plgpu.load(view, mask=mask, other=0.0))
+  return tuple(out)
+
+
+def _store_parts(ref, values, parts, slot=None):
+  """Stores a tile (or its halves); `slot` indexes a two-slot block's middle axis (Triton takes
+  one indexer per access, so the slot and the columns are indexed together)."""
+  for (offset, width, mask), value in zip(parts, values):
+    cols = slice(None) if offset is None else pl.ds(offset, width)
+    if slot is None and offset is None:
+      _store(ref, value, mask)
+    else:
+      _store(ref.at[(slice(None), cols) if slot is None else (slice(None), slot, cols)], value,
+             mask)
+
+
+def _dot_parts(a_parts, b_parts, *, precision):
+  """sum over parts of a @ b.T: q.k^T taken half by half is the same product."""
+  total = None
+  for a, b in zip(a_parts, b_parts):
+    term = _dot(a, b, contract_b=1, precision=precision)
+    total = term if total is None else total + term
+  return total
+
+
+def _unrotate(grad_parts, cos_ref, sin_ref):
+  """The gradient of rotary's input from the gradient of its output, half by half (rotary
+  turns (lo, hi) into (lo·cos - hi·sin, hi·cos + lo·sin); this applies the transpose)."""
+  lo, hi = grad_parts
+  cos, sin = cos_ref[...], sin_ref[...]
+  return lo * cos + hi * sin, hi * cos - lo * sin
+
+
 def _reversed_program_id(num_q_blocks: int):
   # Causal query blocks get more work the later they are; launching them last-first keeps the
   # tail of the grid made of short programs.
@@ -148,16 +204,19 @@ def _fwd_kernel(*refs, has_segments, scale_log2, mask_kw, block_q, block_k, num_
   lse_ref[...] = jnp.where(empty, LSE_EMPTY, m + jnp.log2(l_safe))
 
 
-def _dq_kernel(*refs, has_segments, scale, scale_log2, mask_kw, block_q, block_k, num_q_blocks,
-               head_dim, precision):
+def _dq_kernel(*refs, has_segments, rotary, scale, scale_log2, mask_kw, block_q, block_k,
+               num_q_blocks, head_dim, precision):
+  q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs = refs
+  cos_ref = sin_ref = q_seg_ref = kv_seg_ref = None
+  if rotary:
+    cos_ref, sin_ref, *refs = refs
   if has_segments:
-    (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_seg_ref, dq_ref) = refs
-  else:
-    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
-    q_seg_ref = kv_seg_ref = None
+    q_seg_ref, kv_seg_ref, *refs = refs
+  (dq_ref,) = refs
   q_first = _reversed_program_id(num_q_blocks) * block_q
-  head_mask = _head_mask(head_dim, q_ref.shape[-1])
-  q = _load(q_ref, head_mask)
+  head_mask = _head_mask(head_dim, do_ref.shape[-1])
+  parts = _parts(head_dim, do_ref.shape[-1], rotary)
+  q = _load_parts(q_ref, parts)
   do = _load(do_ref, head_mask)
   lse = lse_ref[...][:, None]
   delta = delta_ref[...][:, None]
@@ -169,31 +228,47 @@ def _dq_kernel(*refs, has_segments, scale, scale_log2, mask_kw, block_q, block_k
   def step(j, dq, masked):
     k_first = pl.multiple_of(j * block_k, block_k)
     k_slice = pl.ds(k_first, block_k)
-    k = _load(k_ref, head_mask, k_slice)
-    p = jnp.exp2(_dot(q, k, contract_b=1, precision=precision) * scale_log2 - lse)
+    k = _load_parts(k_ref, parts, k_slice)
+    p = jnp.exp2(_dot_parts(q, k, precision=precision) * scale_log2 - lse)
     if masked:
       k_pos = k_first + jnp.arange(block_k, dtype=jnp.int32)[None, :]
       kv_seg = kv_seg_ref[k_slice][None, :] if has_segments else None
       mask = flash_tiling.block_mask(q_pos, k_pos, q_seg=q_seg, kv_seg=kv_seg, **mask_kw)
       p = jnp.where(mask, p, 0.0)
     dp = _dot(do, _load(v_ref, head_mask, k_slice), contract_b=1, precision=precision)
-    ds = p * (dp - delta)
-    return dq + _dot(ds.astype(k.dtype), k, contract_b=0, precision=precision)
+    ds = (p * (dp - delta)).astype(k[0].dtype)
+    return tuple(acc + _dot(ds, kp, contract_b=0, precision=precision)
+                 for acc, kp in zip(dq, k))
 
-  dq = _loop_three_ranges(ranges, step, jnp.zeros(q.shape, _F32), segment_guard=guard)
-  _store(dq_ref, (dq * scale).astype(dq_ref.dtype), head_mask)
+  dq = _loop_three_ranges(ranges, step, tuple(jnp.zeros(qp.shape, _F32) for qp in q),
+                          segment_guard=guard)
+  if rotary:
+    dq = _unrotate(dq, cos_ref, sin_ref)
+  _store_parts(dq_ref, tuple((g * scale).astype(dq_ref.dtype) for g in dq), parts)
 
 
-def _dkv_kernel(*refs, has_segments, scale, scale_log2, mask_kw, block_q, block_k, num_q_blocks,
-                head_dim, precision):
+def _dkv_kernel(*refs, has_segments, rotary, kv_slots, scale, scale_log2, mask_kw, block_q,
+                block_k, num_q_blocks, head_dim, precision):
+  k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, *refs = refs
+  cos_ref = sin_ref = kv_seg_ref = q_seg_ref = None
+  if rotary:
+    cos_ref, sin_ref, *refs = refs
   if has_segments:
-    (k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, kv_seg_ref, q_seg_ref, dk_ref,
-     dv_ref) = refs
+    kv_seg_ref, q_seg_ref, *refs = refs
+  if kv_slots:
+    # The stacked gradient, aliased in and out: this program writes its key's and value's slots
+    # (a traced index: the interpreter's masked store does not take a constant one).
+    _, dk_ref = refs
+    dv_ref = dk_ref
+    k_slot = pl.program_id(0) * 0
+    v_slot = k_slot + 1
   else:
-    k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref = refs
+    dk_ref, dv_ref = refs
+    k_slot = v_slot = None
   k_first = pl.program_id(0) * block_k
-  head_mask = _head_mask(head_dim, k_ref.shape[-1])
-  k = _load(k_ref, head_mask)
+  head_mask = _head_mask(head_dim, v_ref.shape[-1])
+  parts = _parts(head_dim, v_ref.shape[-1], rotary)
+  k = _load_parts(k_ref, parts)
   v = _load(v_ref, head_mask)
   k_pos = k_first + jnp.arange(block_k, dtype=jnp.int32)[:, None]
   kv_seg, guard = None, None
@@ -212,10 +287,10 @@ def _dkv_kernel(*refs, has_segments, scale, scale_log2, mask_kw, block_q, block_
     dk, dv = carry
     q_first = pl.multiple_of(i * block_q, block_q)
     q_slice = pl.ds(q_first, block_q)
-    q = _load(q_ref, head_mask, q_slice)
+    q = _load_parts(q_ref, parts, q_slice)
     do = _load(do_ref, head_mask, q_slice)
     # Transposed tiles [block_k, block_q]: rows are keys, so the sums run over queries.
-    p_t = jnp.exp2(_dot(k, q, contract_b=1, precision=precision) * scale_log2
+    p_t = jnp.exp2(_dot_parts(k, q, precision=precision) * scale_log2
                    - lse_ref[q_slice][None, :])
     if masked:
       q_pos = q_first + jnp.arange(block_q, dtype=jnp.int32)[None, :]
@@ -224,14 +299,16 @@ def _dkv_kernel(*refs, has_segments, scale, scale_log2, mask_kw, block_q, block_
       p_t = jnp.where(mask, p_t, 0.0)
     dv = dv + _dot(p_t.astype(do.dtype), do, contract_b=0, precision=precision)
     dp_t = _dot(v, do, contract_b=1, precision=precision)
-    ds_t = p_t * (dp_t - delta_ref[q_slice][None, :])
-    dk = dk + _dot(ds_t.astype(q.dtype), q, contract_b=0, precision=precision)
-    return dk, dv
+    ds_t = (p_t * (dp_t - delta_ref[q_slice][None, :])).astype(q[0].dtype)
+    return tuple(acc + _dot(ds_t, qp, contract_b=0, precision=precision)
+                 for acc, qp in zip(dk, q)), dv
 
-  carry = (jnp.zeros(k.shape, _F32), jnp.zeros(v.shape, _F32))
+  carry = (tuple(jnp.zeros(kp.shape, _F32) for kp in k), jnp.zeros(v.shape, _F32))
   dk, dv = _loop_three_ranges(ranges, step, carry, segment_guard=guard)
-  _store(dk_ref, (dk * scale).astype(dk_ref.dtype), head_mask)
-  _store(dv_ref, dv.astype(dv_ref.dtype), head_mask)
+  if rotary:
+    dk = _unrotate(dk, cos_ref, sin_ref)
+  _store_parts(dk_ref, tuple((g * scale).astype(dk_ref.dtype) for g in dk), parts, k_slot)
+  _store_parts(dv_ref, (dv.astype(dv_ref.dtype),), ((None, None, head_mask),), v_slot)
 
 
 def _query_segments(q_seg_ref, kv_seg_ref, block_k):
@@ -255,9 +332,11 @@ def _mask_kw(causal, window, kv_len, s, q_offset):
               q_offset=q_offset)
 
 
-def _block_d(head_dim: int) -> int:
-  """Tile width along the head dim: Triton tiles are powers of two (48 runs as 64)."""
-  return max(16, 1 << (head_dim - 1).bit_length())
+def _block_d(head_dim: int, rotary: bool = False) -> int:
+  """Tile width along the head dim: Triton tiles are powers of two (48 runs as 64). With rotary
+  halves the upper half's tile, which starts at D/2, must also end inside the block."""
+  d = max(16, 1 << (head_dim - 1).bit_length())
+  return max(d, 1 << (head_dim // 2 + _half_tile(head_dim) - 1).bit_length()) if rotary else d
 
 
 def _params(block_sizes, block_d: int, default_stages: int):
@@ -266,14 +345,22 @@ def _params(block_sizes, block_d: int, default_stages: int):
   return compiler_params(warps, block_sizes.num_stages or default_stages)
 
 
+def stacked_slots(kv_heads: int, heads: int) -> int:
+  """Slots of the stacked projection `y` [B, T, slots, D] the `*_stacked` entry points read:
+  kv head k's key at slot 2k and its value at 2k + 1, then query head h at 2·kv_heads + h (each
+  kv head's key and value side by side, so one two-slot block holds both)."""
+  return 2 * kv_heads + heads
+
+
 def forward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, *, scale, causal, window, kv_len,
-            q_offset, block_sizes, interpret):
+            q_offset, block_sizes, interpret, v_stacked=False):
   """Runs the forward kernel on padded inputs.
 
   Args:
     q_bthd: [B, Tp, H, D], Tp a multiple of the query blocks.
     k_bskd: [B, Sp, K, D].
-    v_bskd: [B, Sp, K, D].
+    v_bskd: [B, Sp, K, D], or with v_stacked the stacked projection [B, Sp, 2K + H, D]
+      (`stacked_slots`), whose value slots are read in place.
     q_seg_bt: int32 [B, Tp] or None.
     kv_seg_bs: int32 [B, Sp] or None.
     scale: softmax scale (already resolved from None).
@@ -283,6 +370,7 @@ def forward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, *, scale, causal, windo
     q_offset: key position of query row 0 (real S - real T: bottom-right aligned causal).
     block_sizes: `flash_tiling.BlockSizes`.
     interpret: run the Pallas interpreter instead of compiling.
+    v_stacked: see v_bskd.
 
   Returns:
     (o_bthd [B, Tp, H, D] in q's dtype, lse_bht float32 [B, H, Tp] in base 2).
@@ -298,10 +386,12 @@ def forward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, *, scale, causal, windo
       mask_kw=_mask_kw(causal, window, kv_len, s, q_offset), block_q=bq, block_k=bk,
       num_q_blocks=t // bq, head_dim=head_dim, precision=_precision(q_bthd.dtype))
   last = t // bq - 1  # grid axis 0 runs over query blocks in reverse, see _reversed_program_id
+  kv_head = lambda hi: lax.div(hi, jnp.int32(group))  # noqa: E731
+  v_slot = (lambda hi: 2 * kv_head(hi) + 1) if v_stacked else kv_head  # noqa: E731
   in_specs = [
       _spec((None, bq, None, d), lambda i, bi, hi: (bi, last - i, hi, 0)),
-      _spec((None, s, None, d), lambda i, bi, hi: (bi, 0, lax.div(hi, jnp.int32(group)), 0)),
-      _spec((None, s, None, d), lambda i, bi, hi: (bi, 0, lax.div(hi, jnp.int32(group)), 0)),
+      _spec((None, s, None, d), lambda i, bi, hi: (bi, 0, kv_head(hi), 0)),
+      _spec((None, s, None, d), lambda i, bi, hi: (bi, 0, v_slot(hi), 0)),
   ]
   args = [q_bthd, k_bskd, v_bskd]
   if has_segments:
@@ -325,45 +415,92 @@ def forward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, *, scale, causal, windo
 def backward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, o_bthd, lse_bht, do_bthd, *, scale,
              causal, window, kv_len, q_offset, block_sizes, interpret):
   """Runs the dQ and dK/dV kernels on padded inputs; returns (dq, dk, dv) in the input dtypes."""
+  return _backward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, o_bthd, lse_bht, do_bthd,
+                   None, scale=scale, causal=causal, window=window, kv_len=kv_len,
+                   q_offset=q_offset, block_sizes=block_sizes, interpret=interpret)
+
+
+def backward_stacked(q_bthd, k_bskd, y_btnd, cos_btr, sin_btr, q_seg_bt, kv_seg_bs, o_bthd,
+                     lse_bht, do_bthd, *, scale, causal, window, kv_len, q_offset, block_sizes,
+                     interpret):
+  """The backward of self-attention whose q and k are rotary(...) of the stacked projection's
+  slots and whose v is read in place from it (`stacked_slots`): returns the gradient of the
+  stacked projection `y` [B, Tp, 2K + H, D] itself, written by the kernels slot by slot, with
+  rotary's backward applied to each dQ / dK tile before it is stored (no stacking pass after).
+
+  Args:
+    q_bthd: the rotated queries [B, Tp, H, D].
+    k_bskd: the rotated keys [B, Tp, K, D].
+    y_btnd: the stacked projection (the values are read from it).
+    cos_btr: float32 [B, Tp, R]: cos of the rotary angles, R = `rotary_table_width(D)` (the D/2
+      real columns then zeros).
+    sin_btr: the same for sin.
+    q_seg_bt, kv_seg_bs, o_bthd, lse_bht, do_bthd and the keywords: as in `backward`.
+  """
+  return _backward(q_bthd, k_bskd, y_btnd, q_seg_bt, kv_seg_bs, o_bthd, lse_bht, do_bthd,
+                   (cos_btr, sin_btr), scale=scale, causal=causal, window=window, kv_len=kv_len,
+                   q_offset=q_offset, block_sizes=block_sizes, interpret=interpret)
+
+
+def rotary_table_width(head_dim: int) -> int:
+  """Columns of the cos / sin tables `backward_stacked` reads: one rotary half's tile."""
+  return _half_tile(head_dim)
+
+
+def _backward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, o_bthd, lse_bht, do_bthd, tables, *,
+              scale, causal, window, kv_len, q_offset, block_sizes, interpret):
   b, t, h, head_dim = q_bthd.shape
-  d = _block_d(head_dim)
+  stacked = tables is not None
+  d = _block_d(head_dim, rotary=stacked)
   s, kv_heads = k_bskd.shape[1], k_bskd.shape[2]
   group = h // kv_heads
   has_segments = q_seg_bt is not None
   # delta_i = sum_d o_id * do_id, the softmax-gradient correction; XLA fuses this well.
   delta_bht = jnp.einsum("bthd,bthd->bht", o_bthd.astype(_F32), do_bthd.astype(_F32))
   params = _params(block_sizes, d, 2)
+  kv_head = lambda hi: lax.div(hi, jnp.int32(group))  # noqa: E731
+  v_slot = (lambda hi: 2 * kv_head(hi) + 1) if stacked else kv_head  # noqa: E731
 
   def common(bq, bk):
-    return dict(has_segments=has_segments, scale=scale, scale_log2=scale * math.log2(math.e),
+    return dict(has_segments=has_segments, rotary=stacked, scale=scale,
+                scale_log2=scale * math.log2(math.e),
                 mask_kw=_mask_kw(causal, window, kv_len, s, q_offset), block_q=bq, block_k=bk,
                 head_dim=head_dim, precision=_precision(q_bthd.dtype), num_q_blocks=t // bq)
 
   bq, bk = min(block_sizes.block_q_dq, t), min(block_sizes.block_k_dq, s)
-
   last = t // bq - 1  # dQ's grid axis 0 runs over query blocks in reverse
   q_blk = lambda i, bi, hi: (bi, last - i, hi, 0)  # noqa: E731
   row_blk = lambda i, bi, hi: (bi, hi, last - i)  # noqa: E731
-  kv_all = lambda i, bi, hi: (bi, 0, lax.div(hi, jnp.int32(group)), 0)  # noqa: E731
   in_specs = [
       _spec((None, bq, None, d), q_blk),
-      _spec((None, s, None, d), kv_all),
-      _spec((None, s, None, d), kv_all),
+      _spec((None, s, None, d), lambda i, bi, hi: (bi, 0, kv_head(hi), 0)),
+      _spec((None, s, None, d), lambda i, bi, hi: (bi, 0, v_slot(hi), 0)),
       _spec((None, bq, None, d), q_blk),
       _spec((None, None, bq), row_blk),
       _spec((None, None, bq), row_blk),
   ]
   args = [q_bthd, k_bskd, v_bskd, do_bthd, lse_bht, delta_bht]
+  if stacked:
+    r = tables[0].shape[-1]
+    in_specs += [_spec((None, bq, r), lambda i, bi, hi: (bi, last - i, 0))] * 2
+    args += list(tables)
   if has_segments:
     in_specs += [_spec((None, bq), lambda i, bi, hi: (bi, last - i)),
                  _spec((None, s), lambda i, bi, hi: (bi, 0))]
     args += [q_seg_bt, kv_seg_bs]
-  dq_bthd = pl.pallas_call(
+  if stacked:
+    # Each program writes its query head's slot; the key and value slots come next.
+    out_spec = _spec((None, bq, None, d), lambda i, bi, hi: (bi, last - i, 2 * kv_heads + hi, 0))
+    out_shape = jax.ShapeDtypeStruct(v_bskd.shape, v_bskd.dtype)
+  else:
+    out_spec = _spec((None, bq, None, d), q_blk)
+    out_shape = jax.ShapeDtypeStruct(q_bthd.shape, q_bthd.dtype)
+  dq = pl.pallas_call(
       functools.partial(_dq_kernel, **common(bq, bk)),
       grid=(t // bq, b, h),
       in_specs=in_specs,
-      out_specs=_spec((None, bq, None, d), q_blk),
-      out_shape=jax.ShapeDtypeStruct(q_bthd.shape, q_bthd.dtype),
+      out_specs=out_spec,
+      out_shape=out_shape,
       compiler_params=params,
       interpret=interpret,
       name="flash_attention_dq",
@@ -372,33 +509,58 @@ def backward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, o_bthd, lse_bht, do_bt
   # One program per (key block, query head): with grouped heads each query head writes its own
   # partial dK/dV (float32) and the group is summed afterwards, which needs no atomics.
   bq, bk = min(block_sizes.block_q_dkv, t), min(block_sizes.block_k_dkv, s)
-  kv_blk = lambda j, bi, hi: (bi, j, lax.div(hi, jnp.int32(group)), 0)  # noqa: E731
+  kv_blk = lambda j, bi, hi: (bi, j, kv_head(hi), 0)  # noqa: E731
   q_all = lambda j, bi, hi: (bi, 0, hi, 0)  # noqa: E731
   in_specs = [
       _spec((None, bk, None, d), kv_blk),
-      _spec((None, bk, None, d), kv_blk),
+      _spec((None, bk, None, d), lambda j, bi, hi: (bi, j, v_slot(hi), 0)),
       _spec((None, t, None, d), q_all),
       _spec((None, t, None, d), q_all),
       _spec((None, None, t), lambda j, bi, hi: (bi, hi, 0)),
       _spec((None, None, t), lambda j, bi, hi: (bi, hi, 0)),
   ]
   args = [k_bskd, v_bskd, q_bthd, do_bthd, lse_bht, delta_bht]
+  if stacked:
+    in_specs += [_spec((None, bk, r), lambda j, bi, hi: (bi, j, 0))] * 2
+    args += list(tables)
   if has_segments:
     in_specs += [_spec((None, bk), lambda j, bi, hi: (bi, j)),
                  _spec((None, t), lambda j, bi, hi: (bi, 0))]
     args += [kv_seg_bs, q_seg_bt]
-  out_dtype = k_bskd.dtype if group == 1 else _F32
-  dk_bshd, dv_bshd = pl.pallas_call(
-      functools.partial(_dkv_kernel, **common(bq, bk)),
+  kv_slots = stacked and group == 1
+  extra = {}
+  if kv_slots:
+    # dQ's output goes back in and out again: each program fills its kv head's two slots.
+    in_specs.append(_spec((None, bk, 2, d), lambda j, bi, hi: (bi, j, hi, 0)))
+    args.append(dq)
+    out_specs = _spec((None, bk, 2, d), lambda j, bi, hi: (bi, j, hi, 0))
+    out_shape = jax.ShapeDtypeStruct(dq.shape, dq.dtype)
+    extra["input_output_aliases"] = {len(args) - 1: 0}
+  else:
+    out_dtype = k_bskd.dtype if group == 1 else _F32
+    out_specs = [_spec((None, bk, None, d), lambda j, bi, hi: (bi, j, hi, 0))] * 2
+    out_shape = [jax.ShapeDtypeStruct((b, s, h, head_dim), out_dtype)] * 2
+  out = pl.pallas_call(
+      functools.partial(_dkv_kernel, kv_slots=kv_slots, **common(bq, bk)),
       grid=(s // bk, b, h),
       in_specs=in_specs,
-      out_specs=[_spec((None, bk, None, d), lambda j, bi, hi: (bi, j, hi, 0))] * 2,
-      out_shape=[jax.ShapeDtypeStruct((b, s, h, head_dim), out_dtype)] * 2,
+      out_specs=out_specs,
+      out_shape=out_shape,
       compiler_params=params,
       interpret=interpret,
       name="flash_attention_dkv",
+      **extra,
   )(*args)
+  if kv_slots:
+    return out
+  dk_bshd, dv_bshd = out
   if group > 1:
-    dk_bshd = dk_bshd.reshape(b, s, kv_heads, group, head_dim).sum(axis=3).astype(k_bskd.dtype)
-    dv_bshd = dv_bshd.reshape(b, s, kv_heads, group, head_dim).sum(axis=3).astype(v_bskd.dtype)
-  return dq_bthd, dk_bshd, dv_bshd
+    dk_bshd = dk_bshd.reshape(b, s, kv_heads, group, head_dim).sum(axis=3)
+    dv_bshd = dv_bshd.reshape(b, s, kv_heads, group, head_dim).sum(axis=3)
+  dk_bshd, dv_bshd = dk_bshd.astype(k_bskd.dtype), dv_bshd.astype(k_bskd.dtype)
+  if not stacked:
+    return dq, dk_bshd, dv_bshd
+  # Grouped heads: the group's partial sums are added here and written into the key and value
+  # slots of dQ's output in place.
+  dkv = jnp.stack([dk_bshd, dv_bshd], axis=3).reshape(b, s, 2 * kv_heads, head_dim)
+  return lax.dynamic_update_slice_in_dim(dq, dkv.astype(dq.dtype), 0, axis=2)
