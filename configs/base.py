@@ -30,6 +30,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.scan_layers = False          # run the blocks as one lax.scan (same parameters)
   c.model.norm = "xla"                 # llama's residual add + RMSNorm: "xla" (jnp) or
   #                                      "pallas" (one kernel each way; GPUs)
+  c.model.qkv = "xla"                  # llama's q/k/v into attention: "xla" (split, rotated,
+  #                                      gradients stacked by XLA) or "pallas" (the attention
+  #                                      kernels read and write the stacked projection; GPUs)
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 2000                 # optimizer steps in the whole run (resume continues to it)

@@ -21,17 +21,19 @@ def _module():
 def test_parse_variant():
   parse = _module().parse_variant
   assert parse("pallas:fused") == {"attention": "pallas", "loss": "fused", "scan": False,
-                                   "remat": False, "norm": "xla", "loss_kernel": "auto",
-                                   "pad": 128}
+                                   "remat": False, "norm": "xla", "qkv": "xla",
+                                   "loss_kernel": "auto", "pad": 128}
   assert parse("cudnn:fused:pad1:online") == {"attention": "cudnn", "loss": "fused",
                                               "scan": False, "remat": False, "norm": "xla",
-                                              "loss_kernel": "xla_online", "pad": 1}
+                                              "qkv": "xla", "loss_kernel": "xla_online",
+                                              "pad": 1}
   assert parse("pallas:fused:norm")["norm"] == "pallas"
+  assert parse("pallas:fused:norm:qkv")["qkv"] == "pallas"
   assert parse("pallas:fused:kernel")["loss_kernel"] == "pallas"
   assert parse("pallas:fused:xla")["loss_kernel"] == "xla"
   assert parse("xla:chunked:scan:remat") == {"attention": "xla", "loss": "chunked", "scan": True,
-                                             "remat": True, "norm": "xla", "loss_kernel": "auto",
-                                             "pad": None}
+                                             "remat": True, "norm": "xla", "qkv": "xla",
+                                             "loss_kernel": "auto", "pad": None}
   for bad, says in (("pallas", "loss ''"), ("palas:fused", "attention 'palas'"),
                     ("pallas:fused:pad", "'pad'"), ("pallas:fused:pad0", "'pad0'"),
                     ("pallas:fused:onlne", "'onlne'"), ("pallas:fused:norms", "'norms'"),
@@ -39,7 +41,8 @@ def test_parse_variant():
                     ("pallas:chunked:kernel", "fused loss only"),
                     ("pallas:fused:online:kernel", "at most one"),
                     ("pallas:fused:xla:online", "at most one"),
-                    ("pallas:chunked:xla", "fused loss only")):
+                    ("pallas:chunked:xla", "fused loss only"),
+                    ("cudnn:fused:qkv", "use attention pallas")):
     with pytest.raises(ValueError, match=says):
       parse(bad)
 
@@ -49,6 +52,8 @@ def test_table_labels_tell_the_norm_kernels_apart():
   row = {"attention": "pallas", "loss_impl": "fused", "loss_kernel": "pallas"}
   assert "norm" not in label(row)
   assert "Pallas norm kernels" in label({**row, "norm_impl": "pallas"})
+  assert "stacked q/k/v" not in label(row)
+  assert "stacked q/k/v in the kernels" in label({**row, "qkv_impl": "pallas"})
 
 
 @pytest.mark.parametrize("argv, says", [
@@ -107,20 +112,24 @@ def test_variants_that_resolve_to_one_step_are_timed_once(tmp_path, monkeypatch,
   assert "pallas:fused:xla: the same step as pallas:fused" in capsys.readouterr().out
 
 
-def test_the_norm_variant_builds_llama_with_the_kernels_and_skips_gpt_neo(tmp_path, monkeypatch,
-                                                                         capsys):
+def test_the_norm_and_qkv_variants_build_llama_with_the_kernels_and_skip_gpt_neo(
+    tmp_path, monkeypatch, capsys):
   from tinystories_jax.training import benchmark  # pylint: disable=import-outside-toplevel
   module = _module()
   built = []
   monkeypatch.setattr(benchmark, "measure_train_throughput",
-                      lambda cfg, **kw: built.append(cfg.norm_impl) or {"step_ms": 1.0})
+                      lambda cfg, **kw: built.append((cfg.norm_impl, cfg.qkv_impl))
+                      or {"step_ms": 1.0})
   run = module.Run(tmp_path, budget_s=600)
   args = type("Args", (), {"smoke": False, "on_accelerator": False, "train_steps": 1,
                            "profile": "", "out": str(tmp_path),
-                           "train_variants": "pallas:fused,pallas:fused:norm"})
+                           "train_variants": "pallas:fused,pallas:fused:norm,pallas:fused:qkv"})
   llama, gpt_neo = module.SMOKE_TRAIN_SHAPES
   module._train_ours(run, args, llama)  # noqa: SLF001
   module._train_ours(run, args, gpt_neo)  # noqa: SLF001
-  assert built == ["xla", "pallas", "xla"]
-  assert [r.get("norm_impl") for r in run.rows] == [None, "pallas", None]
-  assert "the norm kernels are llama's" in capsys.readouterr().out
+  assert built == [("xla", "xla"), ("pallas", "xla"), ("xla", "pallas"), ("xla", "xla")]
+  assert [(r.get("norm_impl"), r.get("qkv_impl")) for r in run.rows] == [
+      (None, None), ("pallas", None), (None, "pallas"), (None, None)]
+  out = capsys.readouterr().out
+  assert "the norm kernels are llama's" in out
+  assert "the stacked q/k/v path is llama's" in out

@@ -233,6 +233,38 @@ def test_pallas_norm_is_llamas_only():
     tiny("llama", norm_impl="triton")
 
 
+@pytest.mark.parametrize("overrides", [dict(), dict(num_kv_heads=4), dict(scan_layers=True),
+                                       dict(remat="block", norm_impl="pallas"),
+                                       dict(dtype="bfloat16")])
+def test_pallas_qkv_equals_xla_inside_the_model(overrides):
+  """model.qkv_impl="pallas" (attention read from the stacked projection, its gradient written
+  whole, through the interpreter): the llama model's loss and every parameter gradient as with
+  q/k/v split and rotated by XLA, with grouped heads (the default here) and without."""
+  fa = pytest.importorskip("tinystories_jax.kernels.flash_attention")
+  tokens = jnp.asarray(np.random.default_rng(3).integers(0, 61, (2, 8)))
+  base = dict(num_layers=2, head_dim=16, **overrides)
+  with fa.force_interpret():
+    (l0, g0), _ = _packed_loss_and_grads(tiny("llama", **base, attention_impl="pallas"), tokens)
+    (l1, g1), _ = _packed_loss_and_grads(
+        tiny("llama", **base, attention_impl="pallas", qkv_impl="pallas"), tokens)
+  tol = 1e-4 if "dtype" not in overrides else 5e-2
+  np.testing.assert_allclose(l1, l0, rtol=tol)
+  compared = 0
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g0), jax.tree.leaves(g1)):
+    compared += any(f"'{w}'" in jax.tree_util.keystr(path) for w in ("wq", "wk", "wv"))
+    assert np.abs(a).max() > 0, jax.tree_util.keystr(path)
+    np.testing.assert_allclose(b, a, atol=tol * np.abs(a).max(), rtol=0,
+                               err_msg=jax.tree_util.keystr(path))
+  assert compared == 3 * 2  # wq, wk and wv of both layers, all compared
+
+
+def test_pallas_qkv_is_llamas_only():
+  with pytest.raises(ValueError, match="GPT-Neo has no rotary"):
+    tiny("gpt_neo", qkv_impl="pallas")
+  with pytest.raises(ValueError, match="qkv_impl 'fused'"):
+    tiny("llama", qkv_impl="fused")
+
+
 def test_layer_period():
   from tinystories_jax.models import scan  # noqa: PLC0415
   assert scan.layer_period(("global",) * 6) == 1

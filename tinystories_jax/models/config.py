@@ -17,6 +17,7 @@ ATTENTION_KINDS = ("global", "local")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT = ("none", "block")
 NORM_IMPLS = ("xla", "pallas")
+QKV_IMPLS = ("xla", "pallas")
 
 
 def llama_hidden_dim(d_model: int, multiple_of: int) -> int:
@@ -56,6 +57,11 @@ class ModelConfig:
     norm_impl: "xla" (the norms as jnp, which XLA fuses) or "pallas" (llama only: each residual
       add and the RMSNorm after it as one Pallas kernel each way, `kernels.rms_norm`; GPUs, or
       the interpreter under `flash_attention.force_interpret`).
+    qkv_impl: "xla" (q, k and v split out of their projection and rotated by XLA before the
+      attention call, and their gradients stacked after it) or "pallas" (llama only: the Pallas
+      attention kernels read them from the stacked projection and write its gradient whole,
+      rotary's backward included, `kernels.flash_attention.flash_attention_stacked`; GPUs, or
+      the interpreter under `flash_attention.force_interpret`).
     remat: "none" or "block" (recompute each block in the backward pass).
     scan_layers: run the blocks as one `lax.scan` (models/scan.py); same parameters and results.
     init_std: standard deviation of the normal initializer for matrices and embeddings.
@@ -80,6 +86,7 @@ class ModelConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   norm_impl: str = "xla"
+  qkv_impl: str = "xla"
   remat: str = "none"
   scan_layers: bool = False
   init_std: float = 0.02
@@ -129,6 +136,11 @@ class ModelConfig:
     if self.norm_impl == "pallas" and self.family != "llama":
       fail("norm_impl 'pallas' (a config's model.norm) is llama's RMSNorm kernel; GPT-Neo's "
            "LayerNorm has none: use model.norm='xla'.")
+    if self.qkv_impl not in QKV_IMPLS:
+      fail(f"qkv_impl {self.qkv_impl!r} is not one of {QKV_IMPLS}.")
+    if self.qkv_impl == "pallas" and self.family != "llama":
+      fail("qkv_impl 'pallas' (a config's model.qkv) reads rotary q/k from llama's stacked "
+           "projection; GPT-Neo has no rotary: use model.qkv='xla'.")
     object.__setattr__(self, "num_kv_heads", kv)
     object.__setattr__(self, "head_dim", head_dim)
     object.__setattr__(self, "d_ff", d_ff)

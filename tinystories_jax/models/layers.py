@@ -152,12 +152,17 @@ def _stacking_keeps_heads_in_place(heads: int, kv_heads: int) -> bool:
   query heads split and kv heads replicated (4 kv heads on an 8-way axis) the stacked weight
   would have to move shards between devices; three matmuls do not.
   """
+  n = _tensor_axis_size()
+  return kv_heads % n == 0 or heads % n != 0
+
+
+def _tensor_axis_size() -> int:
+  """Devices the current mesh's (non-manual) `tensor` axis splits heads over; 1 without one."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
-    return True
-  n = {name: size for (name, size), kind in zip(mesh.shape.items(), mesh.axis_types)
-       if kind != jax.sharding.AxisType.Manual}.get("tensor", 1)
-  return kv_heads % n == 0 or heads % n != 0
+    return 1
+  return {name: size for (name, size), kind in zip(mesh.shape.items(), mesh.axis_types)
+          if kind != jax.sharding.AxisType.Manual}.get("tensor", 1)
 
 
 def qkv_projection(x_btd, wq_dhk, wk_dgk, wv_dgk):
@@ -225,6 +230,7 @@ class Attention(nnx.Module):
     self.scale = 1.0 if cfg.is_gpt_neo else None
     self.impl = cfg.attention_impl
     self.dtype = jnp.dtype(cfg.dtype)
+    self.stacked = cfg.qkv_impl == "pallas"
 
   def qkv(self, x_btd: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     dt = self.dtype
@@ -248,6 +254,22 @@ class Attention(nnx.Module):
                               window=self.window, q_segment_ids_bt=q_segment_ids_bt,
                               kv_segment_ids_bs=kv_segment_ids_bs, scale=self.scale)
 
+  def attend_stacked(self, x_btd, positions_bt, segment_ids_bt=None):
+    """`qkv_impl="pallas"`: one matmul into the stacked [B, T, 2K + H, D] projection, which the
+    Pallas kernels read and whose gradient they write whole (rotary inside; no copies of q, k
+    or v and no stacking of their gradients). Same values as qkv -> rotate -> attend.
+
+    The stacked slots mix keys, values and queries, so a mesh whose `tensor` axis splits heads
+    takes the split path instead (`__call__`), which keeps each device's heads its own."""
+    from tinystories_jax.kernels import flash_attention as fa_lib  # noqa: PLC0415
+    dt = self.dtype
+    w = fa_lib.stack_qkv_weights(*(p[...].astype(dt) for p in (self.wq, self.wk, self.wv)))
+    y = jnp.einsum("btd,dnk->btnk", x_btd.astype(dt), w)
+    angles = _rotary_angles(positions_bt, w.shape[-1], self.rope_theta)
+    return fa_lib.flash_attention_stacked(y, jnp.cos(angles), jnp.sin(angles),
+                                          kv_heads=self.wk.shape[1], window=self.window,
+                                          segment_ids_bt=segment_ids_bt, scale=self.scale)
+
   def out(self, o_bthd: jax.Array) -> jax.Array:
     y = jnp.einsum("bthk,hkd->btd", o_bthd.astype(self.dtype), self.wo[...].astype(self.dtype))
     if self.bo is not None:
@@ -255,6 +277,8 @@ class Attention(nnx.Module):
     return y
 
   def __call__(self, x_btd, positions_bt, segment_ids_bt=None):
+    if self.stacked and _tensor_axis_size() == 1:
+      return self.out(self.attend_stacked(x_btd, positions_bt, segment_ids_bt))
     q, k, v = self.qkv(x_btd)
     q, k = self.rotate(q, k, positions_bt, positions_bt)
     o = self.attend(q, k, v, q_segment_ids_bt=segment_ids_bt, kv_segment_ids_bs=segment_ids_bt)

@@ -23,7 +23,8 @@ from absl import logging
 
 from tinystories_jax.data import pipeline
 from tinystories_jax.models import presets
-from tinystories_jax.models.config import NORM_IMPLS, ModelConfig, count_flops_per_token
+from tinystories_jax.models.config import NORM_IMPLS, QKV_IMPLS, ModelConfig
+from tinystories_jax.models.config import count_flops_per_token
 from tinystories_jax.parallel import mesh as mesh_lib
 from tinystories_jax.parallel import distributed, placement, rules
 from tinystories_jax.training import checkpoint as ckpt_lib
@@ -87,19 +88,38 @@ def cpu_device_count(run: RunConfig, *, single_process: bool = True,
   return count if count > 1 else 0
 
 
+def _check_stacked_qkv(cfg: ModelConfig) -> None:
+  """model.qkv='pallas' runs inside the Pallas attention kernels: they must be the ones chosen."""
+  from tinystories_jax.kernels import flash_attention as fa  # pylint: disable=g-import-not-at-top
+  from tinystories_jax.models import attention as attn  # pylint: disable=g-import-not-at-top
+  platform = "gpu" if fa.interpret_forced() else jax.default_backend()
+  if platform != "gpu":
+    raise ConfigError(f"model.qkv='pallas' runs in the GPU attention kernels, and this machine "
+                      f"is {platform!r}; use model.qkv='xla'.")
+  impl = cfg.attention_impl
+  if impl == "auto":
+    impl = attn.choose_auto(cfg.dtype, cfg.head_dim, None, backend=platform)
+  if impl != "pallas":
+    raise ConfigError(f"model.qkv='pallas' runs in the Pallas attention kernels, but "
+                      f"model.attention={cfg.attention_impl!r} runs {impl!r} for this model; "
+                      "set model.attention='pallas' or model.qkv='xla'.")
+
+
 def resolve_model(run: RunConfig, vocab_size: int) -> ModelConfig:
   """The preset named by `model.family` / `model.name`, sized to the data's vocabulary."""
   m = run.model
   makers = {"llama": presets.llama, "gpt_neo": presets.gpt_neo}
   if m.norm not in NORM_IMPLS:
     raise ConfigError(f"model.norm={m.norm!r} is not one of {NORM_IMPLS}.")
+  if m.qkv not in QKV_IMPLS:
+    raise ConfigError(f"model.qkv={m.qkv!r} is not one of {QKV_IMPLS}.")
   if m.family not in makers:
     raise ConfigError(f"model.family={m.family!r} is not one of {sorted(makers)}.")
   try:
     cfg = makers[m.family](m.name, vocab_size=vocab_size)
     cfg = ModelConfig.from_dict(dict(cfg.to_dict(), attention_impl=m.attention, dtype=m.dtype,
                                      remat=m.remat, scan_layers=m.scan_layers,
-                                     norm_impl=m.norm))
+                                     norm_impl=m.norm, qkv_impl=m.qkv))
   except (KeyError, ValueError) as e:
     msg = str(e).strip("'\"")
     raise ConfigError(f"model.family={m.family!r} model.name={m.name!r}: {msg}") from e
@@ -117,6 +137,8 @@ def resolve_model(run: RunConfig, vocab_size: int) -> ModelConfig:
                                "gpu" if fa.interpret_forced() else jax.default_backend())
     if why:
       raise ConfigError(f"model.norm='pallas' cannot run here: {why}")
+  if cfg.qkv_impl == "pallas":
+    _check_stacked_qkv(cfg)
   if run.train.loss_kernel == "pallas":
     from tinystories_jax.kernels import cross_entropy  # pylint: disable=g-import-not-at-top
     from tinystories_jax.training.loss import padded_vocab  # pylint: disable=g-import-not-at-top
