@@ -70,9 +70,10 @@ SMOKE_TRAIN_SHAPES = (
     ("gpt_neo", "1m", 512, 4, 64, {"num_heads": 4, "num_layers": 2, "window": 16,
                                    "attention_layers": ("global", "local")}),
 )
-# attention:loss[:scan][:remat][:norm][:padN][:xla|:online|:kernel] variants of our step timed at
-# every shape (":scan" sets scan_layers, ":remat" model.remat="block", ":norm"
-# model.norm_impl="pallas" (llama shapes); ":padN" the fused loss's vocab
+# attention:loss[:scan][:remat][:norm][:qkv][:padN][:xla|:online|:kernel] variants of our step
+# timed at every shape (":scan" sets scan_layers, ":remat" model.remat="block", ":norm"
+# model.norm_impl="pallas", ":qkv" model.qkv_impl="pallas" (both llama shapes only; ":qkv"
+# needs pallas attention); ":padN" the fused loss's vocab
 # padding multiple, ":pad1" none; its passes over the logits are train.loss_kernel's default,
 # "auto", unless ":xla" (XLA, two passes), ":online" (XLA, one pass) or ":kernel" (Pallas) says).
 TRAIN_VARIANTS = "pallas:fused"
@@ -252,11 +253,13 @@ def section_sweep(run: Run, args) -> None:
 
 
 def parse_variant(text: str) -> dict:
-  """`attention:loss[:scan][:remat][:norm][:padN][:xla|:online|:kernel]` as a dict; ValueError
-  says what is wrong.
+  """`attention:loss[:scan][:remat][:norm][:qkv][:padN][:xla|:online|:kernel]` as a dict;
+  ValueError says what is wrong.
 
   `scan` sets scan_layers, `remat` model.remat="block", `norm` model.norm_impl="pallas" (the
-  residual add + RMSNorm kernels; llama shapes only); with the fused loss, `padN` pads the
+  residual add + RMSNorm kernels), `qkv` model.qkv_impl="pallas" (the attention kernels read
+  the stacked q/k/v projection and write its gradient; attention `pallas` only), both llama
+  shapes only; with the fused loss, `padN` pads the
   output projection to a multiple of N rows (`pad1`: none; default 128), and its passes over
   the logits are train.loss_kernel="auto" (the default) unless `xla` (XLA's two passes),
   `online` (XLA's one-pass log-sum-exp, "xla_online") or `kernel` (the Pallas kernels,
@@ -271,13 +274,13 @@ def parse_variant(text: str) -> dict:
   if loss not in loss_lib.LOSS_IMPLS:
     raise ValueError(f"{text!r}: loss {loss!r} is not one of {loss_lib.LOSS_IMPLS}")
   variant = {"attention": impl, "loss": loss, "scan": False, "remat": False, "norm": "xla",
-             "loss_kernel": "auto", "pad": None}
+             "qkv": "xla", "loss_kernel": "auto", "pad": None}
   kernels = {"xla": "xla", "online": "xla_online", "kernel": "pallas"}
   for x in extra:
     if x in ("scan", "remat"):
       variant[x] = True
-    elif x == "norm":
-      variant["norm"] = "pallas"
+    elif x in ("norm", "qkv"):
+      variant[x] = "pallas"
     elif x in kernels:
       if variant["loss_kernel"] != "auto":
         raise ValueError(f"{text!r}: give at most one of xla, online and kernel")
@@ -285,8 +288,11 @@ def parse_variant(text: str) -> dict:
     elif x.startswith("pad") and x[3:].isdigit() and int(x[3:]) >= 1:
       variant["pad"] = int(x[3:])
     else:
-      raise ValueError(f"{text!r}: unknown option {x!r}; options are scan, remat, norm, xla, "
-                       "online, kernel and padN (N >= 1)")
+      raise ValueError(f"{text!r}: unknown option {x!r}; options are scan, remat, norm, qkv, "
+                       "xla, online, kernel and padN (N >= 1)")
+  if variant["qkv"] == "pallas" and impl != "pallas":
+    raise ValueError(f"{text!r}: qkv runs inside the Pallas attention kernels; use attention "
+                     "pallas with it")
   if loss != "fused" and (variant["loss_kernel"] != "auto" or variant["pad"] is not None):
     raise ValueError(f"{text!r}: xla, online, kernel and padN apply to the fused loss only")
   if loss == "fused" and variant["pad"] is None:
@@ -310,13 +316,18 @@ def _train_ours(run: Run, args, shape) -> None:
   for text, variant in zip(texts, map(parse_variant, texts)):
     impl, loss, scan, remat = (variant[k] for k in ("attention", "loss", "scan", "remat"))
     pad, loss_kernel, norm = variant["pad"], variant["loss_kernel"], variant["norm"]
+    qkv = variant["qkv"]
     if loss == "fused":  # what "auto" runs here, recorded in the row
       loss_kernel = loss_lib.resolve_kernel(loss_kernel, loss_lib.padded_vocab(vocab, pad))
     if norm == "pallas" and family != "llama":
       print(f"# {family}:{name} {text}: the norm kernels are llama's (RMSNorm), not run here",
             flush=True)
       continue
-    step = (impl, loss, scan, remat, norm, pad, loss_kernel)
+    if qkv == "pallas" and family != "llama":
+      print(f"# {family}:{name} {text}: the stacked q/k/v path is llama's (rotary), not run "
+            "here", flush=True)
+      continue
+    step = (impl, loss, scan, remat, norm, qkv, pad, loss_kernel)
     if step in seen:  # e.g. the default and ":kernel" on a GPU: time (and trace) it once
       print(f"# {family}:{name} {text}: the same step as {seen[step]}, not timed again",
             flush=True)
@@ -330,6 +341,8 @@ def _train_ours(run: Run, args, shape) -> None:
       row["remat"] = "block"
     if norm != "xla":
       row["norm_impl"] = norm
+    if qkv != "xla":
+      row["qkv_impl"] = qkv
     if pad is not None:
       row["loss_vocab_multiple"] = pad
     if loss == "fused":
@@ -340,12 +353,13 @@ def _train_ours(run: Run, args, shape) -> None:
     try:
       cfg = presets.get(family, name, vocab_size=vocab, dtype="bfloat16", attention_impl=impl,
                         scan_layers=scan, remat="block" if remat else "none", norm_impl=norm,
+                        qkv_impl=qkv,
                         **overrides)
       trace_dir = None
       if _shape_wanted(shape, _names(args.profile), empty_means_all=False):
         trace_dir = str(pathlib.Path(args.out) / "profile" / (
             f"{name}-{vocab}-{impl}-{loss}{'-scan' if scan else ''}{'-remat' if remat else ''}"
-            f"{'-norm' if norm != 'xla' else ''}"
+            f"{'-norm' if norm != 'xla' else ''}{'-qkv' if qkv != 'xla' else ''}"
             f"{'' if pad is None else f'-pad{pad}'}"
             f"{'' if loss_kernel == 'xla' else '-' + loss_kernel.replace('_', '-')}"))
       with fa.force_interpret(args.smoke or not args.on_accelerator):
@@ -599,6 +613,8 @@ def _variant(r: dict) -> str:
     text += ", remat"
   if r.get("norm_impl") == "pallas":
     text += ", Pallas norm kernels"
+  if r.get("qkv_impl") == "pallas":
+    text += ", stacked q/k/v in the kernels"
   if r.get("loss_vocab_multiple") == 1:
     text += ", vocab unpadded"
   elif "loss_vocab_multiple" in r:
