@@ -144,8 +144,10 @@ def test_sharded_over_the_batch_under_a_mesh():
 
   want = run(fa.flash_attention_stacked_reference)
   with jax.set_mesh(mesh):
-    got = jax.jit(lambda: run(lambda *a, **k: fa.flash_attention_stacked(
-        *a, interpret=True, block_sizes=SMALL_BLOCKS, **k)))()
+    sharded = lambda: run(lambda *a, **k: fa.flash_attention_stacked(  # noqa: E731
+        *a, interpret=True, block_sizes=SMALL_BLOCKS, **k))
+    assert "shard_map" in str(jax.make_jaxpr(sharded)())
+    got = jax.jit(sharded)()
   for name, g, w in zip(("o", "dy"), got, want):
     assert _rel_err(g, w) < 2e-5, (name, seed)
 
@@ -169,17 +171,18 @@ def test_lowers_for_cuda():
     except ImportError as e:  # a jaxlib built without the Triton lowering
       pytest.skip(f"cannot lower for cuda here: {e}")
   assert text.count("triton") >= 3, "expected the forward, dQ and dK/dV kernels"
+  assert "output_operand_alias" in text, "dK/dV writes into dQ's buffer in place"
 
 
 def test_clear_errors():
   y = jnp.zeros((1, 32, 6, 16), jnp.float32)
   cos = sin = jnp.zeros((1, 32, 8), jnp.float32)
-  with pytest.raises(ValueError, match="needs a GPU or TPU"):
+  with pytest.raises(ValueError, match="runs the Pallas GPU kernels, not on 'cpu'"):
     fa.flash_attention_stacked(y, cos, sin, kv_heads=2)
   with pytest.raises(ValueError, match="key and value slots"):
     fa.flash_attention_stacked(y, cos, sin, kv_heads=3, interpret=True)
   with pytest.raises(ValueError, match=r"cos and sin must be \[B, T, D/2\]"):
     fa.flash_attention_stacked(y, cos[:, :, :4], sin, kv_heads=2, interpret=True)
-  with pytest.raises(ValueError, match="head_dim 16 to 128"):
+  with pytest.raises(ValueError, match="head_dim 16 to 128.*qkv_impl='xla'"):
     fa.flash_attention_stacked(jnp.zeros((1, 32, 6, 8)), cos[..., :4], sin[..., :4],
                                kv_heads=2, interpret=True)

@@ -236,17 +236,22 @@ def test_pallas_norm_is_llamas_only():
 @pytest.mark.parametrize("overrides", [dict(), dict(num_kv_heads=4), dict(scan_layers=True),
                                        dict(remat="block", norm_impl="pallas"),
                                        dict(dtype="bfloat16")])
-def test_pallas_qkv_equals_xla_inside_the_model(overrides):
+def test_pallas_qkv_equals_xla_inside_the_model(overrides, monkeypatch):
   """model.qkv_impl="pallas" (attention read from the stacked projection, its gradient written
   whole, through the interpreter): the llama model's loss and every parameter gradient as with
   q/k/v split and rotated by XLA, with grouped heads (the default here) and without."""
   fa = pytest.importorskip("tinystories_jax.kernels.flash_attention")
   tokens = jnp.asarray(np.random.default_rng(3).integers(0, 61, (2, 8)))
   base = dict(num_layers=2, head_dim=16, **overrides)
+  calls = []
+  stacked = fa.flash_attention_stacked
+  monkeypatch.setattr(fa, "flash_attention_stacked",
+                      lambda *a, **k: calls.append(1) or stacked(*a, **k))
   with fa.force_interpret():
     (l0, g0), _ = _packed_loss_and_grads(tiny("llama", **base, attention_impl="pallas"), tokens)
     (l1, g1), _ = _packed_loss_and_grads(
         tiny("llama", **base, attention_impl="pallas", qkv_impl="pallas"), tokens)
+  assert calls, "the stacked path never ran"
   tol = 1e-4 if "dtype" not in overrides else 5e-2
   np.testing.assert_allclose(l1, l0, rtol=tol)
   compared = 0
@@ -263,6 +268,8 @@ def test_pallas_qkv_is_llamas_only():
     tiny("gpt_neo", qkv_impl="pallas")
   with pytest.raises(ValueError, match="qkv_impl 'fused'"):
     tiny("llama", qkv_impl="fused")
+  with pytest.raises(ValueError, match=r"not attention_impl 'xla' \(model.attention\)"):
+    tiny("llama", qkv_impl="pallas")  # tiny() runs attention_impl "xla"
 
 
 def test_layer_period():

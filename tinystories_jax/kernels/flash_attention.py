@@ -21,6 +21,7 @@ import functools
 import importlib
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 
 from tinystories_jax.kernels.attention_reference import check_attention_args
@@ -321,6 +322,7 @@ def _split_stacked(y_btnd, kv_heads: int):
 def flash_attention_stacked_reference(y_btnd, cos_btr, sin_btr, *, kv_heads, causal=True,
                                       window=None, segment_ids_bt=None, scale=None):
   """`flash_attention_stacked` in plain jnp: split, rotate, `flash_attention_reference`."""
+  cos_btr, sin_btr = lax.stop_gradient(cos_btr), lax.stop_gradient(sin_btr)
   q, k, v = _split_stacked(y_btnd, kv_heads)
   return flash_attention_reference(rotate_half(q, cos_btr, sin_btr),
                                    rotate_half(k, cos_btr, sin_btr), v, causal=causal,
@@ -359,17 +361,20 @@ def flash_attention_stacked(y_btnd, cos_btr, sin_btr, *, kv_heads, causal=True, 
   """Self-attention on the stacked q/k/v projection, with rotary on q and k: the same values as
   `flash_attention(rotate_half(q), rotate_half(k), v)` for q, k, v the stacked slots, but the
   kernels read v in place and write the gradient of `y` itself (slot by slot, rotary's backward
-  done on each tile), so no pass copies v out or stacks dq, dk and dv afterwards.
+  done on each tile), so no pass copies v out, and with one kv head per query head none stacks
+  dq, dk and dv afterwards (with grouped heads XLA adds each group's dK/dV and writes them into
+  their slots in place).
 
   Pallas GPU (Triton) kernels only; a mesh may split the batch but not the heads (y's slots mix
   keys, values and queries), so under a `tensor`-split mesh each device runs all heads of its
-  batch shard. `stack_qkv_weights` builds the weight whose product with x is `y`.
+  batch shard. `stack_qkv_weights` builds the weight whose product with x is `y`. For the
+  backward it keeps y, the rotated q and k and the tables (the split path keeps q, k and v).
 
   Args:
-    y_btnd: [B, T, 2K + H, D] (`flash_attention_gpu.stacked_slots`): kv head k's key at slot
-      2k and value at 2k + 1, then the H query heads; bfloat16 or float32.
-    cos_btr: float32 [B, T, D/2]: cos of each position's rotary angles.
-    sin_btr: float32 [B, T, D/2]: their sin.
+    y_btnd: [B, T, 2K + H, D]: kv head k's key at slot 2k and value at 2k + 1, then the H query
+      heads; bfloat16 or float32.
+    cos_btr: float32 [B, T, D/2]: cos of each position's rotary angles (not differentiated).
+    sin_btr: float32 [B, T, D/2]: their sin (not differentiated).
     kv_heads: K (it must divide H).
     causal, window, scale, block_sizes, interpret: as in `flash_attention`.
     segment_ids_bt: int32 [B, T] for queries and keys alike, as in `flash_attention`.
@@ -381,19 +386,20 @@ def flash_attention_stacked(y_btnd, cos_btr, sin_btr, *, kv_heads, causal=True, 
   heads = n - 2 * kv_heads
   if kv_heads <= 0 or heads <= 0 or heads % kv_heads or d % 2:
     raise ValueError(f"flash_attention_stacked: y {y_btnd.shape} must hold 2·{kv_heads} key and "
-                     "value slots then a multiple of that many query heads, with an even "
+                     f"value slots then a multiple of {kv_heads} query heads, with an even "
                      "head_dim.")
   if cos_btr.shape != (b, t, d // 2) or sin_btr.shape != cos_btr.shape:
     raise ValueError(f"flash_attention_stacked: cos and sin must be [B, T, D/2] = "
                      f"{(b, t, d // 2)}, got {cos_btr.shape} and {sin_btr.shape}.")
   interpret = _FORCE_INTERPRET if interpret is None else bool(interpret)
   platform = "gpu" if interpret else jax.default_backend()
+  if _kernel_family(platform) != "gpu":
+    raise ValueError(f"flash_attention_stacked runs the Pallas GPU kernels, not on {platform!r}; "
+                     "split q, k and v there (a model's qkv_impl='xla').")
   ok, reason = supports(d, y_btnd.dtype, platform)
-  if ok and _kernel_family(platform) != "gpu":
-    ok, reason = False, (f"flash_attention_stacked runs the GPU kernels only, not on "
-                         f"{platform!r}; use flash_attention on the split q, k, v there.")
   if not ok:
-    raise ValueError(reason)
+    raise ValueError(f"flash_attention_stacked: {reason} (a model's qkv_impl='xla' splits them)")
+  cos_btr, sin_btr = lax.stop_gradient(cos_btr), lax.stop_gradient(sin_btr)
   q_like = jax.ShapeDtypeStruct((b, t, heads, d), y_btnd.dtype)
   kv_like = jax.ShapeDtypeStruct((b, t, kv_heads, d), y_btnd.dtype)
   check_attention_args(q_like, kv_like, kv_like, causal=causal, window=window,

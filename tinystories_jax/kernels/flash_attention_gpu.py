@@ -345,13 +345,6 @@ def _params(block_sizes, block_d: int, default_stages: int):
   return compiler_params(warps, block_sizes.num_stages or default_stages)
 
 
-def stacked_slots(kv_heads: int, heads: int) -> int:
-  """Slots of the stacked projection `y` [B, T, slots, D] the `*_stacked` entry points read:
-  kv head k's key at slot 2k and its value at 2k + 1, then query head h at 2·kv_heads + h (each
-  kv head's key and value side by side, so one two-slot block holds both)."""
-  return 2 * kv_heads + heads
-
-
 def forward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, *, scale, causal, window, kv_len,
             q_offset, block_sizes, interpret, v_stacked=False):
   """Runs the forward kernel on padded inputs.
@@ -359,8 +352,9 @@ def forward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, *, scale, causal, windo
   Args:
     q_bthd: [B, Tp, H, D], Tp a multiple of the query blocks.
     k_bskd: [B, Sp, K, D].
-    v_bskd: [B, Sp, K, D], or with v_stacked the stacked projection [B, Sp, 2K + H, D]
-      (`stacked_slots`), whose value slots are read in place.
+    v_bskd: [B, Sp, K, D], or with v_stacked the stacked projection [B, Sp, 2K + H, D] (kv
+      head k's key at slot 2k, its value at 2k + 1, then the queries), whose value slots are
+      read in place.
     q_seg_bt: int32 [B, Tp] or None.
     kv_seg_bs: int32 [B, Sp] or None.
     scale: softmax scale (already resolved from None).
@@ -424,8 +418,8 @@ def backward_stacked(q_bthd, k_bskd, y_btnd, cos_btr, sin_btr, q_seg_bt, kv_seg_
                      lse_bht, do_bthd, *, scale, causal, window, kv_len, q_offset, block_sizes,
                      interpret):
   """The backward of self-attention whose q and k are rotary(...) of the stacked projection's
-  slots and whose v is read in place from it (`stacked_slots`): returns the gradient of the
-  stacked projection `y` [B, Tp, 2K + H, D] itself, written by the kernels slot by slot, with
+  slots and whose v is read in place from it (`forward`'s v_stacked): returns the gradient of
+  the stacked projection `y` [B, Tp, 2K + H, D] itself, written by the kernels slot by slot, with
   rotary's backward applied to each dQ / dK tile before it is stored (no stacking pass after).
 
   Args:

@@ -141,6 +141,10 @@ class ModelConfig:
     if self.qkv_impl == "pallas" and self.family != "llama":
       fail("qkv_impl 'pallas' (a config's model.qkv) reads rotary q/k from llama's stacked "
            "projection; GPT-Neo has no rotary: use model.qkv='xla'.")
+    if self.qkv_impl == "pallas" and self.attention_impl not in ("pallas", "auto"):
+      fail(f"qkv_impl 'pallas' (model.qkv) runs in the Pallas attention kernels, not "
+           f"attention_impl {self.attention_impl!r} (model.attention): set it to 'pallas', or "
+           "qkv to 'xla'.")
     object.__setattr__(self, "num_kv_heads", kv)
     object.__setattr__(self, "head_dim", head_dim)
     object.__setattr__(self, "d_ff", d_ff)
