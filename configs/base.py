@@ -33,6 +33,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.qkv = "xla"                  # llama's q/k/v into attention: "xla" (split, rotated,
   #                                      gradients stacked by XLA) or "pallas" (the attention
   #                                      kernels read and write the stacked projection; GPUs)
+  c.model.mlp = "xla"                  # llama's SwiGLU backward through the activation: "xla"
+  #                                      (a fusion) or "pallas" (one kernel; GPUs)
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 2000                 # optimizer steps in the whole run (resume continues to it)

@@ -121,17 +121,17 @@ def test_llama_gqa_import_and_export_keep_the_logits(tmp_path, tied):
 
 
 def test_a_workdir_trained_with_the_norm_kernels_reads_anywhere(tmp_path):
-  """A run trained with model.norm="pallas" and model.qkv="pallas" (GPU kernels) records them;
+  """A run trained with model.norm, model.qkv and model.mlp "pallas" (GPU kernels) records them;
   the tools reading its workdir on this CPU run the jnp forms, with the same logits."""
   src = llama_dir(tmp_path / "hf")
   tokens = tokens_for(101)
   hf.import_hf(tmp_path / "hf", tmp_path / "wd")
   config_file = tmp_path / "wd" / "config.json"
   config = json.loads(config_file.read_text())
-  config["model"].update(norm_impl="pallas", qkv_impl="pallas")
+  config["model"].update(norm_impl="pallas", qkv_impl="pallas", mlp_impl="pallas")
   config_file.write_text(json.dumps(config))
   cfg = wd.read_workdir(tmp_path / "wd")[0]
-  assert (cfg.norm_impl, cfg.qkv_impl) == ("xla", "xla")
+  assert (cfg.norm_impl, cfg.qkv_impl, cfg.mlp_impl) == ("xla", "xla", "xla")
   np.testing.assert_allclose(our_logits(tmp_path / "wd", tokens), torch_logits(src, tokens),
                              atol=TOL)
 

@@ -272,6 +272,43 @@ def test_pallas_qkv_is_llamas_only():
     tiny("llama", qkv_impl="pallas")  # tiny() runs attention_impl "xla"
 
 
+@pytest.mark.parametrize("overrides", [dict(), dict(scan_layers=True), dict(remat="block"),
+                                       dict(dtype="bfloat16")])
+def test_pallas_mlp_equals_xla_inside_the_model(overrides, monkeypatch):
+  """model.mlp_impl="pallas" (SwiGLU's backward through its activation as the Pallas kernel,
+  through the interpreter): the llama model's loss and every parameter gradient as with jnp."""
+  fa = pytest.importorskip("tinystories_jax.kernels.flash_attention")
+  from tinystories_jax.kernels import swiglu as swiglu_kernels  # noqa: PLC0415
+  tokens = jnp.asarray(np.random.default_rng(4).integers(0, 61, (2, 8)))
+  calls = []
+  grad = swiglu_kernels.swiglu_grad
+  monkeypatch.setattr(swiglu_kernels, "swiglu_grad",
+                      lambda *a, **k: calls.append(1) or grad(*a, **k))
+  (l0, g0), _ = _packed_loss_and_grads(tiny("llama", num_layers=2, **overrides), tokens)
+  assert not calls
+  with fa.force_interpret():
+    (l1, g1), _ = _packed_loss_and_grads(
+        tiny("llama", num_layers=2, mlp_impl="pallas", **overrides), tokens)
+  assert calls, "the kernel never ran"
+  # bf16: XLA rounds after each operation of the activation's gradient, the kernel once.
+  tol = 1e-5 if "dtype" not in overrides else 5e-2
+  np.testing.assert_allclose(l1, l0, rtol=tol)
+  compared = 0
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g0), jax.tree.leaves(g1)):
+    compared += any(f"'{w}'" in jax.tree_util.keystr(path) for w in ("w_gate", "w_up"))
+    assert np.abs(a).max() > 0, jax.tree_util.keystr(path)
+    np.testing.assert_allclose(b, a, atol=tol * np.abs(a).max(), rtol=0,
+                               err_msg=jax.tree_util.keystr(path))
+  assert compared == 2 * 2  # w_gate and w_up of both layers
+
+
+def test_pallas_mlp_is_llamas_only():
+  with pytest.raises(ValueError, match="GELU MLP has none"):
+    tiny("gpt_neo", mlp_impl="pallas")
+  with pytest.raises(ValueError, match="mlp_impl 'triton'"):
+    tiny("llama", mlp_impl="triton")
+
+
 def test_layer_period():
   from tinystories_jax.models import scan  # noqa: PLC0415
   assert scan.layer_period(("global",) * 6) == 1

@@ -127,13 +127,14 @@ def read_workdir(workdir: str | os.PathLike, step: int | None = None
   """(model config, params as a pure dict of numpy arrays, the whole config.json).
 
   Reads the latest checkpoint unless `step` is given, restoring only its "params" item onto the
-  first local device. The model config's `norm_impl` and `qkv_impl` come back as "xla": those
-  Pallas kernels are GPU training settings, and the jnp forms compute the same function (to
-  rounding) anywhere.
+  first local device. The model config's `norm_impl`, `qkv_impl` and `mlp_impl` come back as
+  "xla": those Pallas kernels are GPU training settings, and the jnp forms compute the same
+  function (to rounding) anywhere.
   """
   workdir = pathlib.Path(workdir).absolute()
   config = read_config(workdir)
-  cfg = ModelConfig.from_dict(dict(config["model"], norm_impl="xla", qkv_impl="xla"))
+  cfg = ModelConfig.from_dict(dict(config["model"], norm_impl="xla", qkv_impl="xla",
+                                   mlp_impl="xla"))
   ckpt_dir = workdir / CHECKPOINTS
   if not ckpt_dir.is_dir():
     raise WorkdirError(f"{workdir} has no {CHECKPOINTS}/ directory; nothing to read.")

@@ -18,6 +18,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 REMAT = ("none", "block")
 NORM_IMPLS = ("xla", "pallas")
 QKV_IMPLS = ("xla", "pallas")
+MLP_IMPLS = ("xla", "pallas")
 
 
 def llama_hidden_dim(d_model: int, multiple_of: int) -> int:
@@ -62,6 +63,9 @@ class ModelConfig:
       attention kernels read them from the stacked projection and write its gradient whole,
       rotary's backward included, `kernels.flash_attention.flash_attention_stacked`; GPUs, or
       the interpreter under `flash_attention.force_interpret`).
+    mlp_impl: "xla" (SwiGLU's backward through its activation as an XLA fusion) or "pallas"
+      (llama only: that step as one Pallas kernel, `kernels.swiglu`; GPUs, or the interpreter
+      under `flash_attention.force_interpret`). The matmuls are XLA's either way.
     remat: "none" or "block" (recompute each block in the backward pass).
     scan_layers: run the blocks as one `lax.scan` (models/scan.py); same parameters and results.
     init_std: standard deviation of the normal initializer for matrices and embeddings.
@@ -87,6 +91,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   norm_impl: str = "xla"
   qkv_impl: str = "xla"
+  mlp_impl: str = "xla"
   remat: str = "none"
   scan_layers: bool = False
   init_std: float = 0.02
@@ -145,6 +150,11 @@ class ModelConfig:
       fail(f"qkv_impl 'pallas' (model.qkv) runs in the Pallas attention kernels, not "
            f"attention_impl {self.attention_impl!r} (model.attention): set it to 'pallas', or "
            "qkv to 'xla'.")
+    if self.mlp_impl not in MLP_IMPLS:
+      fail(f"mlp_impl {self.mlp_impl!r} is not one of {MLP_IMPLS}.")
+    if self.mlp_impl == "pallas" and self.family != "llama":
+      fail("mlp_impl 'pallas' (a config's model.mlp) is llama's SwiGLU kernel; GPT-Neo's "
+           "GELU MLP has none: use model.mlp='xla'.")
     object.__setattr__(self, "num_kv_heads", kv)
     object.__setattr__(self, "head_dim", head_dim)
     object.__setattr__(self, "d_ff", d_ff)

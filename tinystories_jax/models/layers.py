@@ -320,11 +320,18 @@ class SwiGLU(nnx.Module):
     self.w_up = param(rngs, init, (cfg.d_model, cfg.d_ff), ("embed", "mlp"), pd)
     self.w_down = param(rngs, out_init, (cfg.d_ff, cfg.d_model), ("mlp", "embed"), pd)
     self.dtype = jnp.dtype(cfg.dtype)
+    self.impl = cfg.mlp_impl
 
   def __call__(self, x_btd):
+    """`mlp_impl="pallas"` (a config's `model.mlp`) takes the backward through the activation
+    from one Pallas kernel (`swiglu_paired_kernel`); a d_ff split over the mesh's `tensor` axis
+    keeps the jnp form, which leaves the split in place."""
     dt = self.dtype
-    return swiglu(x_btd.astype(dt), self.w_gate[...].astype(dt), self.w_up[...].astype(dt),
-                  self.w_down[...].astype(dt))
+    fn = swiglu
+    if self.impl == "pallas" and _tensor_axis_size() == 1:
+      fn = swiglu_paired_kernel
+    return fn(x_btd.astype(dt), self.w_gate[...].astype(dt), self.w_up[...].astype(dt),
+              self.w_down[...].astype(dt))
 
 
 def swiglu(x_btd, w_gate_df, w_up_df, w_down_fd):
@@ -389,23 +396,46 @@ def _paired_fwd(x_btd, w_gate_df, w_up_df, w_down_fd):
   return y.reshape(x_btd.shape), (x, gu, w_gate_df, w_up_df, w_down_fd)
 
 
-def _paired_bwd(res, dy_btd):
-  x, gu, w_gate_df, w_up_df, w_down_fd = res
-  dy = dy_btd.reshape(-1, dy_btd.shape[-1])
-  dh = dy @ w_down_fd.T
+def _activation_grad(gu, dh):
+  """d(gate, up) [N, 2, F] from dh [N, F], as one jnp expression XLA writes in one pass."""
   # Entry (n, k, f) reads its gate and up from gu and from gu with the pair swapped.
   swapped = gu[:, ::-1]
   first = lax.broadcasted_iota(jnp.int32, (1, 2, 1), 1) == 0
   g, u = jnp.where(first, gu, swapped), jnp.where(first, swapped, gu)
   sig = jax.nn.sigmoid(g)
-  d_gu = dh[:, None, :] * jnp.where(first, u * (sig * (1 + g * (1 - sig))), g * sig)
+  return dh[:, None, :] * jnp.where(first, u * (sig * (1 + g * (1 - sig))), g * sig)
+
+
+def _paired_grads(res, dy_btd, activation_grad):
+  x, gu, w_gate_df, w_up_df, w_down_fd = res
+  dy = dy_btd.reshape(-1, dy_btd.shape[-1])
+  d_gu = activation_grad(gu, dy @ w_down_fd.T)
   dx = jnp.einsum("nkf,dkf->nd", d_gu, jnp.stack([w_gate_df, w_up_df], axis=1))
   dw = jnp.einsum("nd,nkf->dkf", x, d_gu)
   h = jax.nn.silu(gu[:, 0]) * gu[:, 1]
   return dx.reshape(dy_btd.shape), dw[:, 0], dw[:, 1], h.T @ dy
 
 
-swiglu_paired.defvjp(_paired_fwd, _paired_bwd)
+swiglu_paired.defvjp(_paired_fwd, functools.partial(_paired_grads,
+                                                    activation_grad=_activation_grad))
+
+
+@jax.custom_vjp
+def swiglu_paired_kernel(x_btd, w_gate_df, w_up_df, w_down_fd):
+  """`swiglu_paired` with d(gate, up) taken by the Pallas kernel `kernels.swiglu.swiglu_grad`:
+  it reads gate, up and dh once per pair and writes both gradients (float32 arithmetic, one
+  rounding), where XLA's fusion reads each pair twice and takes its sigmoid twice
+  (docs/kernels.md). The forward and every matmul are `swiglu_paired`'s."""
+  return _paired_fwd(x_btd, w_gate_df, w_up_df, w_down_fd)[0]
+
+
+def _kernel_activation_grad(gu, dh):
+  from tinystories_jax.kernels import swiglu as swiglu_kernels  # noqa: PLC0415 (Pallas on use)
+  return swiglu_kernels.swiglu_grad(gu, dh)
+
+
+swiglu_paired_kernel.defvjp(_paired_fwd, functools.partial(
+    _paired_grads, activation_grad=_kernel_activation_grad))
 
 
 class Block(nnx.Module):

@@ -43,6 +43,7 @@ class ModelChoice:
   scan_layers: bool = False
   norm: str = "xla"
   qkv: str = "xla"
+  mlp: str = "xla"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,10 +177,10 @@ def check_batch_fits(run: RunConfig, batch_divisor: int, process_count: int) -> 
 # Keys that may change when a run is resumed: how it is run, not what it computes.
 RESUMABLE = {
     "data": {"dir", "worker_count", "worker_buffer_size"},
-    "model_preset": {"attention", "dtype", "remat", "scan_layers", "norm", "qkv"},
+    "model_preset": {"attention", "dtype", "remat", "scan_layers", "norm", "qkv", "mlp"},
     # init_std only shapes a fresh initialisation; an imported model may record another.
     "model": {"attention_impl", "dtype", "remat", "scan_layers", "norm_impl", "qkv_impl",
-              "init_std"},
+              "mlp_impl", "init_std"},
     "train": {"steps", "log_every", "eval_every", "eval_batches", "checkpoint_every",
               "keep_checkpoints", "async_checkpoints", "loss", "loss_chunk", "loss_vocab_multiple",
               "loss_kernel", "loss_online_lse",  # the latter: in older workdirs

@@ -23,7 +23,7 @@ from absl import logging
 
 from tinystories_jax.data import pipeline
 from tinystories_jax.models import presets
-from tinystories_jax.models.config import NORM_IMPLS, QKV_IMPLS, ModelConfig
+from tinystories_jax.models.config import MLP_IMPLS, NORM_IMPLS, QKV_IMPLS, ModelConfig
 from tinystories_jax.models.config import count_flops_per_token
 from tinystories_jax.parallel import mesh as mesh_lib
 from tinystories_jax.parallel import distributed, placement, rules
@@ -113,13 +113,16 @@ def resolve_model(run: RunConfig, vocab_size: int) -> ModelConfig:
     raise ConfigError(f"model.norm={m.norm!r} is not one of {NORM_IMPLS}.")
   if m.qkv not in QKV_IMPLS:
     raise ConfigError(f"model.qkv={m.qkv!r} is not one of {QKV_IMPLS}.")
+  if m.mlp not in MLP_IMPLS:
+    raise ConfigError(f"model.mlp={m.mlp!r} is not one of {MLP_IMPLS}.")
   if m.family not in makers:
     raise ConfigError(f"model.family={m.family!r} is not one of {sorted(makers)}.")
   try:
     cfg = makers[m.family](m.name, vocab_size=vocab_size)
     cfg = ModelConfig.from_dict(dict(cfg.to_dict(), attention_impl=m.attention, dtype=m.dtype,
                                      remat=m.remat, scan_layers=m.scan_layers,
-                                     norm_impl=m.norm, qkv_impl=m.qkv))
+                                     norm_impl=m.norm, qkv_impl=m.qkv,
+                                     mlp_impl=m.mlp))
   except (KeyError, ValueError) as e:
     msg = str(e).strip("'\"")
     raise ConfigError(f"model.family={m.family!r} model.name={m.name!r}: {msg}") from e
@@ -139,6 +142,12 @@ def resolve_model(run: RunConfig, vocab_size: int) -> ModelConfig:
       raise ConfigError(f"model.norm='pallas' cannot run here: {why}")
   if cfg.qkv_impl == "pallas":
     _check_stacked_qkv(cfg)
+  if cfg.mlp_impl == "pallas":
+    from tinystories_jax.kernels import flash_attention as fa  # pylint: disable=g-import-not-at-top
+    from tinystories_jax.kernels import swiglu  # pylint: disable=g-import-not-at-top
+    _, why = swiglu.supports("gpu" if fa.interpret_forced() else jax.default_backend())
+    if why:
+      raise ConfigError(f"model.mlp='pallas' cannot run here: {why}")
   if run.train.loss_kernel == "pallas":
     from tinystories_jax.kernels import cross_entropy  # pylint: disable=g-import-not-at-top
     from tinystories_jax.training.loss import padded_vocab  # pylint: disable=g-import-not-at-top
