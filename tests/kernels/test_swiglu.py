@@ -51,6 +51,23 @@ def test_the_gradient_is_the_float64_one():
   np.testing.assert_allclose(layers._activation_grad(gu, dh), got, rtol=1e-5, atol=1e-5)
 
 
+def test_the_model_form_fixes_interpret_at_the_forward_call():
+  """`layers.swiglu_paired_kernel` under `force_interpret`: its backward, traced after the
+  context has closed, still runs the interpreter, with autodiff's gradients."""
+  from tinystories_jax.kernels import flash_attention as fa  # noqa: PLC0415
+  k = jax.random.split(jax.random.key(3), 5)
+  x = jax.random.normal(k[0], (2, 8, 16))
+  ws = [jax.random.normal(kk, shape) * 0.3 for kk, shape in
+        zip(k[1:4], ((16, 40), (16, 40), (40, 16)))]
+  ct = jax.random.normal(k[4], (2, 8, 16))
+  with fa.force_interpret():
+    _, vjp = jax.vjp(layers.swiglu_paired_kernel, x, *ws)
+  got = vjp(ct)
+  _, vjp_ref = jax.vjp(lambda x, wg, wu, wd: (jax.nn.silu(x @ wg) * (x @ wu)) @ wd, x, *ws)
+  for g, w in zip(got, vjp_ref(ct)):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
 def test_block_shape():
   assert sw.block_shape(32768, 1376) == (8, 512)   # llama 42M: 3 column blocks, 160 masked
   assert sw.block_shape(32768, 768) == (16, 256)   # 15M: 3 whole blocks (512 would mask 256)

@@ -420,22 +420,37 @@ swiglu_paired.defvjp(_paired_fwd, functools.partial(_paired_grads,
                                                     activation_grad=_activation_grad))
 
 
-@jax.custom_vjp
-def swiglu_paired_kernel(x_btd, w_gate_df, w_up_df, w_down_fd):
+def swiglu_paired_kernel(x_btd, w_gate_df, w_up_df, w_down_fd, *, interpret=None):
   """`swiglu_paired` with d(gate, up) taken by the Pallas kernel `kernels.swiglu.swiglu_grad`:
   it reads gate, up and dh once per pair and writes both gradients (float32 arithmetic, one
   rounding), where XLA's fusion reads each pair twice and takes its sigmoid twice
-  (docs/kernels.md). The forward and every matmul are `swiglu_paired`'s."""
+  (docs/kernels.md). The forward and every matmul are `swiglu_paired`'s. `interpret` (None:
+  `flash_attention.force_interpret` as it is at this call) is fixed here, so a backward traced
+  later runs the same way."""
+  if interpret is None:
+    from tinystories_jax.kernels import flash_attention as fa  # noqa: PLC0415
+    interpret = fa.interpret_forced()
+  return _swiglu_paired_kernel(x_btd, w_gate_df, w_up_df, w_down_fd, bool(interpret))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _swiglu_paired_kernel(x_btd, w_gate_df, w_up_df, w_down_fd, interpret):
+  del interpret
   return _paired_fwd(x_btd, w_gate_df, w_up_df, w_down_fd)[0]
 
 
-def _kernel_activation_grad(gu, dh):
+def _kernel_fwd(x_btd, w_gate_df, w_up_df, w_down_fd, interpret):
+  del interpret
+  return _paired_fwd(x_btd, w_gate_df, w_up_df, w_down_fd)
+
+
+def _kernel_bwd(interpret, res, dy_btd):
   from tinystories_jax.kernels import swiglu as swiglu_kernels  # noqa: PLC0415 (Pallas on use)
-  return swiglu_kernels.swiglu_grad(gu, dh)
+  return _paired_grads(res, dy_btd, functools.partial(swiglu_kernels.swiglu_grad,
+                                                      interpret=interpret))
 
 
-swiglu_paired_kernel.defvjp(_paired_fwd, functools.partial(
-    _paired_grads, activation_grad=_kernel_activation_grad))
+_swiglu_paired_kernel.defvjp(_kernel_fwd, _kernel_bwd)
 
 
 class Block(nnx.Module):
