@@ -70,10 +70,10 @@ SMOKE_TRAIN_SHAPES = (
     ("gpt_neo", "1m", 512, 4, 64, {"num_heads": 4, "num_layers": 2, "window": 16,
                                    "attention_layers": ("global", "local")}),
 )
-# attention:loss[:scan][:remat][:norm][:qkv][:padN][:xla|:online|:kernel] variants of our step
-# timed at every shape (":scan" sets scan_layers, ":remat" model.remat="block", ":norm"
-# model.norm_impl="pallas", ":qkv" model.qkv_impl="pallas" (both llama shapes only; ":qkv"
-# needs pallas attention); ":padN" the fused loss's vocab
+# attention:loss[:scan][:remat][:norm][:qkv][:mlp][:padN][:xla|:online|:kernel] variants of our
+# step timed at every shape (":scan" sets scan_layers, ":remat" model.remat="block", ":norm"
+# model.norm_impl="pallas", ":qkv" model.qkv_impl="pallas", ":mlp" model.mlp_impl="pallas" (these
+# three at llama shapes only; ":qkv" needs pallas attention); ":padN" the fused loss's vocab
 # padding multiple, ":pad1" none; its passes over the logits are train.loss_kernel's default,
 # "auto", unless ":xla" (XLA, two passes), ":online" (XLA, one pass) or ":kernel" (Pallas) says).
 TRAIN_VARIANTS = "pallas:fused"
@@ -134,8 +134,8 @@ def section_matmul(run: Run, args) -> None:
 def _layer_pieces(family, cfg, batch, seq, interpret):
   """(piece, {form: fn}, inputs) for the model pieces that have two forms or more. The first
   form is the GPU's default; the others are what it replaced (the last, the CPU's form) or an
-  option (the norm kernels; through the Pallas interpreter where `interpret`). Each fn maps the
-  inputs to a tuple."""
+  option (the norm and SwiGLU kernels; through the Pallas interpreter where `interpret`). Each
+  fn maps the inputs to a tuple."""
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
   from tinystories_jax.kernels import rms_norm  # noqa: PLC0415
@@ -167,6 +167,9 @@ def _layer_pieces(family, cfg, batch, seq, interpret):
 
   swiglu = lambda fn: lambda *a: (fn(*a),)  # noqa: E731
 
+  def swiglu_kernel(*a):
+    return (layers.swiglu_paired_kernel(*a, interpret=interpret),)
+
   def add_norm(fn, **kw):
     return lambda x, delta, scale: fn(x, scale, eps=cfg.norm_eps, delta_btd=delta,
                                       return_sum=True, **kw)
@@ -178,7 +181,9 @@ def _layer_pieces(family, cfg, batch, seq, interpret):
                   add_norm(rms_norm.rms_norm, interpret=interpret)},
            (x, bf16((batch, seq, d)), 1.0 + 0.1 * jax.random.normal(next(keys), (d,)))),
           ("llama MLP", {"paired": swiglu(layers.swiglu_paired),
-                         "split": swiglu(layers.swiglu_split)},
+                         "split": swiglu(layers.swiglu_split),
+                         "paired, Pallas backward kernel (model.mlp=pallas)"
+                         + (", interpreter" if interpret else ""): swiglu_kernel},
            (x, bf16((d, f), 0.05), bf16((d, f), 0.05), bf16((f, d), 0.05))),
           ("llama q/k/v + rotary", {
               "stacked, rotary by reverse": with_rotary(layers.qkv_projection,
@@ -253,13 +258,14 @@ def section_sweep(run: Run, args) -> None:
 
 
 def parse_variant(text: str) -> dict:
-  """`attention:loss[:scan][:remat][:norm][:qkv][:padN][:xla|:online|:kernel]` as a dict;
+  """`attention:loss[:scan][:remat][:norm][:qkv][:mlp][:padN][:xla|:online|:kernel]` as a dict;
   ValueError says what is wrong.
 
   `scan` sets scan_layers, `remat` model.remat="block", `norm` model.norm_impl="pallas" (the
   residual add + RMSNorm kernels), `qkv` model.qkv_impl="pallas" (the attention kernels read
-  the stacked q/k/v projection and write its gradient; attention `pallas` only), both llama
-  shapes only; with the fused loss, `padN` pads the
+  the stacked q/k/v projection and write its gradient; attention `pallas` only), `mlp`
+  model.mlp_impl="pallas" (SwiGLU's backward kernel), these three at llama shapes only; with the
+  fused loss, `padN` pads the
   output projection to a multiple of N rows (`pad1`: none; default 128), and its passes over
   the logits are train.loss_kernel="auto" (the default) unless `xla` (XLA's two passes),
   `online` (XLA's one-pass log-sum-exp, "xla_online") or `kernel` (the Pallas kernels,
@@ -274,12 +280,12 @@ def parse_variant(text: str) -> dict:
   if loss not in loss_lib.LOSS_IMPLS:
     raise ValueError(f"{text!r}: loss {loss!r} is not one of {loss_lib.LOSS_IMPLS}")
   variant = {"attention": impl, "loss": loss, "scan": False, "remat": False, "norm": "xla",
-             "qkv": "xla", "loss_kernel": "auto", "pad": None}
+             "qkv": "xla", "mlp": "xla", "loss_kernel": "auto", "pad": None}
   kernels = {"xla": "xla", "online": "xla_online", "kernel": "pallas"}
   for x in extra:
     if x in ("scan", "remat"):
       variant[x] = True
-    elif x in ("norm", "qkv"):
+    elif x in ("norm", "qkv", "mlp"):
       variant[x] = "pallas"
     elif x in kernels:
       if variant["loss_kernel"] != "auto":
@@ -289,7 +295,7 @@ def parse_variant(text: str) -> dict:
       variant["pad"] = int(x[3:])
     else:
       raise ValueError(f"{text!r}: unknown option {x!r}; options are scan, remat, norm, qkv, "
-                       "xla, online, kernel and padN (N >= 1)")
+                       "mlp, xla, online, kernel and padN (N >= 1)")
   if variant["qkv"] == "pallas" and impl != "pallas":
     raise ValueError(f"{text!r}: qkv runs inside the Pallas attention kernels; use attention "
                      "pallas with it")
@@ -316,7 +322,7 @@ def _train_ours(run: Run, args, shape) -> None:
   for text, variant in zip(texts, map(parse_variant, texts)):
     impl, loss, scan, remat = (variant[k] for k in ("attention", "loss", "scan", "remat"))
     pad, loss_kernel, norm = variant["pad"], variant["loss_kernel"], variant["norm"]
-    qkv = variant["qkv"]
+    qkv, mlp = variant["qkv"], variant["mlp"]
     if loss == "fused":  # what "auto" runs here, recorded in the row
       loss_kernel = loss_lib.resolve_kernel(loss_kernel, loss_lib.padded_vocab(vocab, pad))
     if norm == "pallas" and family != "llama":
@@ -327,7 +333,11 @@ def _train_ours(run: Run, args, shape) -> None:
       print(f"# {family}:{name} {text}: the stacked q/k/v path is llama's (rotary), not run "
             "here", flush=True)
       continue
-    step = (impl, loss, scan, remat, norm, qkv, pad, loss_kernel)
+    if mlp == "pallas" and family != "llama":
+      print(f"# {family}:{name} {text}: the MLP kernel is llama's (SwiGLU), not run here",
+            flush=True)
+      continue
+    step = (impl, loss, scan, remat, norm, qkv, mlp, pad, loss_kernel)
     if step in seen:  # e.g. the default and ":kernel" on a GPU: time (and trace) it once
       print(f"# {family}:{name} {text}: the same step as {seen[step]}, not timed again",
             flush=True)
@@ -343,6 +353,8 @@ def _train_ours(run: Run, args, shape) -> None:
       row["norm_impl"] = norm
     if qkv != "xla":
       row["qkv_impl"] = qkv
+    if mlp != "xla":
+      row["mlp_impl"] = mlp
     if pad is not None:
       row["loss_vocab_multiple"] = pad
     if loss == "fused":
@@ -353,13 +365,14 @@ def _train_ours(run: Run, args, shape) -> None:
     try:
       cfg = presets.get(family, name, vocab_size=vocab, dtype="bfloat16", attention_impl=impl,
                         scan_layers=scan, remat="block" if remat else "none", norm_impl=norm,
-                        qkv_impl=qkv,
+                        qkv_impl=qkv, mlp_impl=mlp,
                         **overrides)
       trace_dir = None
       if _shape_wanted(shape, _names(args.profile), empty_means_all=False):
         trace_dir = str(pathlib.Path(args.out) / "profile" / (
             f"{name}-{vocab}-{impl}-{loss}{'-scan' if scan else ''}{'-remat' if remat else ''}"
             f"{'-norm' if norm != 'xla' else ''}{'-qkv' if qkv != 'xla' else ''}"
+            f"{'-mlp' if mlp != 'xla' else ''}"
             f"{'' if pad is None else f'-pad{pad}'}"
             f"{'' if loss_kernel == 'xla' else '-' + loss_kernel.replace('_', '-')}"))
       with fa.force_interpret(args.smoke or not args.on_accelerator):
@@ -615,6 +628,8 @@ def _variant(r: dict) -> str:
     text += ", Pallas norm kernels"
   if r.get("qkv_impl") == "pallas":
     text += ", stacked q/k/v in the kernels"
+  if r.get("mlp_impl") == "pallas":
+    text += ", Pallas SwiGLU backward"
   if r.get("loss_vocab_multiple") == 1:
     text += ", vocab unpadded"
   elif "loss_vocab_multiple" in r:

@@ -238,7 +238,7 @@ def compile_step(topology, family, preset, vocab, batch, seq, variant) -> str:
   cfg = presets.get(family, preset, vocab_size=vocab, dtype="bfloat16",
                     attention_impl=variant["attention"], scan_layers=variant["scan"],
                     remat="block" if variant["remat"] else "none", norm_impl=variant["norm"],
-                    qkv_impl=variant["qkv"])
+                    qkv_impl=variant["qkv"], mlp_impl=variant["mlp"])
   devices = np.asarray(topology.devices).reshape(1, 1, 1)
   mesh = jax.sharding.Mesh(devices, mesh_lib.AXES,
                            axis_types=(jax.sharding.AxisType.Auto,) * 3)
@@ -287,9 +287,9 @@ def main() -> None:
   rows = []
   for family, preset, vocab, batch, seq, _ in shapes:
     for text, variant in sorted(variants.items()):
-      if "pallas" in (variant["norm"], variant["qkv"]) and family != "llama":
-        print(f"\n{preset}/{vocab} {text}: skipped, the norm kernels and stacked q/k/v are "
-              "llama's")
+      if "pallas" in (variant["norm"], variant["qkv"], variant["mlp"]) and family != "llama":
+        print(f"\n{preset}/{vocab} {text}: skipped, the norm and MLP kernels and stacked q/k/v "
+              "are llama's")
         continue
       ks = kernels(compile_step(topology, family, preset, vocab, batch, seq, variant))
       by_kind, read_by_kind = collections.Counter(), collections.Counter()
