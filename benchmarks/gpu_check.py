@@ -12,14 +12,16 @@ Sections, each guarded so one failure does not end the run, in this order:
   layers     model pieces written in two forms or more (models/layers.py), forward + backward
              at the train shapes (--train_shapes) in bf16, interleaved, the GPU default first:
              the llama MLP with gate and up paired on a new axis against split in two (the
-             CPU's form); llama's q/k/v projection + rotary as one stacked matmul with rotary's
+             CPU's form) and against paired with the SwiGLU backward kernel (model.mlp=pallas);
+             llama's q/k/v projection + rotary as one stacked matmul with rotary's
              halves swapped by a reverse, against the same with a concatenate and against three
              matmuls (the CPU's); GPT-Neo's MLP with gelu_new's tanh recomputed in the backward
              against saved; llama's residual add + RMSNorm in jnp against the Pallas kernels
              (model.norm=pallas). With only versions and layers it also runs on a CPU (the
-             Pallas form through the interpreter, its time meaningless there)
+             Pallas forms through the interpreter, their times meaningless there)
   train      per model shape: our train step (tinystories_jax.training.benchmark) for each
-             attention:loss[:scan][:remat][:norm][:padN][:xla|:online|:kernel] variant
+             attention:loss[:scan][:remat][:norm][:qkv][:mlp][:padN][:xla|:online|:kernel]
+             variant
              (--train_variants), then the transformers peer at the same shape
              (LlamaForCausalLM + torch.compile; GPTNeoForCausalLM eager and compiled; bf16
              autocast, AdamW, grad clip, random tokens) in a child process, so the two
@@ -133,7 +135,7 @@ def section_matmul(run: Run, args) -> None:
 
 def _layer_pieces(family, cfg, batch, seq, interpret):
   """(piece, {form: fn}, inputs) for the model pieces that have two forms or more. The first
-  form is the GPU's default; the others are what it replaced (the last, the CPU's form) or an
+  form is the GPU's default; the others are what it replaced (the CPU's form among them) or an
   option (the norm and SwiGLU kernels; through the Pallas interpreter where `interpret`). Each
   fn maps the inputs to a tuple."""
   import jax  # noqa: PLC0415

@@ -44,7 +44,8 @@ _F32 = jnp.float32
 
 def block_shape(rows: int, d_ff: int) -> tuple[int, int]:
   """(block_rows, block_f) for `rows` pairs of width `d_ff`: the widest column block, up to
-  MAX_BLOCK_F, whose masked columns are at most an eighth of d_ff (768: 256, 1376: 512)."""
+  MAX_BLOCK_F and down to 16, whose masked columns are at most an eighth of d_ff where one is
+  (768: 256, 1376: 512)."""
   block_f = min(MAX_BLOCK_F, 1 << (d_ff - 1).bit_length())
   while block_f > 16 and (-d_ff % block_f) * 8 > d_ff:
     block_f //= 2
