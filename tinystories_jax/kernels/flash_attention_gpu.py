@@ -206,20 +206,24 @@ def _fwd_kernel(*refs, has_segments, scale_log2, mask_kw, block_q, block_k, num_
 
 def _dq_kernel(*refs, has_segments, rotary, scale, scale_log2, mask_kw, block_q, block_k,
                num_q_blocks, head_dim, precision):
-  q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs = refs
+  q_ref, k_ref, v_ref, do_ref, lse_ref, o_ref, *refs = refs
   cos_ref = sin_ref = q_seg_ref = kv_seg_ref = None
   if rotary:
     cos_ref, sin_ref, *refs = refs
   if has_segments:
     q_seg_ref, kv_seg_ref, *refs = refs
-  (dq_ref,) = refs
+  dq_ref, delta_ref = refs
   q_first = _reversed_program_id(num_q_blocks) * block_q
   head_mask = _head_mask(head_dim, do_ref.shape[-1])
   parts = _parts(head_dim, do_ref.shape[-1], rotary)
   q = _load_parts(q_ref, parts)
   do = _load(do_ref, head_mask)
   lse = lse_ref[...][:, None]
-  delta = delta_ref[...][:, None]
+  # delta_i = sum_d o_id * do_id, the softmax-gradient correction, from the tiles this program
+  # holds anyway (do) or reads once (o); written out for the dK/dV kernel.
+  delta = jnp.sum(_load(o_ref, head_mask).astype(_F32) * do.astype(_F32), axis=1)
+  delta_ref[...] = delta
+  delta = delta[:, None]
   q_pos = q_first + jnp.arange(block_q, dtype=jnp.int32)[:, None]
   q_seg, guard = _query_segments(q_seg_ref, kv_seg_ref, block_k)
   ranges = flash_tiling.kv_block_range(
@@ -449,8 +453,6 @@ def _backward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, o_bthd, lse_bht, do_b
   s, kv_heads = k_bskd.shape[1], k_bskd.shape[2]
   group = h // kv_heads
   has_segments = q_seg_bt is not None
-  # delta_i = sum_d o_id * do_id, the softmax-gradient correction; XLA fuses this well.
-  delta_bht = jnp.einsum("bthd,bthd->bht", o_bthd.astype(_F32), do_bthd.astype(_F32))
   params = _params(block_sizes, d, 2)
   kv_head = lambda hi: lax.div(hi, jnp.int32(group))  # noqa: E731
   v_slot = (lambda hi: 2 * kv_head(hi) + 1) if stacked else kv_head  # noqa: E731
@@ -471,9 +473,9 @@ def _backward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, o_bthd, lse_bht, do_b
       _spec((None, s, None, d), lambda i, bi, hi: (bi, 0, v_slot(hi), 0)),
       _spec((None, bq, None, d), q_blk),
       _spec((None, None, bq), row_blk),
-      _spec((None, None, bq), row_blk),
+      _spec((None, bq, None, d), q_blk),
   ]
-  args = [q_bthd, k_bskd, v_bskd, do_bthd, lse_bht, delta_bht]
+  args = [q_bthd, k_bskd, v_bskd, do_bthd, lse_bht, o_bthd]
   if stacked:
     r = tables[0].shape[-1]
     in_specs += [_spec((None, bq, r), lambda i, bi, hi: (bi, last - i, 0))] * 2
@@ -489,12 +491,12 @@ def _backward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, o_bthd, lse_bht, do_b
   else:
     out_spec = _spec((None, bq, None, d), q_blk)
     out_shape = jax.ShapeDtypeStruct(q_bthd.shape, q_bthd.dtype)
-  dq = pl.pallas_call(
+  dq, delta_bht = pl.pallas_call(
       functools.partial(_dq_kernel, **common(bq, bk)),
       grid=(t // bq, b, h),
       in_specs=in_specs,
-      out_specs=out_spec,
-      out_shape=out_shape,
+      out_specs=[out_spec, _spec((None, None, bq), row_blk)],
+      out_shape=[out_shape, jax.ShapeDtypeStruct((b, h, t), _F32)],
       compiler_params=params,
       interpret=interpret,
       name="flash_attention_dq",
