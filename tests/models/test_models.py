@@ -302,6 +302,35 @@ def test_pallas_mlp_equals_xla_inside_the_model(overrides, monkeypatch):
   assert compared == 2 * 2  # w_gate and w_up of both layers
 
 
+@pytest.mark.parametrize("mesh_shape, kernel_runs", [((4, 1), True), ((2, 2), False)])
+def test_pallas_mlp_keeps_the_jnp_form_on_a_tensor_split_d_ff(mesh_shape, kernel_runs,
+                                                             monkeypatch):
+  """Under a data x tensor mesh, model.mlp_impl="pallas" runs the kernel (rows per device) only
+  while d_ff is whole on each device; split over `tensor`, the jnp form, which leaves the split
+  in place. The gradients are the same either way."""
+  fa = pytest.importorskip("tinystories_jax.kernels.flash_attention")
+  from tinystories_jax.kernels import swiglu as swiglu_kernels  # noqa: PLC0415
+  calls = []
+  grad = swiglu_kernels.swiglu_grad
+  monkeypatch.setattr(swiglu_kernels, "swiglu_grad",
+                      lambda *a, **k: calls.append(1) or grad(*a, **k))
+  mlp = lambda impl: models.build(  # noqa: E731  (the same parameters for both)
+      tiny("llama", num_layers=1, mlp_impl=impl), nnx.Rngs(0)).blocks[0].mlp
+  (ref_def, state), (graphdef, _) = nnx.split(mlp("xla")), nnx.split(mlp("pallas"))
+  x = jnp.asarray(np.random.default_rng(5).standard_normal((4, 8, state["w_up"].shape[0])),
+                  jnp.float32)
+  loss = lambda g: lambda s, x: jnp.sum(jnp.sin(nnx.merge(g, s)(x)))  # noqa: E731
+  want = jax.grad(loss(ref_def), argnums=(0, 1))(state, x)
+  assert not calls
+  mesh = jax.make_mesh(mesh_shape, ("data", "tensor"), devices=jax.devices()[:4],
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  with fa.force_interpret(), jax.set_mesh(mesh):
+    got = jax.jit(jax.grad(loss(graphdef), argnums=(0, 1)))(state, x)
+  assert bool(calls) == kernel_runs
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+
+
 def test_pallas_mlp_is_llamas_only():
   with pytest.raises(ValueError, match="GELU MLP has none"):
     tiny("gpt_neo", mlp_impl="pallas")
