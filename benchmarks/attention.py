@@ -7,7 +7,9 @@ For every (batch, seq, heads, head_dim) shape and mask (causal; causal with a 25
 times the forward pass and forward + backward (the vjp of all three inputs), each the median of
 timed calls after warm-up, blocking on the result of every call. It also checks every output,
 and our gradients, against the float32 reference, so a fast wrong kernel cannot pass unnoticed.
-`benchmarks/gpu_check.py` calls `run` as one of its sections.
+`backends` times the forward of ours beside jax's stock Pallas Mosaic GPU kernel and cuDNN
+(Triton or Mosaic GPU on Hopper). `benchmarks/gpu_check.py` calls `run`, `backends` and `sweep`
+as its sections.
 """
 
 from __future__ import annotations
@@ -85,14 +87,14 @@ def _stock_mha(q, k, v, window, *, interpret):
   return stock.mha(q, k, v, **kwargs)
 
 
-def _stock_mgpu(q, k, v, window):
-  """jax's stock Mosaic GPU (Hopper) kernel: forward only with a causal mask, D % 64 == 0."""
+def _stock_mgpu(q, k, v, window, *, causal=True):
+  """jax's stock Mosaic GPU (Hopper) kernel: forward only, causal or not, D % 64 == 0."""
   if window is not None:
     raise Unsupported("jax's stock Mosaic GPU attention has no sliding window")
   if q.shape[-1] % 64:
     raise Unsupported("jax's stock Mosaic GPU attention needs head_dim % 64 == 0")
   from jax.experimental.pallas.ops.gpu import attention_mgpu as mgpu  # noqa: PLC0415
-  config = mgpu.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2, causal=True)
+  config = mgpu.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2, causal=causal)
   # `run` hands it inputs already made by `_stock_mgpu_inputs` (outside the timed call), so q, k
   # and v arrive in float16 with q pre-scaled: its forward takes no scale, and in jax 0.11.2 it
   # rejects bfloat16 ("src had type bfloat16 and dst had type float16"; H200, 2026-11-26).
@@ -210,6 +212,79 @@ def run(*, smoke: bool, interpret: bool, emit: Callable[[dict], None], iters: in
         rows.append(row)
         emit(row)
   return rows
+
+
+# Triton or Mosaic GPU on Hopper: the forward pass (the only pass jax's stock Mosaic GPU kernel
+# has) at the head_dim-64 shapes, with and without a causal mask. Its causal form refuses CUDA
+# runtime versions 12080 to 12090 (a ptxas miscompilation, jax 0.11.2; the runtime of the
+# jax[cuda12]==0.11.2 pip wheels reports 12090), so the unmasked rows always run.
+BACKEND_SHAPES = ((64, 512, 12, 64), (32, 1024, 8, 64), (16, 2048, 12, 64))
+SMOKE_BACKEND_SHAPES = ((1, 128, 2, 64),)
+
+
+def backends(*, smoke: bool, interpret: bool, emit: Callable[[dict], None], iters: int = 20,
+             deadline: float | None = None) -> list[dict]:
+  """Forward passes of our kernel (Pallas on Triton), jax's stock Pallas Mosaic GPU kernel and
+  cuDNN, bf16 in (the Mosaic GPU kernel takes float16, converted outside the timed calls),
+  unmasked and causal; every output checked against the float32 reference."""
+  on_gpu = jax.default_backend() == "gpu"
+  impls = {"pallas (Triton)": lambda q, k, v, causal: fa.flash_attention(
+      q, k, v, causal=causal, interpret=interpret)}
+  if on_gpu:
+    impls["stock Mosaic GPU"] = lambda q, k, v, causal: _stock_mgpu(q, k, v, None, causal=causal)
+    impls["cudnn"] = lambda q, k, v, causal: jax.nn.dot_product_attention(
+        q, k, v, is_causal=causal, implementation="cudnn")
+  rows = []
+  for shape in SMOKE_BACKEND_SHAPES if smoke else BACKEND_SHAPES:
+    q, k, v, _ = _inputs(shape, jnp.bfloat16, seed=11)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    for causal in (False, True):
+      ref = jax.jit(functools.partial(fa.flash_attention_reference, causal=causal))(*f32)
+      b, t, h, d = shape
+      flops = 4.0 * b * h * d * visible_pairs(t, t, causal=causal, window=None)
+      for name, impl in impls.items():
+        row = {"kind": "attention_backend", "impl": name, "B": b, "T": t, "H": h, "D": d,
+               "causal": causal}
+        if deadline is not None and time.time() > deadline:
+          rows.append({**row, "skipped": "time budget spent"})
+          emit(rows[-1])
+          continue
+        try:
+          fwd = jax.jit(functools.partial(impl, causal=causal))
+          inputs = (_stock_mgpu_inputs(q, k, v) if name == "stock Mosaic GPU" else (q, k, v))
+          row["rel_err"] = _rel_err(fwd(*inputs).astype(jnp.float32), ref)
+          row["fwd_ms"] = time_ms(fwd, *inputs, iters=iters)
+          row["fwd_tflops"] = flops / row["fwd_ms"] / 1e9
+        except Unsupported as e:
+          row["skipped"] = str(e)
+        except Exception as e:  # noqa: BLE001 - one failing implementation must not end the run
+          row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        rows.append(row)
+        emit(row)
+  return rows
+
+
+def backends_table(rows: list[dict]) -> str:
+  """Markdown table of the backend rows, with each one's time relative to ours."""
+  out = ["| shape | mask | impl | fwd ms | fwd TFLOP/s | / ours | max rel err |",
+         "|---|---|---|---|---|---|---|"]
+  ours = {(r["B"], r["T"], r["H"], r["D"], r["causal"]): r["fwd_ms"] for r in rows
+          if r.get("kind") == "attention_backend" and r.get("impl") == "pallas (Triton)"
+          and "fwd_ms" in r}
+  for r in rows:
+    if r.get("kind") != "attention_backend" or "B" not in r:
+      continue
+    shape = f"{r['B']},{r['T']},{r['H']},{r['D']}"
+    mask = "causal" if r["causal"] else "none"
+    note = r.get("error") or r.get("skipped")
+    if note:
+      out.append(f"| {shape} | {mask} | {r['impl']} | - | - | - | {note[:60]} |")
+      continue
+    mine = ours.get((r["B"], r["T"], r["H"], r["D"], r["causal"]))
+    ratio = f"{r['fwd_ms'] / mine:.2f}x" if mine else "-"
+    out.append(f"| {shape} | {mask} | {r['impl']} | {r['fwd_ms']:.3f} | {r['fwd_tflops']:.0f} "
+               f"| {ratio} | {r['rel_err']:.1e} |")
+  return "\n".join(out)
 
 
 def sweep_label(bs: BlockSizes | None) -> str:

@@ -29,6 +29,9 @@ Sections, each guarded so one failure does not end the run, in this order:
              what it measured
   attention  forward and forward+backward at four shapes, causal and window 256: our Pallas kernel,
              cuDNN, XLA, jax's stock Pallas (Triton) `mha` and its Mosaic GPU kernel (forward)
+  backends   Triton or Mosaic GPU: forward passes of our kernel (Pallas on Triton), jax's stock
+             Pallas Mosaic GPU kernel and cuDNN at three head_dim-64 shapes, unmasked (the
+             comparison that runs on any CUDA runtime) and causal
   sweep      our kernel's tiles, warps and stages, beside cuDNN
   pipeline   benchmarks/input_pipeline.py (needs grain), in a child process
   sampling   benchmarks/sampling.py at batch 1, 64 and 256 (ours in float32 and with bfloat16
@@ -58,8 +61,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-SECTIONS = ("versions", "kernel_check", "matmul", "layers", "train", "attention", "sweep",
-            "pipeline", "sampling")
+SECTIONS = ("versions", "kernel_check", "matmul", "layers", "train", "attention", "backends",
+            "sweep", "pipeline", "sampling")
 # (family, preset, vocab, batch, seq, overrides): the shapes of the baselines.
 # TinyStories-33M comes before llama 42M, the slowest to compile and run, so that a budget that
 # runs out leaves the shape with the most earlier figures unmeasured. `--train_shapes` picks by
@@ -251,6 +254,13 @@ def section_attention(run: Run, args) -> None:
   interpret = args.smoke or not args.on_accelerator
   attention_bench.run(smoke=args.smoke, interpret=interpret, emit=run.emit,
                       iters=3 if args.smoke else args.attention_iters, deadline=run.deadline)
+
+
+def section_backends(run: Run, args) -> None:
+  import attention as attention_bench  # noqa: PLC0415
+  attention_bench.backends(smoke=args.smoke, interpret=args.smoke or not args.on_accelerator,
+                           emit=run.emit, iters=3 if args.smoke else args.attention_iters,
+                           deadline=run.deadline)
 
 
 def section_sweep(run: Run, args) -> None:
@@ -731,6 +741,8 @@ def write_tables(run: Run) -> None:
                    f"{ratio} |")
   if any(r.get("kind") == "attention" and "B" in r for r in run.rows):
     parts += ["", attention_bench.table(run.rows)]
+  if any(r.get("kind") == "attention_backend" and "B" in r for r in run.rows):
+    parts += ["", attention_bench.backends_table(run.rows)]
   if any(r.get("kind") == "train" and "system" in r for r in run.rows):
     parts += ["", _train_table(run.rows)]
   parts += ["", *(f"- {line}" for line in _ratios(run.rows))]

@@ -99,6 +99,22 @@ def test_smoke_layers_section_times_every_form_of_each_piece(tmp_path):
   assert "| GPT-Neo MLP | gpt_neo:1m |" in table
 
 
+def test_smoke_backends_section_times_our_forward_with_and_without_the_mask(tmp_path):
+  """The backends section runs anywhere at its smoke shape (off a GPU: ours alone, interpreted),
+  checks each output against the reference, and writes its table."""
+  proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--sections=backends",
+                         f"--out={tmp_path}"], capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  rows = [json.loads(line) for line in (tmp_path / "gpu_check.jsonl").read_text().splitlines()]
+  rows = [r for r in rows if r.get("kind") == "attention_backend"]
+  assert [(r["impl"], r["causal"]) for r in rows] == [("pallas (Triton)", False),
+                                                      ("pallas (Triton)", True)]
+  assert all(r["fwd_ms"] > 0 and r["rel_err"] < 1e-2 for r in rows), rows
+  table = (tmp_path / "gpu_check.md").read_text()
+  assert "| 1,128,2,64 | none | pallas (Triton) |" in table
+  assert "| 1,128,2,64 | causal | pallas (Triton) |" in table
+
+
 def test_variants_that_resolve_to_one_step_are_timed_once(tmp_path, monkeypatch, capsys):
   """On this CPU the default loss kernel ("auto") is "xla": `pallas:fused` and
   `pallas:fused:xla` are the same step, so it is timed (and would be traced) once."""
