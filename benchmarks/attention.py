@@ -8,8 +8,8 @@ times the forward pass and forward + backward (the vjp of all three inputs), eac
 timed calls after warm-up, blocking on the result of every call. It also checks every output,
 and our gradients, against the float32 reference, so a fast wrong kernel cannot pass unnoticed.
 `backends` times the forward of ours beside jax's stock Pallas Mosaic GPU kernel and cuDNN
-(Triton or Mosaic GPU on Hopper). `benchmarks/gpu_check.py` calls `run`, `backends` and `sweep`
-as its sections.
+(Triton or Mosaic GPU on Hopper). `benchmarks/gpu_check.py` runs `check_features`, `run`,
+`backends` and `sweep` as its sections.
 """
 
 from __future__ import annotations
@@ -98,7 +98,12 @@ def _stock_mgpu(q, k, v, window, *, causal=True):
   # `run` hands it inputs already made by `_stock_mgpu_inputs` (outside the timed call), so q, k
   # and v arrive in float16 with q pre-scaled: its forward takes no scale, and in jax 0.11.2 it
   # rejects bfloat16 ("src had type bfloat16 and dst had type float16"; H200, 2026-11-26).
-  return mgpu.attention(q, k, v, config)
+  try:
+    return mgpu.attention(q, k, v, config)
+  except ValueError as e:  # its causal form on CUDA runtimes it knows to miscompile for
+    if "not supported with cuda versions" in str(e):
+      raise Unsupported(str(e)) from e
+    raise
 
 
 def _stock_mgpu_inputs(q, k, v):
@@ -218,7 +223,7 @@ def run(*, smoke: bool, interpret: bool, emit: Callable[[dict], None], iters: in
 # has) at the head_dim-64 shapes, with and without a causal mask. Its causal form refuses CUDA
 # runtime versions 12080 to 12090 (a ptxas miscompilation, jax 0.11.2; the runtime of the
 # jax[cuda12]==0.11.2 pip wheels reports 12090), so the unmasked rows always run.
-BACKEND_SHAPES = ((64, 512, 12, 64), (32, 1024, 8, 64), (16, 2048, 12, 64))
+BACKEND_SHAPES = ((64, 512, 12, 64), (32, 1024, 8, 64))
 SMOKE_BACKEND_SHAPES = ((1, 128, 2, 64),)
 
 
@@ -237,9 +242,15 @@ def backends(*, smoke: bool, interpret: bool, emit: Callable[[dict], None], iter
   rows = []
   for shape in SMOKE_BACKEND_SHAPES if smoke else BACKEND_SHAPES:
     q, k, v, _ = _inputs(shape, jnp.bfloat16, seed=11)
-    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
     for causal in (False, True):
-      ref = jax.jit(functools.partial(fa.flash_attention_reference, causal=causal))(*f32)
+      ref = []  # the float32 reference, computed for the first row that runs
+
+      def reference(causal=causal, q=q, k=k, v=v, ref=ref):
+        if not ref:
+          f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+          ref.append(jax.jit(functools.partial(fa.flash_attention_reference,
+                                               causal=causal))(*f32))
+        return ref[0]
       b, t, h, d = shape
       flops = 4.0 * b * h * d * visible_pairs(t, t, causal=causal, window=None)
       for name, impl in impls.items():
@@ -252,7 +263,7 @@ def backends(*, smoke: bool, interpret: bool, emit: Callable[[dict], None], iter
         try:
           fwd = jax.jit(functools.partial(impl, causal=causal))
           inputs = (_stock_mgpu_inputs(q, k, v) if name == "stock Mosaic GPU" else (q, k, v))
-          row["rel_err"] = _rel_err(fwd(*inputs).astype(jnp.float32), ref)
+          row["rel_err"] = _rel_err(fwd(*inputs).astype(jnp.float32), reference())
           row["fwd_ms"] = time_ms(fwd, *inputs, iters=iters)
           row["fwd_tflops"] = flops / row["fwd_ms"] / 1e9
         except Unsupported as e:

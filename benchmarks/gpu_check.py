@@ -19,6 +19,9 @@ Sections, each guarded so one failure does not end the run, in this order:
              against saved; llama's residual add + RMSNorm in jnp against the Pallas kernels
              (model.norm=pallas). With only versions and layers it also runs on a CPU (the
              Pallas forms through the interpreter, their times meaningless there)
+  backends   Triton or Mosaic GPU: forward passes of our kernel (Pallas on Triton), jax's stock
+             Pallas Mosaic GPU kernel and cuDNN at two head_dim-64 shapes, unmasked (the
+             comparison that runs on any CUDA runtime) and causal; before train, being short
   train      per model shape: our train step (tinystories_jax.training.benchmark) for each
              attention:loss[:scan][:remat][:norm][:qkv][:mlp][:padN][:xla|:online|:kernel]
              variant
@@ -29,9 +32,6 @@ Sections, each guarded so one failure does not end the run, in this order:
              what it measured
   attention  forward and forward+backward at four shapes, causal and window 256: our Pallas kernel,
              cuDNN, XLA, jax's stock Pallas (Triton) `mha` and its Mosaic GPU kernel (forward)
-  backends   Triton or Mosaic GPU: forward passes of our kernel (Pallas on Triton), jax's stock
-             Pallas Mosaic GPU kernel and cuDNN at three head_dim-64 shapes, unmasked (the
-             comparison that runs on any CUDA runtime) and causal
   sweep      our kernel's tiles, warps and stages, beside cuDNN
   pipeline   benchmarks/input_pipeline.py (needs grain), in a child process
   sampling   benchmarks/sampling.py at batch 1, 64 and 256 (ours in float32 and with bfloat16
@@ -61,7 +61,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-SECTIONS = ("versions", "kernel_check", "matmul", "layers", "train", "attention", "backends",
+SECTIONS = ("versions", "kernel_check", "matmul", "layers", "backends", "train", "attention",
             "sweep", "pipeline", "sampling")
 # (family, preset, vocab, batch, seq, overrides): the shapes of the baselines.
 # TinyStories-33M comes before llama 42M, the slowest to compile and run, so that a budget that
