@@ -5,8 +5,10 @@
 
 For every (batch, seq, heads, head_dim) shape and mask (causal; causal with a 256-key window) it
 times the forward pass and forward + backward (the vjp of all three inputs), each the median of
-timed calls after warm-up, blocking on the result of every call. It also checks every output,
-and our gradients, against the float32 reference, so a fast wrong kernel cannot pass unnoticed.
+timed samples after warm-up. A sample is as many calls issued back to back as take about 5 ms,
+blocked on once at its end (`time_ms`): the device's time per call, as a train step spends it,
+without the host's dispatch of and wait for every call. It also checks every output, and our
+gradients, against the float32 reference, so a fast wrong kernel cannot pass unnoticed.
 `backends` times the forward of ours beside jax's stock Pallas Mosaic GPU kernel and cuDNN
 (Triton or Mosaic GPU on Hopper). `benchmarks/gpu_check.py` runs `check_features`, `run`,
 `backends` and `sweep` as its sections.
@@ -54,10 +56,27 @@ SWEEP = (BlockSizes(128, 64, 64, 64, 64, 64), BlockSizes(64, 64, 64, 64, 64, 64)
          BlockSizes(128, 64, 64, 64, 64, 64, num_stages=4),
          BlockSizes(64, 64, 64, 128, 128, 64))
 # (shape, windows) the sweep visits, in this order: first the attention of the llama train
-# shapes (15m at 128x256, 42m at 32x1024; causal only, as llama runs it), then two of SHAPES.
+# shapes (15m at 128x256, 42m at 32x1024; causal only, as llama runs it), then three of SHAPES
+# (the first, causal, is where the attention targets compare ours with cuDNN and jax's `mha`).
 SWEEP_CASES = (((128, 256, 6, 48), ("causal",)), ((32, 1024, 8, 64), ("causal",)),
+               ((64, 512, 12, 64), ("causal",)),
                ((16, 2048, 12, 64), ("causal", "window256")),
                ((64, 512, 16, 48), ("causal", "window256")))
+
+
+def shape_name(shape) -> str:
+  """`BxTxHxD`, the name `--sweep_shapes` picks a sweep case by."""
+  return "x".join(str(n) for n in shape)
+
+
+def sweep_cases(names=()) -> tuple:
+  """The SWEEP_CASES whose shape is named in `names` (all of them when it is empty)."""
+  known = {shape_name(shape) for shape, _ in SWEEP_CASES}
+  unknown = sorted(set(names) - known)
+  if unknown:
+    raise ValueError(f"no sweep case has shape {', '.join(unknown)}; the cases are "
+                     f"{', '.join(shape_name(shape) for shape, _ in SWEEP_CASES)}")
+  return tuple(case for case in SWEEP_CASES if not names or shape_name(case[0]) in names)
 
 
 class Unsupported(Exception):
@@ -129,17 +148,49 @@ def implementations(interpret: bool, on_gpu: bool) -> dict[str, tuple[Callable, 
   return impls
 
 
-def time_ms(fn: Callable, *args, warmup: int = 3, iters: int = 20) -> float:
-  """Median wall time of one call in milliseconds, blocking on every call's result."""
+# A timed sample issues calls back to back for about this long, then blocks once.
+SAMPLE_MS = 5.0
+MAX_CALLS = 100
+
+
+def calls_per_sample(fn: Callable, *args, warmup: int = 3, sample_ms: float = SAMPLE_MS) -> int:
+  """Compiles and warms up `fn` (blocking on each call), then returns how many calls issued
+  back to back take about `sample_ms`, from the warm-up calls' median (1 to MAX_CALLS)."""
   jax.block_until_ready(fn(*args))  # compile
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
   times = []
-  for _ in range(iters):
+  for _ in range(max(1, warmup)):
     t0 = time.perf_counter()
     jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - t0)
-  return 1e3 * statistics.median(times)
+  one_ms = 1e3 * statistics.median(times)
+  return max(1, min(MAX_CALLS, math.ceil(sample_ms / max(one_ms, 1e-6))))
+
+
+def sample_ms(fn: Callable, args, calls: int) -> float:
+  """Milliseconds per call of `calls` calls issued back to back, blocking once on the last."""
+  t0 = time.perf_counter()
+  out = None
+  for _ in range(calls):
+    out = fn(*args)
+  jax.block_until_ready(out)
+  return 1e3 * (time.perf_counter() - t0) / calls
+
+
+def time_ms(fn: Callable, *args, warmup: int = 3, iters: int = 20,
+            back_to_back: bool = True) -> float:
+  """Median time of one call in milliseconds over `iters` timed samples, after warm-up.
+
+  back_to_back (the default): each sample issues `calls_per_sample` calls without waiting and
+  blocks once on the last, so the device runs them one after another, as a train step runs its
+  kernels, and the host's dispatch of each call and its wait for the result stay out of the
+  figure while the host keeps ahead of the device. Otherwise each sample is one call, blocked
+  on (how the matmul ceiling is measured).
+  """
+  calls = calls_per_sample(fn, *args, warmup=warmup) if back_to_back else 1
+  if not back_to_back:
+    for _ in range(1 + warmup):  # compile, warm up
+      jax.block_until_ready(fn(*args))
+  return statistics.median(sample_ms(fn, args, calls) for _ in range(iters))
 
 
 def _rel_err(x, ref) -> float:
@@ -312,15 +363,16 @@ def sweep_label(bs: BlockSizes | None) -> str:
 
 
 def sweep(*, interpret: bool, emit: Callable[[dict], None], smoke: bool, iters: int = 20,
-          deadline: float | None = None) -> list[dict]:
+          deadline: float | None = None, shapes=()) -> list[dict]:
   """Times our kernel's forward and forward + backward under each tile configuration of SWEEP
-  at SWEEP_CASES, then cuDNN's at the same case on a GPU, for reference.
+  at SWEEP_CASES (those of `shapes`, `BxTxHxD` names, if any are given), then cuDNN's at the
+  same case on a GPU, for reference.
 
   Each row also records its output's and gradients' largest difference from the first
   configuration's, relative to their largest value, so a wrong tiling cannot look fast.
   """
   rows = []
-  cases = (((SMOKE_SHAPES[0], tuple(SMOKE_WINDOWS)),) if smoke else SWEEP_CASES)
+  cases = (((SMOKE_SHAPES[0], tuple(SMOKE_WINDOWS)),) if smoke else sweep_cases(shapes))
   configs = list(SWEEP[:2] if smoke else SWEEP)
   if jax.default_backend() == "gpu":
     configs.append(None)

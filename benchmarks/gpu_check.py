@@ -8,9 +8,10 @@ Sections, each guarded so one failure does not end the run, in this order:
   versions   library versions and the device
   kernel_check  our kernel compiled, forward and gradients against the float32 reference, on
              the features the timed shapes leave out (GQA, MQA, segments, padding, float32)
-  matmul     bf16 matmul ceiling, 8192^3, median of timed calls after warm-up
+  matmul     bf16 matmul ceiling, 8192^3, median of timed calls after warm-up, each blocked on
   layers     model pieces written in two forms or more (models/layers.py), forward + backward
-             at the train shapes (--train_shapes) in bf16, interleaved, the GPU default first:
+             at the train shapes (--train_shapes) in bf16, the GPU default first, in
+             interleaved samples of calls issued back to back (as attention's):
              the llama MLP with gate and up paired on a new axis against split in two (the
              CPU's form) and against paired with the SwiGLU backward kernel (model.mlp=pallas);
              llama's q/k/v projection + rotary as one stacked matmul with rotary's
@@ -31,8 +32,9 @@ Sections, each guarded so one failure does not end the run, in this order:
              frameworks do not share the GPU's memory pool and a run cut short still pairs
              what it measured
   attention  forward and forward+backward at four shapes, causal and window 256: our Pallas kernel,
-             cuDNN, XLA, jax's stock Pallas (Triton) `mha` and its Mosaic GPU kernel (forward)
-  sweep      our kernel's tiles, warps and stages, beside cuDNN
+             cuDNN, XLA, jax's stock Pallas (Triton) `mha` and its Mosaic GPU kernel (forward);
+             each the median of samples of calls issued back to back (attention.py: time_ms)
+  sweep      our kernel's tiles, warps and stages, beside cuDNN (--sweep_shapes picks cases)
   pipeline   benchmarks/input_pipeline.py (needs grain), in a child process
   sampling   benchmarks/sampling.py at batch 1, 64 and 256 (ours in float32 and with bfloat16
              matmuls, each with a chunked and a whole KV cache; transformers' generate in float32
@@ -131,7 +133,8 @@ def section_matmul(run: Run, args) -> None:
   ka, kb = jax.random.split(jax.random.key(0))
   a = jax.random.normal(ka, (n, n), jnp.float32).astype(jnp.bfloat16)
   b = jax.random.normal(kb, (n, n), jnp.float32).astype(jnp.bfloat16)
-  ms = attention_bench.time_ms(jax.jit(jnp.matmul), a, b, iters=5 if args.smoke else 20)
+  ms = attention_bench.time_ms(jax.jit(jnp.matmul), a, b, iters=5 if args.smoke else 20,
+                              back_to_back=False)
   run.emit({"kind": "ceiling", "what": "bf16 matmul", "n": n, "ms": ms,
             "tflops": 2 * n**3 / ms / 1e9})
 
@@ -202,8 +205,8 @@ def _layer_pieces(family, cfg, batch, seq, interpret):
 
 def section_layers(run: Run, args) -> None:
   import statistics  # noqa: PLC0415
-  import time  # noqa: PLC0415
 
+  import attention as attention_bench  # noqa: PLC0415
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
   from tinystories_jax.models import presets  # noqa: PLC0415
@@ -227,20 +230,17 @@ def section_layers(run: Run, args) -> None:
           lambda *a, fn=fn: sum(jnp.sum((o * c).astype(jnp.float32)) for o, c in zip(fn(*a), cts)),
           argnums=tuple(range(len(inputs))))) for form, fn in forms.items()}
       times = {form: [] for form in forms}
-      for step in steps.values():  # compile and warm up
-        for _ in range(3):
-          jax.block_until_ready(step(*inputs))
+      calls = {form: attention_bench.calls_per_sample(step, *inputs)  # compile, warm up
+               for form, step in steps.items()}
       for i in range(3 if args.smoke else 40):  # interleaved, alternating which goes first
         for form in (list(forms) if i % 2 == 0 else list(forms)[::-1]):
-          t0 = time.perf_counter()
-          jax.block_until_ready(steps[form](*inputs))
-          times[form].append(time.perf_counter() - t0)
+          times[form].append(attention_bench.sample_ms(steps[form], inputs, calls[form]))
       for form in forms:
         run.emit({"kind": "layers", "piece": piece, "model": f"{family}:{name}",
                   "shape": f"{batch}x{seq}x{cfg.d_model}, d_ff {cfg.d_ff}, heads {cfg.num_heads}"
                            f"/{cfg.num_kv_heads}x{cfg.head_dim}",
                   "form": form, "gpu_default": form == next(iter(forms)),
-                  "ms": 1e3 * statistics.median(times[form])})
+                  "ms": statistics.median(times[form]), "calls_per_sample": calls[form]})
 
 
 def section_kernel_check(run: Run, args) -> None:
@@ -266,7 +266,8 @@ def section_backends(run: Run, args) -> None:
 def section_sweep(run: Run, args) -> None:
   import attention as attention_bench  # noqa: PLC0415
   attention_bench.sweep(interpret=args.smoke or not args.on_accelerator, emit=run.emit,
-                        smoke=args.smoke, iters=3 if args.smoke else 20, deadline=run.deadline)
+                        smoke=args.smoke, iters=3 if args.smoke else 20, deadline=run.deadline,
+                        shapes=_names(args.sweep_shapes))
 
 
 def parse_variant(text: str) -> dict:
@@ -805,7 +806,10 @@ def main() -> None:
   parser.add_argument("--reserve_s", type=float, default=0.0,
                       help="seconds of the budget the train section leaves to the later sections")
   parser.add_argument("--train_steps", type=int, default=15, help="timed steps per train row")
-  parser.add_argument("--attention_iters", type=int, default=20, help="timed calls per row")
+  parser.add_argument("--attention_iters", type=int, default=20, help="timed samples per row")
+  parser.add_argument("--sweep_shapes", default="",
+                      help="the sweep's cases to run, as BxTxHxD (e.g. 64x512x12x64); "
+                           "default: all")
   parser.add_argument("--peers_child", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--peer_shape", type=int, default=0, help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -829,6 +833,11 @@ def main() -> None:
                  or any(not _shape_wanted(s, train_names) for s in traced)):
     parser.error("--profile traces rows of ours in the train section: name only shapes that "
                  "--train_shapes selects, with train in --sections and ours in --train_systems")
+  import attention as attention_bench  # noqa: PLC0415 (benchmarks/attention.py)
+  try:
+    attention_bench.sweep_cases(_names(args.sweep_shapes))
+  except ValueError as e:
+    parser.error(f"--sweep_shapes: {e}")
   import jax  # noqa: PLC0415
   args.on_accelerator = jax.default_backend() in ("gpu", "tpu")
   # The layers section is plain JAX (no Pallas): it also runs on a CPU (every form).

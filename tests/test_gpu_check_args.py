@@ -5,6 +5,7 @@ import json
 import pathlib
 import subprocess
 import sys
+import time
 
 import jax.numpy as jnp
 import pytest
@@ -65,6 +66,7 @@ def test_table_labels_tell_the_norm_kernels_apart():
     (["--profile=33m", "--train_shapes=42m"], "--profile traces rows of ours"),
     (["--profile=33m", "--sections=versions,sampling"], "--profile traces rows of ours"),
     (["--profile=99m"], "unknown --profile"),
+    (["--sweep_shapes=64x512x12x65"], "no sweep case has shape 64x512x12x65"),
 ])
 def test_bad_arguments_stop_before_any_work(argv, says, tmp_path):
   proc = subprocess.run([sys.executable, str(SCRIPT), f"--out={tmp_path}", *argv],
@@ -92,7 +94,7 @@ def test_smoke_layers_section_times_every_form_of_each_piece(tmp_path):
                         (qkv, "stacked, rotary by concatenate"),
                         (qkv, "separate, rotary by concatenate"),
                         ("GPT-Neo MLP", "tanh recomputed"), ("GPT-Neo MLP", "tanh saved")}
-  assert all(r["ms"] > 0 for r in forms.values())
+  assert all(r["ms"] > 0 and r["calls_per_sample"] >= 1 for r in forms.values())
   assert {k[1] for k, r in forms.items() if r["gpu_default"]} == {
       "jnp (XLA)", "paired", "stacked, rotary by reverse", "tanh recomputed"}
   table = (tmp_path / "gpu_check.md").read_text()
@@ -181,3 +183,50 @@ def test_the_norm_qkv_and_mlp_variants_build_llama_with_the_kernels_and_skip_gpt
   assert "the norm kernels are llama's" in out
   assert "the stacked q/k/v path is llama's" in out
   assert "the MLP kernel is llama's" in out
+
+
+def test_a_timed_sample_issues_its_calls_back_to_back_and_blocks_once(monkeypatch):
+  """`time_ms` times samples of calls issued without waiting, blocking on the last call's result
+  alone; a call slower than a sample's length makes a sample of one call."""
+  _module()  # puts benchmarks/ on sys.path
+  import attention as attention_bench  # pylint: disable=import-outside-toplevel
+  events = []
+  monkeypatch.setattr(attention_bench.jax, "block_until_ready",
+                      lambda x: events.append(("block", x)) or x)
+
+  def fast(x):
+    events.append(("call", x))
+    return x + 1
+  assert attention_bench.sample_ms(fast, (1,), 5) > 0
+  assert events == [("call", 1)] * 5 + [("block", 2)]
+  events.clear()
+  calls = attention_bench.calls_per_sample(fast, 1)
+  assert 1 < calls <= attention_bench.MAX_CALLS  # a call of microseconds: many to a sample
+  events.clear()
+  assert attention_bench.time_ms(fast, 1, warmup=2, iters=3) > 0
+  kinds = "".join("b" if kind == "block" else "c" for kind, _ in events)
+  # A compile and 2 warm-up calls, each blocked on; then 3 samples of the same n > 1 calls,
+  # each blocked on once at its end.
+  warm, samples = kinds[:6], kinds[6:].split("b")[:-1]
+  assert warm == "cb" * 3 and len(samples) == 3 and kinds.endswith("b")
+  assert len(set(samples)) == 1 and set(samples[0]) == {"c"} and len(samples[0]) > 1
+
+  def slow(x):
+    time.sleep(2 * attention_bench.SAMPLE_MS / 1e3)
+    return x
+  assert attention_bench.calls_per_sample(slow, 1, warmup=1) == 1
+  events.clear()
+  attention_bench.time_ms(fast, 1, warmup=1, iters=2, back_to_back=False)
+  assert [e[0] for e in events] == ["call", "block"] * 4  # every call blocked on
+
+
+def test_sweep_shapes_pick_the_sweeps_cases_in_their_order():
+  _module()  # puts benchmarks/ on sys.path
+  import attention as attention_bench  # pylint: disable=import-outside-toplevel
+  assert attention_bench.sweep_cases() == attention_bench.SWEEP_CASES
+  picked = attention_bench.sweep_cases({"16x2048x12x64", "64x512x12x64"})
+  assert [attention_bench.shape_name(shape) for shape, _ in picked] == [
+      "64x512x12x64", "16x2048x12x64"]
+  assert picked[0][1] == ("causal",)
+  with pytest.raises(ValueError, match="the cases are 128x256x6x48, 32x1024x8x64"):
+    attention_bench.sweep_cases({"1x2x3x4"})
