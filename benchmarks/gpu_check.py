@@ -77,13 +77,17 @@ SMOKE_TRAIN_SHAPES = (
     ("gpt_neo", "1m", 512, 4, 64, {"num_heads": 4, "num_layers": 2, "window": 16,
                                    "attention_layers": ("global", "local")}),
 )
-# attention:loss[:scan][:remat][:norm][:qkv][:mlp][:padN][:xla|:online|:kernel] variants of our
-# step timed at every shape (":scan" sets scan_layers, ":remat" model.remat="block", ":norm"
-# model.norm_impl="pallas", ":qkv" model.qkv_impl="pallas", ":mlp" model.mlp_impl="pallas" (these
-# three at llama shapes only; ":qkv" needs pallas attention); ":padN" the fused loss's vocab
+# attention:loss[:scan][:remat][:norm][:qkv][:mlp][:flat[N]][:padN][:xla|:online|:kernel]
+# variants of our step timed at every shape (":scan" sets scan_layers, ":remat"
+# model.remat="block", ":norm" model.norm_impl="pallas", ":qkv" model.qkv_impl="pallas", ":mlp"
+# model.mlp_impl="pallas" (these three at llama shapes only; ":qkv" needs pallas attention);
+# ":flatN" optimizer.flatten_below=N, ":flat" N = FLAT_BELOW; ":padN" the fused loss's vocab
 # padding multiple, ":pad1" none; its passes over the logits are train.loss_kernel's default,
 # "auto", unless ":xla" (XLA, two passes), ":online" (XLA, one pass) or ":kernel" (Pallas) says).
 TRAIN_VARIANTS = "pallas:fused"
+# ":flat": every parameter of the llama train shapes' blocks (the largest, 42m's 512 x 1376
+# d_ff matrices, have 704,512 elements) but not their embedding tables (1,179,648 or more).
+FLAT_BELOW = 1 << 20
 
 
 class Run:
@@ -271,14 +275,14 @@ def section_sweep(run: Run, args) -> None:
 
 
 def parse_variant(text: str) -> dict:
-  """`attention:loss[:scan][:remat][:norm][:qkv][:mlp][:padN][:xla|:online|:kernel]` as a dict;
-  ValueError says what is wrong.
+  """`attention:loss[:scan][:remat][:norm][:qkv][:mlp][:flat[N]][:padN][:xla|:online|:kernel]`
+  as a dict; ValueError says what is wrong.
 
   `scan` sets scan_layers, `remat` model.remat="block", `norm` model.norm_impl="pallas" (the
   residual add + RMSNorm kernels), `qkv` model.qkv_impl="pallas" (the attention kernels read
   the stacked q/k/v projection and write its gradient; attention `pallas` only), `mlp`
-  model.mlp_impl="pallas" (SwiGLU's backward kernel), these three at llama shapes only; with the
-  fused loss, `padN` pads the
+  model.mlp_impl="pallas" (SwiGLU's backward kernel), these three at llama shapes only;
+  `flatN` optimizer.flatten_below=N (`flat`: FLAT_BELOW); with the fused loss, `padN` pads the
   output projection to a multiple of N rows (`pad1`: none; default 128), and its passes over
   the logits are train.loss_kernel="auto" (the default) unless `xla` (XLA's two passes),
   `online` (XLA's one-pass log-sum-exp, "xla_online") or `kernel` (the Pallas kernels,
@@ -293,7 +297,7 @@ def parse_variant(text: str) -> dict:
   if loss not in loss_lib.LOSS_IMPLS:
     raise ValueError(f"{text!r}: loss {loss!r} is not one of {loss_lib.LOSS_IMPLS}")
   variant = {"attention": impl, "loss": loss, "scan": False, "remat": False, "norm": "xla",
-             "qkv": "xla", "mlp": "xla", "loss_kernel": "auto", "pad": None}
+             "qkv": "xla", "mlp": "xla", "flatten": 0, "loss_kernel": "auto", "pad": None}
   kernels = {"xla": "xla", "online": "xla_online", "kernel": "pallas"}
   for x in extra:
     if x in ("scan", "remat"):
@@ -306,9 +310,11 @@ def parse_variant(text: str) -> dict:
       variant["loss_kernel"] = kernels[x]
     elif x.startswith("pad") and x[3:].isdigit() and int(x[3:]) >= 1:
       variant["pad"] = int(x[3:])
+    elif x == "flat" or (x.startswith("flat") and x[4:].isdigit() and int(x[4:]) >= 1):
+      variant["flatten"] = int(x[4:]) if x[4:] else FLAT_BELOW
     else:
       raise ValueError(f"{text!r}: unknown option {x!r}; options are scan, remat, norm, qkv, "
-                       "mlp, xla, online, kernel and padN (N >= 1)")
+                       "mlp, flat, flatN, xla, online, kernel and padN (N >= 1)")
   if variant["qkv"] == "pallas" and impl != "pallas":
     raise ValueError(f"{text!r}: qkv runs inside the Pallas attention kernels; use attention "
                      "pallas with it")
@@ -335,7 +341,7 @@ def _train_ours(run: Run, args, shape) -> None:
   for text, variant in zip(texts, map(parse_variant, texts)):
     impl, loss, scan, remat = (variant[k] for k in ("attention", "loss", "scan", "remat"))
     pad, loss_kernel, norm = variant["pad"], variant["loss_kernel"], variant["norm"]
-    qkv, mlp = variant["qkv"], variant["mlp"]
+    qkv, mlp, flatten = variant["qkv"], variant["mlp"], variant["flatten"]
     if loss == "fused":  # what "auto" runs here, recorded in the row
       loss_kernel = loss_lib.resolve_kernel(loss_kernel, loss_lib.padded_vocab(vocab, pad))
     if norm == "pallas" and family != "llama":
@@ -350,7 +356,7 @@ def _train_ours(run: Run, args, shape) -> None:
       print(f"# {family}:{name} {text}: the MLP kernel is llama's (SwiGLU), not run here",
             flush=True)
       continue
-    step = (impl, loss, scan, remat, norm, qkv, mlp, pad, loss_kernel)
+    step = (impl, loss, scan, remat, norm, qkv, mlp, flatten, pad, loss_kernel)
     if step in seen:  # e.g. the default and ":kernel" on a GPU: time (and trace) it once
       print(f"# {family}:{name} {text}: the same step as {seen[step]}, not timed again",
             flush=True)
@@ -368,6 +374,8 @@ def _train_ours(run: Run, args, shape) -> None:
       row["qkv_impl"] = qkv
     if mlp != "xla":
       row["mlp_impl"] = mlp
+    if flatten:
+      row["flatten_below"] = flatten
     if pad is not None:
       row["loss_vocab_multiple"] = pad
     if loss == "fused":
@@ -385,13 +393,13 @@ def _train_ours(run: Run, args, shape) -> None:
         trace_dir = str(pathlib.Path(args.out) / "profile" / (
             f"{name}-{vocab}-{impl}-{loss}{'-scan' if scan else ''}{'-remat' if remat else ''}"
             f"{'-norm' if norm != 'xla' else ''}{'-qkv' if qkv != 'xla' else ''}"
-            f"{'-mlp' if mlp != 'xla' else ''}"
+            f"{'-mlp' if mlp != 'xla' else ''}{f'-flat{flatten}' if flatten else ''}"
             f"{'' if pad is None else f'-pad{pad}'}"
             f"{'' if loss_kernel == 'xla' else '-' + loss_kernel.replace('_', '-')}"))
       with fa.force_interpret(args.smoke or not args.on_accelerator):
         result = benchmark.measure_train_throughput(
             cfg, batch_size=batch, seq_len=seq, steps=3 if args.smoke else args.train_steps,
-            warmup=3, loss=loss, trace_dir=trace_dir,
+            warmup=3, loss=loss, trace_dir=trace_dir, flatten_below=flatten,
             loss_kernel=loss_kernel, **({} if pad is None else {"loss_vocab_multiple": pad}))
       if trace_dir:
         row["trace"] = trace_dir
@@ -643,6 +651,8 @@ def _variant(r: dict) -> str:
     text += ", stacked q/k/v in the kernels"
   if r.get("mlp_impl") == "pallas":
     text += ", Pallas SwiGLU backward"
+  if r.get("flatten_below"):
+    text += f", parameters under {r['flatten_below']:,} updated flat"
   if r.get("loss_vocab_multiple") == 1:
     text += ", vocab unpadded"
   elif "loss_vocab_multiple" in r:

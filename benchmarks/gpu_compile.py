@@ -242,7 +242,8 @@ def compile_step(topology, family, preset, vocab, batch, seq, variant) -> str:
   devices = np.asarray(topology.devices).reshape(1, 1, 1)
   mesh = jax.sharding.Mesh(devices, mesh_lib.AXES,
                            axis_types=(jax.sharding.AxisType.Auto,) * 3)
-  opt_cfg = opt_lib.OptimizerConfig(lr=5e-4, schedule="cosine", warmup_steps=10, clip_norm=1.0)
+  opt_cfg = opt_lib.OptimizerConfig(lr=5e-4, schedule="cosine", warmup_steps=10, clip_norm=1.0,
+                                    flatten_below=variant["flatten"])
   layout = state_lib.model_layout(cfg)
   tx = opt_lib.make_optimizer(opt_cfg, 100, layout.logical_names, layout.abstract_params)
   shardings = state_lib.state_shardings(layout, tx, mesh)

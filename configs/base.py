@@ -71,6 +71,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.optimizer.clip_norm = 1.0          # global gradient-norm clip (0: off)
   c.optimizer.decay_embeddings = False       # also decay embedding / position tables
   c.optimizer.decay_norms_and_biases = False  # also decay norm scales and biases
+  c.optimizer.flatten_below = 0        # update parameters with fewer elements than this as
+  #                                      flat vectors: fewer, larger kernels (0: each alone;
+  #                                      docs/training.md); they must not be split by the mesh
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                     # data-parallel axis size (-1: the remaining devices)

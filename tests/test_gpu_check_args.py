@@ -24,19 +24,23 @@ def test_parse_variant():
   parse = _module().parse_variant
   assert parse("pallas:fused") == {"attention": "pallas", "loss": "fused", "scan": False,
                                    "remat": False, "norm": "xla", "qkv": "xla",
-                                   "mlp": "xla", "loss_kernel": "auto", "pad": 128}
+                                   "mlp": "xla", "flatten": 0, "loss_kernel": "auto",
+                                   "pad": 128}
   assert parse("cudnn:fused:pad1:online") == {"attention": "cudnn", "loss": "fused",
                                               "scan": False, "remat": False, "norm": "xla",
-                                              "qkv": "xla", "mlp": "xla",
+                                              "qkv": "xla", "mlp": "xla", "flatten": 0,
                                               "loss_kernel": "xla_online", "pad": 1}
   assert parse("pallas:fused:norm")["norm"] == "pallas"
   assert parse("pallas:fused:norm:qkv")["qkv"] == "pallas"
   assert parse("pallas:fused:norm:qkv:mlp")["mlp"] == "pallas"
   assert parse("pallas:fused:kernel")["loss_kernel"] == "pallas"
+  assert parse("pallas:fused:flat")["flatten"] == 1 << 20
+  assert parse("pallas:fused:flat5000")["flatten"] == 5000
   assert parse("pallas:fused:xla")["loss_kernel"] == "xla"
   assert parse("xla:chunked:scan:remat") == {"attention": "xla", "loss": "chunked", "scan": True,
                                              "remat": True, "norm": "xla", "qkv": "xla",
-                                             "mlp": "xla", "loss_kernel": "auto", "pad": None}
+                                             "mlp": "xla", "flatten": 0, "loss_kernel": "auto",
+                                             "pad": None}
   for bad, says in (("pallas", "loss ''"), ("palas:fused", "attention 'palas'"),
                     ("pallas:fused:pad", "'pad'"), ("pallas:fused:pad0", "'pad0'"),
                     ("pallas:fused:onlne", "'onlne'"), ("pallas:fused:norms", "'norms'"),
@@ -45,7 +49,8 @@ def test_parse_variant():
                     ("pallas:fused:online:kernel", "at most one"),
                     ("pallas:fused:xla:online", "at most one"),
                     ("pallas:chunked:xla", "fused loss only"),
-                    ("cudnn:fused:qkv", "use attention pallas")):
+                    ("cudnn:fused:qkv", "use attention pallas"),
+                    ("pallas:fused:flat0", "'flat0'"), ("pallas:fused:flatx", "'flatx'")):
     with pytest.raises(ValueError, match=says):
       parse(bad)
 
@@ -59,6 +64,8 @@ def test_table_labels_tell_the_norm_kernels_apart():
   assert "stacked q/k/v in the kernels" in label({**row, "qkv_impl": "pallas"})
   assert "SwiGLU" not in label(row)
   assert "Pallas SwiGLU backward" in label({**row, "mlp_impl": "pallas"})
+  assert "flat" not in label(row)
+  assert "parameters under 1,048,576 updated flat" in label({**row, "flatten_below": 1 << 20})
 
 
 @pytest.mark.parametrize("argv, says", [
@@ -158,27 +165,32 @@ def test_variants_that_resolve_to_one_step_are_timed_once(tmp_path, monkeypatch,
   assert "pallas:fused:xla: the same step as pallas:fused" in capsys.readouterr().out
 
 
-def test_the_norm_qkv_and_mlp_variants_build_llama_with_the_kernels_and_skip_gpt_neo(
+def test_the_norm_qkv_mlp_and_flat_variants_build_what_they_name(
     tmp_path, monkeypatch, capsys):
   from tinystories_jax.training import benchmark  # pylint: disable=import-outside-toplevel
   module = _module()
   built = []
   monkeypatch.setattr(benchmark, "measure_train_throughput",
-                      lambda cfg, **kw: built.append((cfg.norm_impl, cfg.qkv_impl,
-                                                      cfg.mlp_impl)) or {"step_ms": 1.0})
+                      lambda cfg, **kw: built.append((cfg.norm_impl, cfg.qkv_impl, cfg.mlp_impl,
+                                                      kw["flatten_below"])) or {"step_ms": 1.0})
   run = module.Run(tmp_path, budget_s=600)
   args = type("Args", (), {"smoke": False, "on_accelerator": False, "train_steps": 1,
                            "profile": "", "out": str(tmp_path),
                            "train_variants": "pallas:fused,pallas:fused:norm,pallas:fused:qkv,"
-                                             "pallas:fused:mlp"})
+                                             "pallas:fused:mlp,pallas:fused:flat"})
   llama, gpt_neo = module.SMOKE_TRAIN_SHAPES
   module._train_ours(run, args, llama)  # noqa: SLF001
   module._train_ours(run, args, gpt_neo)  # noqa: SLF001
-  assert built == [("xla", "xla", "xla"), ("pallas", "xla", "xla"), ("xla", "pallas", "xla"),
-                   ("xla", "xla", "pallas"), ("xla", "xla", "xla")]
-  assert [(r.get("norm_impl"), r.get("qkv_impl"), r.get("mlp_impl")) for r in run.rows] == [
-      (None, None, None), ("pallas", None, None), (None, "pallas", None),
-      (None, None, "pallas"), (None, None, None)]
+  flat = module.FLAT_BELOW
+  assert built == [("xla", "xla", "xla", 0), ("pallas", "xla", "xla", 0),
+                   ("xla", "pallas", "xla", 0), ("xla", "xla", "pallas", 0),
+                   ("xla", "xla", "xla", flat), ("xla", "xla", "xla", 0),
+                   ("xla", "xla", "xla", flat)]
+  assert [(r.get("norm_impl"), r.get("qkv_impl"), r.get("mlp_impl"), r.get("flatten_below"))
+          for r in run.rows] == [
+      (None, None, None, None), ("pallas", None, None, None), (None, "pallas", None, None),
+      (None, None, "pallas", None), (None, None, None, flat), (None, None, None, None),
+      (None, None, None, flat)]
   out = capsys.readouterr().out
   assert "the norm kernels are llama's" in out
   assert "the stacked q/k/v path is llama's" in out

@@ -45,6 +45,9 @@ def _fail(workdir, overrides, config="configs/quickstart.py"):
     ({"model.mlp": "pallas"},
      "model.mlp='pallas' cannot run here: the Pallas SwiGLU kernel runs on GPUs, not 'cpu'"),
     ({"model.mlp": "fused"}, "model.mlp='fused' is not one of ('xla', 'pallas')"),
+    ({"optimizer.flatten_below": -1}, "optimizer.flatten_below must be >= 0"),
+    ({"mesh.cpu_devices": 2, "mesh.data": 1, "mesh.fsdp": 2, "optimizer.flatten_below": 1 << 20},
+     "optimizer.flatten_below flattens"),
     ({"model.attention": "cudnn"},
      "model.attention='cudnn' cannot run this model here: cuDNN attention needs an NVIDIA GPU"),
     ({"model.attention": "pallas"},
@@ -82,6 +85,15 @@ def test_workdir_from_another_run_is_refused(tiny_data, tmp_path):
   older["train"]["loss_online_lse"] = True
   config_lib.check_workdir_config(older, loop.prepare_run(run2, str(tmp_path / "y")).config_json,
                                   str(workdir))
+  # One written before optimizer.flatten_below existed ran every parameter alone: it resumes
+  # with that setting (0) and refuses another, whose optimizer state has another layout.
+  del older["optimizer"]["flatten_below"]
+  config_lib.check_workdir_config(older, loop.prepare_run(run2, str(tmp_path / "z")).config_json,
+                                  str(workdir))
+  run3 = config_lib.run_config(tiny_config(tiny_data, **{"optimizer.flatten_below": 4096}))
+  with pytest.raises(config_lib.ConfigError, match="optimizer.flatten_below was 0, now 4096"):
+    config_lib.check_workdir_config(
+        older, loop.prepare_run(run3, str(tmp_path / "v")).config_json, str(workdir))
 
 
 def test_resume_on_data_with_another_tokenizer_is_refused(tiny_data, tmp_path):

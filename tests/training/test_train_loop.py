@@ -3,6 +3,7 @@
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -148,3 +149,25 @@ def test_training_continues_from_an_imported_workdir(tiny_data, tmp_path):
       "train.steps": 6, "train.log_every": 1, "train.eval_every": 0}))
   loop.train(run, str(workdir))
   assert [r["step"] for r in _rows(workdir)][4:] == [5, 6]
+
+
+def test_flat_optimizer_state_checkpoints_and_resumes_exactly(tiny_data, tmp_path):
+  """optimizer.flatten_below keeps the flattened parameters' moments as flat vectors: they
+  save and restore with the checkpoint, and a resumed run equals an uninterrupted one."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  over = {"optimizer.flatten_below": 1 << 20, "optimizer.schedule": "constant",
+          "train.eval_every": 0, "train.checkpoint_every": 4}
+  straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+  loop.train(config_lib.run_config(tiny_config(tiny_data, **over, **{"train.steps": 12})),
+             straight)
+  loop.train(config_lib.run_config(tiny_config(tiny_data, **over, **{"train.steps": 8})), split)
+  opt = ocp.StandardCheckpointer().restore(os.path.join(split, "checkpoints", "8", "opt_state"))
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(opt)]
+  assert any("['flat']['decayed_float32']" in p for p in paths), paths
+  loop.train(config_lib.run_config(tiny_config(tiny_data, **over, **{"train.steps": 12})), split)
+  a, b = (ocp.StandardCheckpointer().restore(os.path.join(w, "checkpoints", "12", "params"))
+          for w in (straight, split))
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y),
+                                  err_msg=jax.tree_util.keystr(path))
+  assert [r["step"] for r in _rows(split)][-2:] == [8, 12]

@@ -16,10 +16,12 @@ MODEL = ModelConfig(family="llama", vocab_size=64, d_model=32, num_layers=2, num
                     num_kv_heads=2, max_positions=64, attention_impl="reference")
 
 
-def _setup(step_cfg, *, lr=1e-2, mesh_shape=(1, 1, 1), devices=1, model=MODEL):
+def _setup(step_cfg, *, lr=1e-2, mesh_shape=(1, 1, 1), devices=1, model=MODEL,
+           flatten_below=0, clip_norm=1.0):
   mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(*mesh_shape), jax.devices()[:devices])
   layout = state_lib.model_layout(model)
-  opt_cfg = opt_lib.OptimizerConfig(lr=lr, clip_norm=1.0, weight_decay=0.1)
+  opt_cfg = opt_lib.OptimizerConfig(lr=lr, clip_norm=clip_norm, weight_decay=0.1,
+                                    flatten_below=flatten_below)
   tx = opt_lib.make_optimizer(opt_cfg, 10, layout.logical_names, layout.abstract_params)
   sh = state_lib.state_shardings(layout, tx, mesh)
   state, extra = state_lib.init_state(model, tx, sh, seed=0)
@@ -120,3 +122,35 @@ def test_parameters_are_created_sharded_from_logical_axes():
   mu = state.opt_state[1][0].mu
   assert mu["blocks"][0]["attn"]["wq"].sharding == wq.sharding
   del layout
+
+
+def test_small_parameters_updated_as_flat_vectors_train_as_each_alone():
+  """optimizer.flatten_below: the same steps (the clipping norm summed in another order) on a
+  data-parallel mesh, the moments of the flattened parameters replicated there."""
+  batches = [_batch(seed=s) for s in range(3)]
+  runs = {}
+  for below in (0, 2048):  # the attention matrices and the norms, not the MLP's
+    mesh, _, sh, state, extra, fn = _setup(step_lib.StepConfig(), mesh_shape=(2, 1, 1),
+                                           devices=2, flatten_below=below, clip_norm=0.5)
+    runs[below] = _run(fn, mesh, sh, state, extra, batches)
+  (plain, plain_m), (flat, flat_m) = runs[0], runs[2048]
+  for a, b in zip(plain_m, flat_m):
+    np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-6)
+    assert a["grad_norm"] > 0.5  # clipping was active in every step
+    np.testing.assert_allclose(a["train_loss"], b["train_loss"], rtol=1e-6)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(plain.params),
+                          jax.tree.leaves(flat.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-6,
+                               err_msg=jax.tree_util.keystr(path))
+  inner = flat.opt_state[1][0]
+  sizes = [x.size for x in jax.tree.leaves(flat.params)]
+  assert set(inner.mu["flat"]) == {"decayed_float32", "exempt_float32"}
+  assert sum(x.size for x in inner.mu["flat"].values()) == sum(n for n in sizes if n < 2048)
+  assert sorted(x.size for x in inner.mu["leaves"]) == sorted(n for n in sizes if n >= 2048)
+  assert all(x.sharding.is_fully_replicated for x in inner.mu["flat"].values())
+
+
+def test_flattening_parameters_the_mesh_splits_is_refused():
+  with pytest.raises(ValueError, match="optimizer.flatten_below flattens .* parameters that "
+                                       "this mesh splits over its fsdp or tensor axis"):
+    _setup(step_lib.StepConfig(), mesh_shape=(1, 2, 1), devices=2, flatten_below=2048)

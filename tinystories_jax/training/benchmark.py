@@ -29,7 +29,7 @@ def measure_train_throughput(model_cfg: ModelConfig, *, batch_size: int, seq_len
                              loss_chunk: int = 128,
                              loss_vocab_multiple: int = loss_lib.VOCAB_MULTIPLE,
                              loss_kernel: str = "auto",
-                             grad_accum_steps: int = 1,
+                             grad_accum_steps: int = 1, flatten_below: int = 0,
                              mesh_config: mesh_lib.MeshConfig | None = None,
                              devices=None, seed: int = 0, trace_dir: str | None = None,
                              trace_steps: int = 3) -> dict[str, Any]:
@@ -46,6 +46,7 @@ def measure_train_throughput(model_cfg: ModelConfig, *, batch_size: int, seq_len
     loss_vocab_multiple: rows the fused loss pads the output projection to.
     loss_kernel: what makes the fused loss's passes over its logits (loss.LOSS_KERNELS).
     grad_accum_steps: micro-batches per step.
+    flatten_below: `OptimizerConfig.flatten_below` (0: every parameter updated alone).
     mesh_config: mesh sizes (default: all devices on `data`).
     devices: the devices to lay the mesh over (default: all).
     seed: parameter and token seed.
@@ -59,7 +60,8 @@ def measure_train_throughput(model_cfg: ModelConfig, *, batch_size: int, seq_len
     (the last timed step's), `compile_s` (the first step, compilation included) and the shape.
   """
   mesh = mesh_lib.make_mesh(mesh_config or mesh_lib.MeshConfig(), devices)
-  opt_cfg = opt_lib.OptimizerConfig(lr=5e-4, schedule="cosine", warmup_steps=10, clip_norm=1.0)
+  opt_cfg = opt_lib.OptimizerConfig(lr=5e-4, schedule="cosine", warmup_steps=10, clip_norm=1.0,
+                                    flatten_below=flatten_below)
   layout = state_lib.model_layout(model_cfg)
   total = warmup + steps
   tx = opt_lib.make_optimizer(opt_cfg, total, layout.logical_names, layout.abstract_params)

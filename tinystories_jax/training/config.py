@@ -156,6 +156,8 @@ def validate(run: RunConfig) -> None:
   need(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optimizer.b1 and optimizer.b2 must lie in [0, 1).")
   need(o.weight_decay >= 0 and o.clip_norm >= 0,
        "optimizer.weight_decay and optimizer.clip_norm must be >= 0.")
+  need(o.flatten_below >= 0, "optimizer.flatten_below must be >= 0 (0: no parameter "
+       f"flattened), got {o.flatten_below}.")
   need(run.mesh.cpu_devices >= -1, "mesh.cpu_devices must be -1 (one device per core), 0 (one "
        f"device) or a device count, got {run.mesh.cpu_devices}.")
   need(bool(run.data.dir), "data.dir is empty; set --config.data.dir to a directory written by "
@@ -189,6 +191,8 @@ RESUMABLE = {
     "optimizer": set(),
     "mesh": {"data", "fsdp", "tensor", "cpu_devices", "distributed"},
 }
+# Keys that workdirs written before them lack, with the value those runs had.
+ADDED_SINCE = {"optimizer": {"flatten_below": 0}}
 
 
 def workdir_config(run: RunConfig, model_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -216,11 +220,13 @@ def check_workdir_config(saved: Mapping[str, Any], new: Mapping[str, Any], workd
       if a != b and section in new:
         diffs.append((section, a, b))
       continue
+    older = ADDED_SINCE.get(section, {})
     for key in sorted(set(a) | set(b)):
       if key in RESUMABLE.get(section, set()):
         continue
-      if a.get(key) != b.get(key):
-        diffs.append((f"{section}.{key}", a.get(key), b.get(key)))
+      was, now = a.get(key, older.get(key)), b.get(key, older.get(key))
+      if was != now:
+        diffs.append((f"{section}.{key}", was, now))
   if diffs:
     shown = "; ".join(f"{k} was {a!r}, now {b!r}" for k, a, b in diffs[:4])
     more = f" (and {len(diffs) - 4} more)" if len(diffs) > 4 else ""

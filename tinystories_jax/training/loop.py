@@ -277,7 +277,10 @@ def train(run: RunConfig, workdir: str) -> dict[str, Any]:
   tx = opt_lib.make_optimizer(run.optimizer, t.steps, layout.logical_names,
                               layout.abstract_params)
   schedule = opt_lib.learning_rate(run.optimizer, t.steps)
-  shardings = state_lib.state_shardings(layout, tx, mesh)
+  try:
+    shardings = state_lib.state_shardings(layout, tx, mesh)
+  except ValueError as e:  # the update flattens parameters this mesh splits
+    raise ConfigError(str(e)) from e
   abstract = state_lib.abstract_state(layout, tx, shardings)
   loss_kernel = t.loss_kernel
   if t.loss == "fused":

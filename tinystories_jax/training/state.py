@@ -63,14 +63,20 @@ class StateShardings:
   extra: Any
 
 
-def state_shardings(layout: ModelLayout, tx: optax.GradientTransformation,
-                    mesh: jax.sharding.Mesh) -> StateShardings:
-  """NamedShardings for the whole train state: optimizer moments follow their parameters."""
+def state_shardings(layout: ModelLayout, tx: Any, mesh: jax.sharding.Mesh) -> StateShardings:
+  """NamedShardings for the whole train state: optimizer moments follow their parameters (or,
+  where the update groups parameters into flat vectors, those vectors: replicated).
+
+  Raises:
+    ValueError: the update flattens parameters that the mesh splits.
+  """
   replicated = rules.replicated(mesh)
   params = rules.state_shardings(layout.abstract_params, layout.logical_names, mesh)
   abstract_opt = jax.eval_shape(tx.init, layout.abstract_params)
+  groups = getattr(tx, "groups", None)
   opt = optax.tree_map_params(
-      tx, lambda _, s: s, abstract_opt, params,
+      tx if groups is None else tx.inner, lambda _, s: s, abstract_opt,
+      params if groups is None else groups.grouped_shardings(params, replicated),
       transform_non_params=lambda _: replicated,
       is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
   extra = jax.tree.map(lambda _: replicated, layout.abstract_extra)

@@ -18,6 +18,7 @@ import optax
 from flax import nnx
 
 from tinystories_jax.training import loss as loss_lib
+from tinystories_jax.training import optimizer as opt_lib
 
 
 class TrainState(NamedTuple):
@@ -100,7 +101,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                                       _split_micro(batch, cfg.grad_accum_steps))
     count = jnp.maximum(sums.count, 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
-    grad_norm = optax.tree.norm(grads)
+    grad_norm = opt_lib.global_norm(tx, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     loss = sums.nll / count
