@@ -5,10 +5,11 @@
 
 For every (batch, seq, heads, head_dim) shape and mask (causal; causal with a 256-key window) it
 times the forward pass and forward + backward (the vjp of all three inputs), each the median of
-timed samples after warm-up. A sample is as many calls issued back to back as take about 5 ms,
-blocked on once at its end (`time_ms`): the device's time per call, as a train step spends it,
-without the host's dispatch of and wait for every call. It also checks every output, and our
-gradients, against the float32 reference, so a fast wrong kernel cannot pass unnoticed.
+timed samples after warm-up. A sample is calls issued back to back (about 5 ms of them), blocked
+on once at its end (`time_ms`): while the host keeps ahead of the device, the device's time per
+call, as a train step spends it, without the host's dispatch of and wait for every call. It
+also checks every output, and our gradients, against the float32 reference, so a fast wrong
+kernel cannot pass unnoticed.
 `backends` times the forward of ours beside jax's stock Pallas Mosaic GPU kernel and cuDNN
 (Triton or Mosaic GPU on Hopper). `benchmarks/gpu_check.py` runs `check_features`, `run`,
 `backends` and `sweep` as its sections.
@@ -183,8 +184,9 @@ def time_ms(fn: Callable, *args, warmup: int = 3, iters: int = 20,
   back_to_back (the default): each sample issues `calls_per_sample` calls without waiting and
   blocks once on the last, so the device runs them one after another, as a train step runs its
   kernels, and the host's dispatch of each call and its wait for the result stay out of the
-  figure while the host keeps ahead of the device. Otherwise each sample is one call, blocked
-  on (how the matmul ceiling is measured).
+  figure while the host keeps ahead of the device (for calls as short as one dispatch, the
+  figure is the host's time per call instead). Otherwise each sample is one call, blocked on
+  (how the matmul ceiling is measured).
   """
   calls = calls_per_sample(fn, *args, warmup=warmup) if back_to_back else 1
   if not back_to_back:

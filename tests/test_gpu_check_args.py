@@ -231,6 +231,15 @@ def test_a_timed_sample_issues_its_calls_back_to_back_and_blocks_once(monkeypatc
   attention_bench.time_ms(fast, 1, warmup=1, iters=2, back_to_back=False)
   assert [e[0] for e in events] == ["call", "block"] * 4  # every call blocked on
 
+  # Per call: a sample's whole time divided by its calls.
+  clock = {"t": 0.0}
+  monkeypatch.setattr(attention_bench.time, "perf_counter", lambda: clock["t"])
+
+  def two_ms(x):
+    clock["t"] += 0.002
+    return x
+  assert attention_bench.sample_ms(two_ms, (1,), 7) == pytest.approx(2.0)
+
 
 def test_sweep_shapes_pick_the_sweeps_cases_in_their_order():
   _module()  # puts benchmarks/ on sys.path

@@ -151,6 +151,7 @@ def test_small_parameters_updated_as_flat_vectors_train_as_each_alone():
 
 
 def test_flattening_parameters_the_mesh_splits_is_refused():
-  with pytest.raises(ValueError, match="optimizer.flatten_below flattens .* parameters that "
+  with pytest.raises(opt_lib.FlattenedSplitError,
+                     match="optimizer.flatten_below flattens .* parameters that "
                                        "this mesh splits over its fsdp or tensor axis"):
     _setup(step_lib.StepConfig(), mesh_shape=(1, 2, 1), devices=2, flatten_below=2048)

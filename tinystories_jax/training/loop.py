@@ -279,7 +279,7 @@ def train(run: RunConfig, workdir: str) -> dict[str, Any]:
   schedule = opt_lib.learning_rate(run.optimizer, t.steps)
   try:
     shardings = state_lib.state_shardings(layout, tx, mesh)
-  except ValueError as e:  # the update flattens parameters this mesh splits
+  except opt_lib.FlattenedSplitError as e:
     raise ConfigError(str(e)) from e
   abstract = state_lib.abstract_state(layout, tx, shardings)
   loss_kernel = t.loss_kernel

@@ -68,6 +68,10 @@ def decay_mask(logical_names: Any, params: Any, cfg: OptimizerConfig) -> Any:
   return jax.tree.map(decays, logical_names, params, is_leaf=lambda n: isinstance(n, tuple))
 
 
+class FlattenedSplitError(ValueError):
+  """`flatten_below` flattens parameters that the mesh splits (a configuration mistake)."""
+
+
 class LeafGroups:
   """The parameters the update takes together (`OptimizerConfig.flatten_below`).
 
@@ -121,7 +125,7 @@ class LeafGroups:
     split = [i for idx in self.flat.values() for i in idx
              if not shardings[i].is_fully_replicated]
     if split:
-      raise ValueError(
+      raise FlattenedSplitError(
           f"optimizer.flatten_below flattens {len(split)} parameters that this mesh splits over "
           "its fsdp or tensor axis; set optimizer.flatten_below=0 (or one below their sizes) or "
           "use a mesh that keeps them whole.")

@@ -68,7 +68,7 @@ def state_shardings(layout: ModelLayout, tx: Any, mesh: jax.sharding.Mesh) -> St
   where the update groups parameters into flat vectors, those vectors: replicated).
 
   Raises:
-    ValueError: the update flattens parameters that the mesh splits.
+    optimizer.FlattenedSplitError: the update flattens parameters that the mesh splits.
   """
   replicated = rules.replicated(mesh)
   params = rules.state_shardings(layout.abstract_params, layout.logical_names, mesh)
