@@ -167,18 +167,24 @@ def calls_per_sample(fn: Callable, *args, warmup: int = 3, sample_ms: float = SA
   return max(1, min(MAX_CALLS, math.ceil(sample_ms / max(one_ms, 1e-6))))
 
 
-def sample_ms(fn: Callable, args, calls: int) -> float:
-  """Milliseconds per call of `calls` calls issued back to back, blocking once on the last."""
+def sample_ms(fn: Callable, args, calls: int, issue_ms: list | None = None) -> float:
+  """Milliseconds per call of `calls` calls issued back to back, blocking once on the last.
+
+  `issue_ms`, if given, gets the host's time per call to issue them (before the block): when it
+  is close to the returned figure, the host, not the device, set the pace."""
   t0 = time.perf_counter()
   out = None
   for _ in range(calls):
     out = fn(*args)
+  issued = time.perf_counter()
   jax.block_until_ready(out)
+  if issue_ms is not None:
+    issue_ms.append(1e3 * (issued - t0) / calls)
   return 1e3 * (time.perf_counter() - t0) / calls
 
 
-def time_ms(fn: Callable, *args, warmup: int = 3, iters: int = 20,
-            back_to_back: bool = True) -> float:
+def time_ms(fn: Callable, *args, warmup: int = 3, iters: int = 20, back_to_back: bool = True,
+            stats: dict | None = None) -> float:
   """Median time of one call in milliseconds over `iters` timed samples, after warm-up.
 
   back_to_back (the default): each sample issues `calls_per_sample` calls without waiting and
@@ -187,12 +193,39 @@ def time_ms(fn: Callable, *args, warmup: int = 3, iters: int = 20,
   figure while the host keeps ahead of the device (for calls as short as one dispatch, the
   figure is the host's time per call instead). Otherwise each sample is one call, blocked on
   (how the matmul ceiling is measured).
+
+  `stats`, if given, gets `calls` (per sample) and `issue_ms` (the median of the host's time
+  per call to issue them; near the result, the host was the limit).
   """
   calls = calls_per_sample(fn, *args, warmup=warmup) if back_to_back else 1
   if not back_to_back:
     for _ in range(1 + warmup):  # compile, warm up
       jax.block_until_ready(fn(*args))
-  return statistics.median(sample_ms(fn, args, calls) for _ in range(iters))
+  issue: list[float] = []
+  ms = statistics.median(sample_ms(fn, args, calls, issue) for _ in range(iters))
+  if stats is not None:
+    stats.update(calls=calls, issue_ms=statistics.median(issue))
+  return ms
+
+
+# A figure whose calls took the host at least this share of it to issue is the host's pace.
+HOST_BOUND = 0.9
+
+
+def ms_text(row: dict, key: str) -> str:
+  """`row[key]` in ms to three places, with ` (host)` where issuing the calls took the host
+  HOST_BOUND of that time or more (then it bounds the device's time from above)."""
+  issue = row.get("issue_ms" if key == "ms" else key[:-len("ms")] + "issue_ms")
+  host = issue is not None and issue >= HOST_BOUND * row[key]
+  return f"{row[key]:.3f}{' (host)' if host else ''}"
+
+
+def timed(row: dict, key: str, fn: Callable, *args, iters: int) -> float:
+  """`row[key + "_ms"] = time_ms(...)`, with the samples' calls and issue time beside it."""
+  stats: dict = {}
+  row[f"{key}_ms"] = time_ms(fn, *args, iters=iters, stats=stats)
+  row[f"{key}_calls"], row[f"{key}_issue_ms"] = stats["calls"], stats["issue_ms"]
+  return row[f"{key}_ms"]
 
 
 def _rel_err(x, ref) -> float:
@@ -254,15 +287,14 @@ def run(*, smoke: bool, interpret: bool, emit: Callable[[dict], None], iters: in
           fwd = jax.jit(lambda q, k, v, fn=fn: fn(q, k, v))
           inputs = PREPARE_INPUTS.get(name, lambda *x: x)(q, k, v)
           row["rel_err"] = _rel_err(fwd(*inputs).astype(jnp.float32), ref_o)
-          row["fwd_ms"] = time_ms(fwd, *inputs, iters=iters)
-          row["fwd_tflops"] = fwd_flops / row["fwd_ms"] / 1e9
+          row["fwd_tflops"] = fwd_flops / timed(row, "fwd", fwd, *inputs, iters=iters) / 1e9
           if has_bwd:
             fwd_bwd = jax.jit(_fwd_bwd(fn))
             if name == "pallas":
               _, grads = fwd_bwd(q, k, v, do)
               row["grad_rel_err"] = max(_rel_err(g, r) for g, r in zip(grads, ref_grads))
-            row["fwdbwd_ms"] = time_ms(fwd_bwd, q, k, v, do, iters=iters)
-            row["fwdbwd_tflops"] = fwdbwd_flops / row["fwdbwd_ms"] / 1e9
+            row["fwdbwd_tflops"] = fwdbwd_flops / timed(row, "fwdbwd", fwd_bwd, q, k, v, do,
+                                                        iters=iters) / 1e9
         except Unsupported as e:
           row["skipped"] = str(e)
         except Exception as e:  # noqa: BLE001 - one failing implementation must not end the run
@@ -317,8 +349,7 @@ def backends(*, smoke: bool, interpret: bool, emit: Callable[[dict], None], iter
           fwd = jax.jit(functools.partial(impl, causal=causal))
           inputs = (_stock_mgpu_inputs(q, k, v) if name == "stock Mosaic GPU" else (q, k, v))
           row["rel_err"] = _rel_err(fwd(*inputs).astype(jnp.float32), reference())
-          row["fwd_ms"] = time_ms(fwd, *inputs, iters=iters)
-          row["fwd_tflops"] = flops / row["fwd_ms"] / 1e9
+          row["fwd_tflops"] = flops / timed(row, "fwd", fwd, *inputs, iters=iters) / 1e9
         except Unsupported as e:
           row["skipped"] = str(e)
         except Exception as e:  # noqa: BLE001 - one failing implementation must not end the run
@@ -346,7 +377,7 @@ def backends_table(rows: list[dict]) -> str:
       continue
     mine = ours.get((r["B"], r["T"], r["H"], r["D"], r["causal"]))
     ratio = f"{r['fwd_ms'] / mine:.2f}x" if mine else "-"
-    out.append(f"| {shape} | {mask} | {r['impl']} | {r['fwd_ms']:.3f} | {r['fwd_tflops']:.0f} "
+    out.append(f"| {shape} | {mask} | {r['impl']} | {ms_text(r, 'fwd_ms')} | {r['fwd_tflops']:.0f} "
                f"| {ratio} | {r['rel_err']:.1e} |")
   return "\n".join(out)
 
@@ -401,8 +432,8 @@ def sweep(*, interpret: bool, emit: Callable[[dict], None], smoke: bool, iters: 
             if not first:
               first.extend(out)
             row["rel_diff_vs_first"] = max(_rel_err(a, b) for a, b in zip(out, first))
-          row["fwd_ms"] = time_ms(fwd, q, k, v, iters=iters)
-          row["fwdbwd_ms"] = time_ms(fwd_bwd, q, k, v, do, iters=iters)
+          timed(row, "fwd", fwd, q, k, v, iters=iters)
+          timed(row, "fwdbwd", fwd_bwd, q, k, v, do, iters=iters)
         except Exception as e:  # noqa: BLE001
           row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         rows.append(row)
@@ -466,8 +497,8 @@ def table(rows: list[dict]) -> str:
     err = max(r.get("rel_err", 0.0), r.get("grad_rel_err", 0.0))
     fb_ms = fb_tflops = "-"
     if "fwdbwd_ms" in r:
-      fb_ms, fb_tflops = f"{r['fwdbwd_ms']:.3f}", f"{r['fwdbwd_tflops']:.0f}"
-    out.append(f"| {shape} | {r['mask']} | {r['impl']} | {r['fwd_ms']:.3f} | {fb_ms} | "
+      fb_ms, fb_tflops = ms_text(r, "fwdbwd_ms"), f"{r['fwdbwd_tflops']:.0f}"
+    out.append(f"| {shape} | {r['mask']} | {r['impl']} | {ms_text(r, 'fwd_ms')} | {fb_ms} | "
                f"{fb_tflops} | {err:.1e} |")
   return "\n".join(out)
 

@@ -234,17 +234,20 @@ def section_layers(run: Run, args) -> None:
           lambda *a, fn=fn: sum(jnp.sum((o * c).astype(jnp.float32)) for o, c in zip(fn(*a), cts)),
           argnums=tuple(range(len(inputs))))) for form, fn in forms.items()}
       times = {form: [] for form in forms}
+      issue = {form: [] for form in forms}
       calls = {form: attention_bench.calls_per_sample(step, *inputs)  # compile, warm up
                for form, step in steps.items()}
       for i in range(3 if args.smoke else 40):  # interleaved, alternating which goes first
         for form in (list(forms) if i % 2 == 0 else list(forms)[::-1]):
-          times[form].append(attention_bench.sample_ms(steps[form], inputs, calls[form]))
+          times[form].append(attention_bench.sample_ms(steps[form], inputs, calls[form],
+                                                       issue[form]))
       for form in forms:
         run.emit({"kind": "layers", "piece": piece, "model": f"{family}:{name}",
                   "shape": f"{batch}x{seq}x{cfg.d_model}, d_ff {cfg.d_ff}, heads {cfg.num_heads}"
                            f"/{cfg.num_kv_heads}x{cfg.head_dim}",
                   "form": form, "gpu_default": form == next(iter(forms)),
-                  "ms": statistics.median(times[form]), "calls_per_sample": calls[form]})
+                  "ms": statistics.median(times[form]), "calls_per_sample": calls[form],
+                  "issue_ms": statistics.median(issue[form])})
 
 
 def section_kernel_check(run: Run, args) -> None:
@@ -748,8 +751,8 @@ def write_tables(run: Run) -> None:
                       and p["gpu_default"]), None)
       ratio = "" if default is None or r["gpu_default"] else f"{default / r['ms']:.2f}x"
       form = f"{r['form']}{' (GPU default)' if r['gpu_default'] else ''}"
-      parts.append(f"| {r['piece']} | {r['model']} | {r['shape']} | {form} | {r['ms']:.3f} | "
-                   f"{ratio} |")
+      parts.append(f"| {r['piece']} | {r['model']} | {r['shape']} | {form} | "
+                   f"{attention_bench.ms_text(r, 'ms')} | {ratio} |")
   if any(r.get("kind") == "attention" and "B" in r for r in run.rows):
     parts += ["", attention_bench.table(run.rows)]
   if any(r.get("kind") == "attention_backend" and "B" in r for r in run.rows):
@@ -776,11 +779,11 @@ def write_tables(run: Run) -> None:
   if sweep:
     parts += ["", "| sweep shape | window | tiles: fwd q,k / dQ q,k / dK,dV q,k (warps, stages) "
               "| fwd ms | fwd+bwd ms | rel. diff vs first |", "|---|---|---|---|---|---|"]
+    ms_text = attention_bench.ms_text
     parts += [f"| {r['B']},{r['T']},{r['H']},{r['D']} | {r['window']} | {r['config']} | "
-              f"{r['fwd_ms']:.3f} | {r['fwdbwd_ms']:.3f} | "
-              f"{r['rel_diff_vs_first']:.1e} |" if "rel_diff_vs_first" in r else
-              f"| {r['B']},{r['T']},{r['H']},{r['D']} | {r['window']} | {r['config']} | "
-              f"{r['fwd_ms']:.3f} | {r['fwdbwd_ms']:.3f} | - |" for r in sweep]
+              f"{ms_text(r, 'fwd_ms')} | {ms_text(r, 'fwdbwd_ms')} | "
+              + (f"{r['rel_diff_vs_first']:.1e} |" if "rel_diff_vs_first" in r else "- |")
+              for r in sweep]
   # Whole sections skipped for time or failed (their rows carry no shape of their own).
   section_notes = [r for r in run.rows if set(r) <= {"time", "kind", "skipped", "error",
                                                       "traceback"} and len(r) > 2]

@@ -101,7 +101,8 @@ def test_smoke_layers_section_times_every_form_of_each_piece(tmp_path):
                         (qkv, "stacked, rotary by concatenate"),
                         (qkv, "separate, rotary by concatenate"),
                         ("GPT-Neo MLP", "tanh recomputed"), ("GPT-Neo MLP", "tanh saved")}
-  assert all(r["ms"] > 0 and r["calls_per_sample"] >= 1 for r in forms.values())
+  assert all(r["ms"] > 0 and r["calls_per_sample"] >= 1 and 0 <= r["issue_ms"]
+             for r in forms.values())
   assert {k[1] for k, r in forms.items() if r["gpu_default"]} == {
       "jnp (XLA)", "paired", "stacked, rotary by reverse", "tanh recomputed"}
   table = (tmp_path / "gpu_check.md").read_text()
@@ -238,7 +239,25 @@ def test_a_timed_sample_issues_its_calls_back_to_back_and_blocks_once(monkeypatc
   def two_ms(x):
     clock["t"] += 0.002
     return x
-  assert attention_bench.sample_ms(two_ms, (1,), 7) == pytest.approx(2.0)
+  issued = []
+  assert attention_bench.sample_ms(two_ms, (1,), 7, issued) == pytest.approx(2.0)
+  assert issued == [pytest.approx(2.0)]  # the calls ran as they were issued: the host's pace
+
+
+def test_figures_the_host_paced_are_marked_in_the_tables():
+  _module()  # puts benchmarks/ on sys.path
+  import attention as attention_bench  # pylint: disable=import-outside-toplevel
+  stats = {}
+  assert attention_bench.time_ms(lambda: jnp.zeros(()), warmup=1, iters=3, stats=stats) > 0
+  assert stats["calls"] >= 1 and stats["issue_ms"] >= 0
+  row = {}
+  attention_bench.timed(row, "fwd", lambda: jnp.zeros(()), iters=2)
+  assert set(row) == {"fwd_ms", "fwd_calls", "fwd_issue_ms"}
+  text = attention_bench.ms_text
+  assert text({"fwd_ms": 1.0, "fwd_issue_ms": 0.95}, "fwd_ms") == "1.000 (host)"
+  assert text({"fwdbwd_ms": 1.0, "fwdbwd_issue_ms": 0.2}, "fwdbwd_ms") == "1.000"
+  assert text({"ms": 2.0, "issue_ms": 1.9}, "ms") == "2.000 (host)"
+  assert text({"ms": 2.0}, "ms") == "2.000"  # rows from before the issue time was recorded
 
 
 def test_sweep_shapes_pick_the_sweeps_cases_in_their_order():
