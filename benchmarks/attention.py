@@ -170,16 +170,17 @@ def calls_per_sample(fn: Callable, *args, warmup: int = 3, sample_ms: float = SA
 def sample_ms(fn: Callable, args, calls: int, issue_ms: list | None = None) -> float:
   """Milliseconds per call of `calls` calls issued back to back, blocking once on the last.
 
-  `issue_ms`, if given, gets the host's time per call to issue them (before the block): when it
-  is close to the returned figure, the host, not the device, set the pace."""
+  `issue_ms`, if given, gets the host's time to issue the first of them (the runtime may make
+  later ones wait for a free slot, which is not the host's cost): when it is close to the
+  returned figure, the host, not the device, set the pace."""
   t0 = time.perf_counter()
-  out = None
-  for _ in range(calls):
+  out = fn(*args)
+  first = time.perf_counter()
+  for _ in range(calls - 1):
     out = fn(*args)
-  issued = time.perf_counter()
   jax.block_until_ready(out)
   if issue_ms is not None:
-    issue_ms.append(1e3 * (issued - t0) / calls)
+    issue_ms.append(1e3 * (first - t0))
   return 1e3 * (time.perf_counter() - t0) / calls
 
 
@@ -195,7 +196,7 @@ def time_ms(fn: Callable, *args, warmup: int = 3, iters: int = 20, back_to_back:
   (how the matmul ceiling is measured).
 
   `stats`, if given, gets `calls` (per sample) and `issue_ms` (the median of the host's time
-  per call to issue them; near the result, the host was the limit).
+  to issue one call; near the result, the host was the limit).
   """
   calls = calls_per_sample(fn, *args, warmup=warmup) if back_to_back else 1
   if not back_to_back:
@@ -208,12 +209,12 @@ def time_ms(fn: Callable, *args, warmup: int = 3, iters: int = 20, back_to_back:
   return ms
 
 
-# A figure whose calls took the host at least this share of it to issue is the host's pace.
+# A figure is the host's pace where issuing one call took the host this share of it or more.
 HOST_BOUND = 0.9
 
 
 def ms_text(row: dict, key: str) -> str:
-  """`row[key]` in ms to three places, with ` (host)` where issuing the calls took the host
+  """`row[key]` in ms to three places, with ` (host)` where issuing one call took the host
   HOST_BOUND of that time or more (then it bounds the device's time from above)."""
   issue = row.get("issue_ms" if key == "ms" else key[:-len("ms")] + "issue_ms")
   host = issue is not None and issue >= HOST_BOUND * row[key]
@@ -221,7 +222,8 @@ def ms_text(row: dict, key: str) -> str:
 
 
 def timed(row: dict, key: str, fn: Callable, *args, iters: int) -> float:
-  """`row[key + "_ms"] = time_ms(...)`, with the samples' calls and issue time beside it."""
+  """`row[key + "_ms"] = time_ms(...)`, with the calls per sample and one call's issue time
+  beside it."""
   stats: dict = {}
   row[f"{key}_ms"] = time_ms(fn, *args, iters=iters, stats=stats)
   row[f"{key}_calls"], row[f"{key}_issue_ms"] = stats["calls"], stats["issue_ms"]

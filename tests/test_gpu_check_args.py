@@ -241,7 +241,7 @@ def test_a_timed_sample_issues_its_calls_back_to_back_and_blocks_once(monkeypatc
     return x
   issued = []
   assert attention_bench.sample_ms(two_ms, (1,), 7, issued) == pytest.approx(2.0)
-  assert issued == [pytest.approx(2.0)]  # the calls ran as they were issued: the host's pace
+  assert issued == [pytest.approx(2.0)]  # the first call's issue: here, all of its time
 
 
 def test_figures_the_host_paced_are_marked_in_the_tables():
