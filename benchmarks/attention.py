@@ -46,7 +46,9 @@ SMOKE_WINDOWS = {"causal": None, "window64": 64}
 # Tile sizes tried for our kernel in the sweep: (block_q, block_k) of the forward, of dQ and of
 # dK/dV (see BlockSizes), then the GPU compiler's warps and stages where they differ from the
 # kernels' defaults (4 warps up to head_dim 64; 3 stages forward, 2 backward). The first is the
-# default at head_dim <= 64.
+# default at head_dim <= 64. The last two read the head dim as power-of-two column tiles
+# (`split_head_dim`): they run only where the head dim is not a power of two (48), since
+# elsewhere they are the same kernels as their twins without it.
 SWEEP = (BlockSizes(128, 64, 64, 64, 64, 64), BlockSizes(64, 64, 64, 64, 64, 64),
          BlockSizes(128, 128, 64, 64, 64, 64), BlockSizes(128, 64, 128, 32, 32, 128),
          BlockSizes(64, 32, 32, 32, 32, 64), BlockSizes(128, 32, 64, 32, 32, 64),
@@ -55,7 +57,9 @@ SWEEP = (BlockSizes(128, 64, 64, 64, 64, 64), BlockSizes(64, 64, 64, 64, 64, 64)
          BlockSizes(128, 128, 128, 64, 64, 128, num_warps=8),
          BlockSizes(64, 64, 64, 64, 64, 64, num_stages=3),
          BlockSizes(128, 64, 64, 64, 64, 64, num_stages=4),
-         BlockSizes(64, 64, 64, 128, 128, 64))
+         BlockSizes(64, 64, 64, 128, 128, 64),
+         BlockSizes(128, 64, 64, 64, 64, 64, split_head_dim=True),
+         BlockSizes(64, 64, 64, 64, 64, 64, num_stages=3, split_head_dim=True))
 # (shape, windows) the sweep visits, in this order: first the attention of the llama train
 # shapes (15m at 128x256, 42m at 32x1024; causal only, as llama runs it), then three of SHAPES
 # (the first, causal, is where the attention targets compare ours with cuDNN and jax's `mha`).
@@ -385,7 +389,8 @@ def backends_table(rows: list[dict]) -> str:
 
 
 def sweep_label(bs: BlockSizes | None) -> str:
-  """`q,k/q,k/q,k` tiles of the forward, dQ and dK/dV kernels, plus warps and stages if set."""
+  """`q,k/q,k/q,k` tiles of the forward, dQ and dK/dV kernels, plus warps and stages if set and
+  `split` for a head dim read as power-of-two column tiles."""
   if bs is None:
     return "cudnn"
   b = [getattr(bs, name) for name in BlockSizes.names()]
@@ -394,6 +399,8 @@ def sweep_label(bs: BlockSizes | None) -> str:
     label += f" w{bs.num_warps}"
   if bs.num_stages:
     label += f" s{bs.num_stages}"
+  if bs.split_head_dim:
+    label += " split"
   return label
 
 
@@ -407,8 +414,9 @@ def sweep(*, interpret: bool, emit: Callable[[dict], None], smoke: bool, iters: 
   configuration's, relative to their largest value, so a wrong tiling cannot look fast.
   """
   rows = []
-  cases = (((SMOKE_SHAPES[0], tuple(SMOKE_WINDOWS)),) if smoke else sweep_cases(shapes))
-  configs = list(SWEEP[:2] if smoke else SWEEP)
+  cases = (((SMOKE_SHAPES[0], tuple(SMOKE_WINDOWS)), ((1, 64, 2, 48), ("causal",)))
+           if smoke else sweep_cases(shapes))
+  configs = list(SWEEP[:2] + SWEEP[-1:] if smoke else SWEEP)
   if jax.default_backend() == "gpu":
     configs.append(None)
   for shape, window_names in cases:
@@ -416,6 +424,8 @@ def sweep(*, interpret: bool, emit: Callable[[dict], None], smoke: bool, iters: 
     for window in ((SMOKE_WINDOWS if smoke else WINDOWS)[w] for w in window_names):
       first = []
       for bs in configs:
+        if bs is not None and bs.split_head_dim and not shape[3] & (shape[3] - 1):
+          continue  # a power-of-two head dim is one tile: the same kernels as without split
         if deadline is not None and time.time() > deadline:
           return rows
         row = {"kind": "attention_sweep", "B": shape[0], "T": shape[1], "H": shape[2],
@@ -423,6 +433,7 @@ def sweep(*, interpret: bool, emit: Callable[[dict], None], smoke: bool, iters: 
         if bs is not None:
           row["blocks"] = [getattr(bs, name) for name in BlockSizes.names()]
           row["num_warps"], row["num_stages"] = bs.num_warps, bs.num_stages
+          row["split_head_dim"] = bs.split_head_dim
         try:
           if bs is None:
             fn = functools.partial(_dpa, window=window, implementation="cudnn")

@@ -77,10 +77,11 @@ SMOKE_TRAIN_SHAPES = (
     ("gpt_neo", "1m", 512, 4, 64, {"num_heads": 4, "num_layers": 2, "window": 16,
                                    "attention_layers": ("global", "local")}),
 )
-# attention:loss[:scan][:remat][:norm][:qkv][:mlp][:flat[N]][:padN][:xla|:online|:kernel]
+# attention:loss[:scan][:remat][:norm][:qkv][:mlp][:split][:flat[N]][:padN][:xla|:online|:kernel]
 # variants of our step timed at every shape (":scan" sets scan_layers, ":remat"
 # model.remat="block", ":norm" model.norm_impl="pallas", ":qkv" model.qkv_impl="pallas", ":mlp"
 # model.mlp_impl="pallas" (these three at llama shapes only; ":qkv" needs pallas attention);
+# ":split" the attention kernels' default blocks with split_head_dim (pallas attention only);
 # ":flatN" optimizer.flatten_below=N, ":flat" N = FLAT_BELOW; ":padN" the fused loss's vocab
 # padding multiple, ":pad1" none; its passes over the logits are train.loss_kernel's default,
 # "auto", unless ":xla" (XLA, two passes), ":online" (XLA, one pass) or ":kernel" (Pallas) says).
@@ -278,16 +279,18 @@ def section_sweep(run: Run, args) -> None:
 
 
 def parse_variant(text: str) -> dict:
-  """`attention:loss[:scan][:remat][:norm][:qkv][:mlp][:flat[N]][:padN][:xla|:online|:kernel]`
-  as a dict; ValueError says what is wrong.
+  """`attention:loss[:scan][:remat][:norm][:qkv][:mlp][:split][:flat[N]][:padN][:xla|:online|
+  :kernel]` as a dict; ValueError says what is wrong.
 
   `scan` sets scan_layers, `remat` model.remat="block", `norm` model.norm_impl="pallas" (the
   residual add + RMSNorm kernels), `qkv` model.qkv_impl="pallas" (the attention kernels read
   the stacked q/k/v projection and write its gradient; attention `pallas` only), `mlp`
   model.mlp_impl="pallas" (SwiGLU's backward kernel), these three at llama shapes only;
-  `flatN` optimizer.flatten_below=N (`flat`: FLAT_BELOW); with the fused loss, `padN` pads the
-  output projection to a multiple of N rows (`pad1`: none; default 128), and its passes over
-  the logits are train.loss_kernel="auto" (the default) unless `xla` (XLA's two passes),
+  `split` runs the Pallas attention kernels with `BlockSizes.split_head_dim` (the head dim as
+  power-of-two column tiles; the same kernels where it is a power of two); `flatN`
+  optimizer.flatten_below=N (`flat`: FLAT_BELOW); with the fused loss, `padN` pads the output
+  projection to a multiple of N rows (`pad1`: none; default 128), and its passes over the
+  logits are train.loss_kernel="auto" (the default) unless `xla` (XLA's two passes),
   `online` (XLA's one-pass log-sum-exp, "xla_online") or `kernel` (the Pallas kernels,
   "pallas") names them.
   """
@@ -300,10 +303,11 @@ def parse_variant(text: str) -> dict:
   if loss not in loss_lib.LOSS_IMPLS:
     raise ValueError(f"{text!r}: loss {loss!r} is not one of {loss_lib.LOSS_IMPLS}")
   variant = {"attention": impl, "loss": loss, "scan": False, "remat": False, "norm": "xla",
-             "qkv": "xla", "mlp": "xla", "flatten": 0, "loss_kernel": "auto", "pad": None}
+             "qkv": "xla", "mlp": "xla", "split": False, "flatten": 0, "loss_kernel": "auto",
+             "pad": None}
   kernels = {"xla": "xla", "online": "xla_online", "kernel": "pallas"}
   for x in extra:
-    if x in ("scan", "remat"):
+    if x in ("scan", "remat", "split"):
       variant[x] = True
     elif x in ("norm", "qkv", "mlp"):
       variant[x] = "pallas"
@@ -317,15 +321,22 @@ def parse_variant(text: str) -> dict:
       variant["flatten"] = int(x[4:]) if x[4:] else FLAT_BELOW
     else:
       raise ValueError(f"{text!r}: unknown option {x!r}; options are scan, remat, norm, qkv, "
-                       "mlp, flat, flatN, xla, online, kernel and padN (N >= 1)")
+                       "mlp, split, flat, flatN, xla, online, kernel and padN (N >= 1)")
   if variant["qkv"] == "pallas" and impl != "pallas":
     raise ValueError(f"{text!r}: qkv runs inside the Pallas attention kernels; use attention "
+                     "pallas with it")
+  if variant["split"] and impl != "pallas":
+    raise ValueError(f"{text!r}: split tiles the Pallas attention kernels; use attention "
                      "pallas with it")
   if loss != "fused" and (variant["loss_kernel"] != "auto" or variant["pad"] is not None):
     raise ValueError(f"{text!r}: xla, online, kernel and padN apply to the fused loss only")
   if loss == "fused" and variant["pad"] is None:
     variant["pad"] = loss_lib.VOCAB_MULTIPLE  # recorded, so padded rows say so
   return variant
+
+
+def _power_of_two(n: int) -> bool:
+  return n > 0 and not n & (n - 1)
 
 
 def _train_ours(run: Run, args, shape) -> None:
@@ -344,7 +355,7 @@ def _train_ours(run: Run, args, shape) -> None:
   for text, variant in zip(texts, map(parse_variant, texts)):
     impl, loss, scan, remat = (variant[k] for k in ("attention", "loss", "scan", "remat"))
     pad, loss_kernel, norm = variant["pad"], variant["loss_kernel"], variant["norm"]
-    qkv, mlp, flatten = variant["qkv"], variant["mlp"], variant["flatten"]
+    qkv, mlp, flatten, split = (variant[k] for k in ("qkv", "mlp", "flatten", "split"))
     if loss == "fused":  # what "auto" runs here, recorded in the row
       loss_kernel = loss_lib.resolve_kernel(loss_kernel, loss_lib.padded_vocab(vocab, pad))
     if norm == "pallas" and family != "llama":
@@ -359,7 +370,11 @@ def _train_ours(run: Run, args, shape) -> None:
       print(f"# {family}:{name} {text}: the MLP kernel is llama's (SwiGLU), not run here",
             flush=True)
       continue
-    step = (impl, loss, scan, remat, norm, qkv, mlp, flatten, pad, loss_kernel)
+    head_dim = presets.get(family, name, vocab_size=vocab, **overrides).head_dim
+    if split and _power_of_two(head_dim) and (head_dim >= 32 or qkv != "pallas"):
+      # A power-of-two head dim is one tile either way (with rotary's halves, from 32 up).
+      split = False
+    step = (impl, loss, scan, remat, norm, qkv, mlp, split, flatten, pad, loss_kernel)
     if step in seen:  # e.g. the default and ":kernel" on a GPU: time (and trace) it once
       print(f"# {family}:{name} {text}: the same step as {seen[step]}, not timed again",
             flush=True)
@@ -377,6 +392,8 @@ def _train_ours(run: Run, args, shape) -> None:
       row["qkv_impl"] = qkv
     if mlp != "xla":
       row["mlp_impl"] = mlp
+    if split:
+      row["split_head_dim"] = True
     if flatten:
       row["flatten_below"] = flatten
     if pad is not None:
@@ -396,10 +413,13 @@ def _train_ours(run: Run, args, shape) -> None:
         trace_dir = str(pathlib.Path(args.out) / "profile" / (
             f"{name}-{vocab}-{impl}-{loss}{'-scan' if scan else ''}{'-remat' if remat else ''}"
             f"{'-norm' if norm != 'xla' else ''}{'-qkv' if qkv != 'xla' else ''}"
-            f"{'-mlp' if mlp != 'xla' else ''}{f'-flat{flatten}' if flatten else ''}"
+            f"{'-mlp' if mlp != 'xla' else ''}{'-split' if split else ''}"
+            f"{f'-flat{flatten}' if flatten else ''}"
             f"{'' if pad is None else f'-pad{pad}'}"
             f"{'' if loss_kernel == 'xla' else '-' + loss_kernel.replace('_', '-')}"))
-      with fa.force_interpret(args.smoke or not args.on_accelerator):
+      blocks = {"split_head_dim": True} if split else {}
+      with fa.force_interpret(args.smoke or not args.on_accelerator), \
+          fa.override_default_blocks(**blocks):
         result = benchmark.measure_train_throughput(
             cfg, batch_size=batch, seq_len=seq, steps=3 if args.smoke else args.train_steps,
             warmup=3, loss=loss, trace_dir=trace_dir, flatten_below=flatten,
@@ -654,6 +674,8 @@ def _variant(r: dict) -> str:
     text += ", stacked q/k/v in the kernels"
   if r.get("mlp_impl") == "pallas":
     text += ", Pallas SwiGLU backward"
+  if r.get("split_head_dim"):
+    text += ", head dim split into power-of-two tiles"
   if r.get("flatten_below"):
     text += f", parameters under {r['flatten_below']:,} updated flat"
   if r.get("loss_vocab_multiple") == 1:
@@ -811,8 +833,8 @@ def main() -> None:
                            "default: all")
   parser.add_argument("--train_variants", default=TRAIN_VARIANTS,
                       help="our step's variants timed at every train shape, comma-separated "
-                           "attention:loss[:scan][:remat][:padN][:xla|:online|:kernel] "
-                           "(e.g. pallas:fused:pad1)")
+                           "attention:loss[:scan][:remat][:norm][:qkv][:mlp][:split]"
+                           "[:flat[N]][:padN][:xla|:online|:kernel] (e.g. pallas:fused:split)")
   parser.add_argument("--profile", default="",
                       help="train shapes (preset/vocab or preset) whose rows of ours also write "
                            "an XProf trace of 3 steps, packed into $OUT/profiles.tar.gz")

@@ -260,7 +260,10 @@ def compile_step(topology, family, preset, vocab, batch, seq, variant) -> str:
       step_lib.make_train_step(layout.graphdef, tx, opt_lib.learning_rate(opt_cfg, 100),
                                step_cfg),
       shardings.state, shardings.extra, {k: row for k in batch}, mesh)
-  return step.lower(state, extra, batch).compile().as_text()
+  from tinystories_jax.kernels import flash_attention as fa  # noqa: PLC0415
+  with fa.override_default_blocks(**({"split_head_dim": True} if variant["split"] else {})):
+    lowered = step.lower(state, extra, batch)
+  return lowered.compile().as_text()
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ import pathlib
 import subprocess
 import sys
 import time
+import types
 
 import jax.numpy as jnp
 import pytest
@@ -24,12 +25,13 @@ def test_parse_variant():
   parse = _module().parse_variant
   assert parse("pallas:fused") == {"attention": "pallas", "loss": "fused", "scan": False,
                                    "remat": False, "norm": "xla", "qkv": "xla",
-                                   "mlp": "xla", "flatten": 0, "loss_kernel": "auto",
-                                   "pad": 128}
+                                   "mlp": "xla", "split": False, "flatten": 0,
+                                   "loss_kernel": "auto", "pad": 128}
   assert parse("cudnn:fused:pad1:online") == {"attention": "cudnn", "loss": "fused",
                                               "scan": False, "remat": False, "norm": "xla",
-                                              "qkv": "xla", "mlp": "xla", "flatten": 0,
-                                              "loss_kernel": "xla_online", "pad": 1}
+                                              "qkv": "xla", "mlp": "xla", "split": False,
+                                              "flatten": 0, "loss_kernel": "xla_online",
+                                              "pad": 1}
   assert parse("pallas:fused:norm")["norm"] == "pallas"
   assert parse("pallas:fused:norm:qkv")["qkv"] == "pallas"
   assert parse("pallas:fused:norm:qkv:mlp")["mlp"] == "pallas"
@@ -37,10 +39,11 @@ def test_parse_variant():
   assert parse("pallas:fused:flat")["flatten"] == 1 << 20
   assert parse("pallas:fused:flat5000")["flatten"] == 5000
   assert parse("pallas:fused:xla")["loss_kernel"] == "xla"
+  assert parse("pallas:fused:norm:qkv:split")["split"] is True
   assert parse("xla:chunked:scan:remat") == {"attention": "xla", "loss": "chunked", "scan": True,
                                              "remat": True, "norm": "xla", "qkv": "xla",
-                                             "mlp": "xla", "flatten": 0, "loss_kernel": "auto",
-                                             "pad": None}
+                                             "mlp": "xla", "split": False, "flatten": 0,
+                                             "loss_kernel": "auto", "pad": None}
   for bad, says in (("pallas", "loss ''"), ("palas:fused", "attention 'palas'"),
                     ("pallas:fused:pad", "'pad'"), ("pallas:fused:pad0", "'pad0'"),
                     ("pallas:fused:onlne", "'onlne'"), ("pallas:fused:norms", "'norms'"),
@@ -50,6 +53,7 @@ def test_parse_variant():
                     ("pallas:fused:xla:online", "at most one"),
                     ("pallas:chunked:xla", "fused loss only"),
                     ("cudnn:fused:qkv", "use attention pallas"),
+                    ("xla:fused:split", "use attention pallas"),
                     ("pallas:fused:flat0", "'flat0'"), ("pallas:fused:flatx", "'flatx'")):
     with pytest.raises(ValueError, match=says):
       parse(bad)
@@ -66,6 +70,8 @@ def test_table_labels_tell_the_norm_kernels_apart():
   assert "Pallas SwiGLU backward" in label({**row, "mlp_impl": "pallas"})
   assert "flat" not in label(row)
   assert "parameters under 1,048,576 updated flat" in label({**row, "flatten_below": 1 << 20})
+  assert "power-of-two tiles" not in label(row)
+  assert "head dim split into power-of-two tiles" in label({**row, "split_head_dim": True})
 
 
 @pytest.mark.parametrize("argv, says", [
@@ -260,6 +266,20 @@ def test_figures_the_host_paced_are_marked_in_the_tables():
   assert text({"ms": 2.0}, "ms") == "2.000"  # rows from before the issue time was recorded
 
 
+def test_smoke_sweep_runs_split_configurations_where_the_head_dim_is_split():
+  """The sweep times a split_head_dim configuration only where the head dim is not a power of
+  two (elsewhere it is the same kernels); its row says so, and matches the first config's."""
+  _module()  # puts benchmarks/ on sys.path
+  import attention as attention_bench  # pylint: disable=import-outside-toplevel
+  rows = attention_bench.sweep(interpret=True, emit=lambda row: None, smoke=True, iters=1)
+  split = [r for r in rows if r.get("split_head_dim")]
+  assert [r["D"] for r in split] == [48] and split[0]["config"].endswith(" split")
+  assert {r["D"] for r in rows if r.get("split_head_dim") is False} == {48, 64}
+  for r in rows:
+    assert "error" not in r, r
+    assert r["rel_diff_vs_first"] < 1e-2, r  # bf16 outputs and gradients
+
+
 def test_sweep_shapes_pick_the_sweeps_cases_in_their_order():
   _module()  # puts benchmarks/ on sys.path
   import attention as attention_bench  # pylint: disable=import-outside-toplevel
@@ -270,3 +290,28 @@ def test_sweep_shapes_pick_the_sweeps_cases_in_their_order():
   assert picked[0][1] == ("causal",)
   with pytest.raises(ValueError, match="the cases are 128x256x6x48, 32x1024x8x64"):
     attention_bench.sweep_cases({"1x2x3x4"})
+
+
+def test_split_variant_sets_the_kernels_blocks_where_the_head_dim_is_48(tmp_path, monkeypatch):
+  """`:split` traces the step with split_head_dim in the attention's default blocks at a head
+  dim of 48 (15m); at 64 (42m) it is the default's step, recorded once."""
+  module = _module()
+  from tinystories_jax.kernels import flash_attention as fa  # noqa: PLC0415
+  from tinystories_jax.training import benchmark  # noqa: PLC0415
+  calls = []
+
+  def fake_measure(cfg, **kwargs):
+    calls.append((cfg.head_dim, fa.default_block_sizes("gpu", cfg.head_dim).split_head_dim))
+    return {"tokens_per_s": 1.0, "step_ms": 1.0, "model_tflops": 1.0}
+
+  monkeypatch.setattr(benchmark, "measure_train_throughput", fake_measure)
+  args = types.SimpleNamespace(smoke=False, on_accelerator=False, profile="", out=str(tmp_path),
+                               train_steps=1, train_variants="pallas:fused,pallas:fused:split")
+  run = module.Run(tmp_path, budget_s=600)
+  shapes = {s[1]: s for s in module.TRAIN_SHAPES}
+  module._train_ours(run, args, shapes["15m"])  # noqa: SLF001
+  module._train_ours(run, args, shapes["42m"])  # noqa: SLF001
+  assert calls == [(48, False), (48, True), (64, False)]
+  rows = [r for r in run.rows if r.get("kind") == "train"]
+  assert [r.get("split_head_dim", False) for r in rows] == [False, True, False]
+  assert not fa.default_block_sizes("gpu", 48).split_head_dim  # the context was left

@@ -20,6 +20,11 @@ SMALL_BLOCKS = fa.BlockSizes(*(32,) * 6)
 # GPU, compiler settings other than the defaults).
 MIXED_BLOCKS = fa.BlockSizes(block_q=32, block_k=16, block_q_dq=16, block_k_dq=32, block_q_dkv=32,
                              block_k_dkv=16, num_warps=2, num_stages=1)
+# The head dim read as power-of-two column tiles (GPU kernels: 48 as 32 + 16, 40 as 32 + 16 with
+# 8 columns masked, 112 as 64 + 32 + 16).
+SPLIT_BLOCKS = fa.BlockSizes(*(32,) * 6, split_head_dim=True)
+MIXED_SPLIT_BLOCKS = fa.BlockSizes(block_q=32, block_k=16, block_q_dq=16, block_k_dq=32,
+                                   block_q_dkv=32, block_k_dkv=16, split_head_dim=True)
 
 
 def _inputs(seed, b, t, s, h, k, d, dtype, segments):
@@ -86,6 +91,13 @@ CASES = {
     "cross_lengths_d128_mixed_blocks": dict(b=1, t=40, s=72, h=2, k=1, d=128, window=20,
                                             block_sizes=MIXED_BLOCKS),
     "more_queries_than_keys": dict(b=1, t=72, s=40, h=2, k=2, d=16),
+    "split_d48_pad_window_segments_gqa": dict(b=2, t=100, s=100, h=4, k=2, d=48, window=40,
+                                              segments=True, block_sizes=SPLIT_BLOCKS),
+    "split_d40_bf16_noncausal_mqa": dict(b=1, t=70, s=70, h=3, k=1, d=40, dtype=jnp.bfloat16,
+                                         causal=False, block_sizes=SPLIT_BLOCKS),
+    "split_d112_cross_lengths_mixed_blocks": dict(b=1, t=40, s=72, h=2, k=1, d=112, window=20,
+                                                  block_sizes=MIXED_SPLIT_BLOCKS),
+    "split_d64_is_one_tile": dict(b=1, t=64, s=64, h=2, k=2, d=64, block_sizes=SPLIT_BLOCKS),
 }
 TPU_CASES = ("causal", "pad_window_segments_gqa_d48", "noncausal_pad_mqa")
 
@@ -161,6 +173,34 @@ def test_clear_errors():
     fa.flash_attention(q, jnp.zeros((1, 32, 3, 16)), jnp.zeros((1, 32, 3, 16)), interpret=True)
 
 
+def test_override_default_blocks_changes_what_calls_without_blocks_get(monkeypatch):
+  """Inside the context, the default block sizes (and so a model's attention calls) get the
+  changes; outside they are the defaults again; a wrong field or value is refused at once."""
+  assert not fa.default_block_sizes("gpu", 48).split_head_dim
+  with fa.override_default_blocks(split_head_dim=True):
+    assert fa.default_block_sizes("gpu", 48).split_head_dim
+    assert fa.default_block_sizes("gpu", 128).block_q == 64  # the rest as without the context
+    with fa.override_default_blocks(num_stages=3):
+      assert fa.default_block_sizes("gpu", 48) == fa.BlockSizes(
+          128, 64, 64, 64, 64, 64, num_stages=3, split_head_dim=True)
+    gpu = fa._kernels("gpu")  # noqa: SLF001
+    seen = []
+    forward = gpu.forward
+    monkeypatch.setattr(gpu, "forward", lambda *a, **k: seen.append(k["block_sizes"]) or
+                        forward(*a, **k))
+    q = jnp.zeros((1, 32, 2, 48), jnp.float32)
+    fa.flash_attention(q, q, q, interpret=True, backend="gpu")
+    assert seen and seen[0].split_head_dim
+  assert fa.default_block_sizes("gpu", 48) == fa.BlockSizes()
+  with pytest.raises(ValueError, match="BlockSizes has no field split"):
+    with fa.override_default_blocks(split=True):
+      pass
+  with pytest.raises(ValueError, match="split_head_dim must be True or False"):
+    with fa.override_default_blocks(split_head_dim="yes"):
+      pass
+  assert fa.default_block_sizes("gpu", 48) == fa.BlockSizes()
+
+
 def test_reference_matches_a_dense_softmax():
   seed = secrets.randbits(32)
   q, k, v, _, _ = _inputs(seed, 2, 24, 24, 4, 2, 16, jnp.float32, False)
@@ -192,18 +232,20 @@ def test_through_models_attention_matches_its_reference():
   assert _rel_err(got, want) < 2e-5, seed
 
 
-@pytest.mark.parametrize("platform,backend,marker", [("cuda", "gpu", "triton"),
-                                                     ("tpu", "tpu", "tpu_custom_call")])
-def test_kernels_lower_for_their_platform(platform, backend, marker):
+@pytest.mark.parametrize("platform,backend,marker,split", [
+    ("cuda", "gpu", "triton", False), ("cuda", "gpu", "triton", True),
+    ("tpu", "tpu", "tpu_custom_call", False)])
+def test_kernels_lower_for_their_platform(platform, backend, marker, split):
   """Pallas lowers both kernel families on a CPU: catches constructs a backend rejects."""
   q = jax.ShapeDtypeStruct((2, 200, 4, 48), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((2, 200, 2, 48), jnp.bfloat16)
   seg = jax.ShapeDtypeStruct((2, 200), jnp.int32)
+  blocks = fa.BlockSizes(split_head_dim=True) if split else None  # None: the platform's own
 
   def fwd_bwd(q, k, v, seg):
     fn = lambda q, k, v: fa.flash_attention(q, k, v, window=64, q_segment_ids_bt=seg,  # noqa: E731
                                             kv_segment_ids_bs=seg, backend=backend,
-                                            interpret=False)
+                                            interpret=False, block_sizes=blocks)
     o, vjp = jax.vjp(fn, q, k, v)
     return vjp(o)
 

@@ -16,6 +16,7 @@ from tinystories_jax.kernels import flash_attention as fa
 SMALL_BLOCKS = fa.BlockSizes(*(32,) * 6)
 MIXED_BLOCKS = fa.BlockSizes(block_q=32, block_k=16, block_q_dq=16, block_k_dq=32, block_q_dkv=32,
                              block_k_dkv=16, num_warps=2, num_stages=1)
+SPLIT_BLOCKS = fa.BlockSizes(*(32,) * 6, split_head_dim=True)
 
 
 def _tables(positions_bt, d, theta=10000.0):
@@ -83,6 +84,11 @@ CASES = {
     "bf16_mha_window_d48": dict(b=1, t=96, h=2, k=2, d=48, dtype=jnp.bfloat16, window=33),
     "mha_d128_mixed_blocks": dict(b=1, t=72, h=2, k=2, d=128, window=20,
                                   block_sizes=MIXED_BLOCKS),
+    # q and k in rotary's halves, v, o and dO in power-of-two column tiles (32 + 16).
+    "split_mha_pad_window_segments_d48": dict(b=2, t=100, h=3, k=3, d=48, window=40,
+                                              segments=True, block_sizes=SPLIT_BLOCKS),
+    "split_bf16_gqa_d48": dict(b=1, t=96, h=4, k=2, d=48, dtype=jnp.bfloat16,
+                               block_sizes=SPLIT_BLOCKS),
 }
 
 

@@ -31,7 +31,8 @@ from tinystories_jax.kernels.flash_tiling import Q_PAD_ID
 from tinystories_jax.kernels.flash_tiling import BlockSizes
 
 __all__ = ["BlockSizes", "flash_attention", "flash_attention_reference", "force_interpret",
-           "interpret_forced", "supports", "default_block_sizes", "flash_attention_stacked",
+           "interpret_forced", "supports", "default_block_sizes", "override_default_blocks",
+           "flash_attention_stacked",
            "flash_attention_stacked_reference", "rotate_half", "stack_qkv_weights"]
 
 MIN_HEAD_DIM = 16
@@ -55,6 +56,8 @@ _HEAD_AXIS = "tensor"
 # Set by `force_interpret`, so code that cannot pass `interpret=` (a model's attention layer)
 # can still run the kernels through the Pallas interpreter on a CPU.
 _FORCE_INTERPRET = False
+# Set by `override_default_blocks`: changes to the block sizes calls without `block_sizes=` get.
+_DEFAULT_BLOCK_CHANGES: dict = {}
 
 
 @contextlib.contextmanager
@@ -105,12 +108,34 @@ def supports(head_dim: int, dtype, platform: str) -> tuple[bool, str]:
 
 
 def default_block_sizes(family: str, head_dim: int) -> BlockSizes:
-  """Tile sizes per kernel family; see docs/kernels.md for how they were chosen."""
+  """Tile sizes per kernel family; see docs/kernels.md for how they were chosen. Inside
+  `override_default_blocks`, with its changes."""
   if family == "tpu":
-    return BlockSizes(*(128,) * 6)
-  if head_dim > 64:
-    return BlockSizes(*(64,) * 6)
-  return BlockSizes(128, 64, 64, 64, 64, 64)
+    blocks = BlockSizes(*(128,) * 6)
+  elif head_dim > 64:
+    blocks = BlockSizes(*(64,) * 6)
+  else:
+    blocks = BlockSizes(128, 64, 64, 64, 64, 64)
+  return dataclasses.replace(blocks, **_DEFAULT_BLOCK_CHANGES)
+
+
+@contextlib.contextmanager
+def override_default_blocks(**changes):
+  """Within this context, the block sizes picked for calls without `block_sizes=` (a model's
+  attention layer) get `changes`, e.g. `split_head_dim=True`: how a benchmark times one tiling
+  choice inside a whole train step. Changes apply where the kernels are traced."""
+  global _DEFAULT_BLOCK_CHANGES
+  fields = {f.name for f in dataclasses.fields(BlockSizes)}
+  unknown = sorted(set(changes) - fields)
+  if unknown:
+    raise ValueError(f"override_default_blocks: BlockSizes has no field {', '.join(unknown)}; "
+                     f"its fields are {', '.join(sorted(fields))}.")
+  dataclasses.replace(BlockSizes(), **changes)  # the same checks as BlockSizes itself
+  previous, _DEFAULT_BLOCK_CHANGES = _DEFAULT_BLOCK_CHANGES, {**_DEFAULT_BLOCK_CHANGES, **changes}
+  try:
+    yield
+  finally:
+    _DEFAULT_BLOCK_CHANGES = previous
 
 
 def _fit_to_length(block: int, length: int) -> int:

@@ -7,7 +7,9 @@ key block, looping over query blocks). Each loop is split into the partial / ful
 
 Inputs arrive with the sequence lengths padded to the block multiples by `flash_attention`. The
 head dim is not padded in memory: Triton tiles must be powers of two, so a head dim such as 48 is
-read through 64-wide tiles with masked loads (the extra columns read as zeros) and masked stores.
+read through 64-wide tiles with masked loads (the extra columns read as zeros) and masked stores,
+or, with `BlockSizes.split_head_dim`, as power-of-two column tiles (32 + 16) whose products are
+taken tile by tile, so no product runs over zero columns.
 Exponentials are base 2 with log2(e) folded into the scale; the log-sum-exp residual is kept in
 that base between the passes.
 """
@@ -71,12 +73,27 @@ def _half_tile(head_dim: int) -> int:
   return max(16, 1 << (head_dim // 2 - 1).bit_length())
 
 
-def _parts(head_dim: int, block_d: int, rotary: bool):
-  """How a kernel reads the head dim: [(column offset, tile width, mask)], one entry for the
-  whole tile, or two for rotary's halves (columns [0, D/2) and [D/2, D), each its own tile, so
-  products and gradients can be taken per half and rotated without moving data between lanes)."""
-  if not rotary:
+def _column_parts(head_dim: int, block_d: int, split: bool):
+  """How a kernel reads the head dim: [(column offset, tile width, mask)]. Unsplit, one entry:
+  the whole block_d-wide tile (offset None), columns past the head dim masked. Split, the head
+  dim rounded up to 16 as descending powers of two (48: 32 + 16; 80: 64 + 16; 40: 32 + 16 with
+  the last 8 columns masked), each its own tile."""
+  if not split:
     return ((None, block_d, _head_mask(head_dim, block_d)),)
+  parts, offset, rest = [], 0, -(-head_dim // 16) * 16
+  while rest:
+    width = 1 << (rest.bit_length() - 1)
+    parts.append((offset, width, _head_mask(min(head_dim - offset, width), width)))
+    offset, rest = offset + width, rest - width
+  return tuple(parts)
+
+
+def _parts(head_dim: int, block_d: int, rotary: bool, split: bool):
+  """How a kernel reads q and k: as `_column_parts`, or with rotary two entries for its halves
+  (columns [0, D/2) and [D/2, D), each its own tile, so products and gradients can be taken per
+  half and rotated without moving data between lanes)."""
+  if not rotary:
+    return _column_parts(head_dim, block_d, split)
   half, tile = head_dim // 2, _half_tile(head_dim)
   return ((0, tile, _head_mask(half, tile)), (half, tile, _head_mask(half, tile)))
 
@@ -160,15 +177,15 @@ def _precision(dtype):
 
 
 def _fwd_kernel(*refs, has_segments, scale_log2, mask_kw, block_q, block_k, num_q_blocks,
-                head_dim, precision):
+                head_dim, split, precision):
   if has_segments:
     q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref = refs
   else:
     q_ref, k_ref, v_ref, o_ref, lse_ref = refs
     q_seg_ref = kv_seg_ref = None
   q_first = _reversed_program_id(num_q_blocks) * block_q
-  head_mask = _head_mask(head_dim, q_ref.shape[-1])
-  q = _load(q_ref, head_mask)
+  parts = _column_parts(head_dim, q_ref.shape[-1], split)
+  q = _load_parts(q_ref, parts)
   q_pos = q_first + jnp.arange(block_q, dtype=jnp.int32)[:, None]
   q_seg, guard = _query_segments(q_seg_ref, kv_seg_ref, block_k)
   ranges = flash_tiling.kv_block_range(
@@ -178,7 +195,7 @@ def _fwd_kernel(*refs, has_segments, scale_log2, mask_kw, block_q, block_k, num_
     acc, m, l = carry
     k_first = pl.multiple_of(j * block_k, block_k)
     k_slice = pl.ds(k_first, block_k)
-    s = _dot(q, _load(k_ref, head_mask, k_slice), contract_b=1, precision=precision) * scale_log2
+    s = _dot_parts(q, _load_parts(k_ref, parts, k_slice), precision=precision) * scale_log2
     if masked:
       k_pos = k_first + jnp.arange(block_k, dtype=jnp.int32)[None, :]
       kv_seg = kv_seg_ref[k_slice][None, :] if has_segments else None
@@ -190,22 +207,24 @@ def _fwd_kernel(*refs, has_segments, scale_log2, mask_kw, block_q, block_k, num_
     if masked:
       # A fully masked row has m_new == MASK_VALUE, so exp2 gave 1s that must not count.
       p = jnp.where(mask, p, 0.0)
-    v = _load(v_ref, head_mask, k_slice)
+    v = _load_parts(v_ref, parts, k_slice)
     l = alpha * l + jnp.sum(p, axis=1)
-    acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, contract_b=0, precision=precision)
+    p = p.astype(v[0].dtype)
+    acc = tuple(a * alpha[:, None] + _dot(p, vp, contract_b=0, precision=precision)
+                for a, vp in zip(acc, v))
     return acc, m_new, l
 
-  carry = (jnp.zeros(q.shape, _F32), jnp.full((block_q,), MASK_VALUE, _F32),
-           jnp.zeros((block_q,), _F32))
+  carry = (tuple(jnp.zeros(qp.shape, _F32) for qp in q),
+           jnp.full((block_q,), MASK_VALUE, _F32), jnp.zeros((block_q,), _F32))
   acc, m, l = _loop_three_ranges(ranges, step, carry, segment_guard=guard)
   empty = l == 0.0
   l_safe = jnp.where(empty, 1.0, l)
-  _store(o_ref, (acc / l_safe[:, None]).astype(o_ref.dtype), head_mask)
+  _store_parts(o_ref, tuple((a / l_safe[:, None]).astype(o_ref.dtype) for a in acc), parts)
   lse_ref[...] = jnp.where(empty, LSE_EMPTY, m + jnp.log2(l_safe))
 
 
 def _dq_kernel(*refs, has_segments, rotary, scale, scale_log2, mask_kw, block_q, block_k,
-               num_q_blocks, head_dim, precision):
+               num_q_blocks, head_dim, split, precision):
   q_ref, k_ref, v_ref, do_ref, lse_ref, o_ref, *refs = refs
   cos_ref = sin_ref = q_seg_ref = kv_seg_ref = None
   if rotary:
@@ -214,14 +233,15 @@ def _dq_kernel(*refs, has_segments, rotary, scale, scale_log2, mask_kw, block_q,
     q_seg_ref, kv_seg_ref, *refs = refs
   dq_ref, delta_ref = refs
   q_first = _reversed_program_id(num_q_blocks) * block_q
-  head_mask = _head_mask(head_dim, do_ref.shape[-1])
-  parts = _parts(head_dim, do_ref.shape[-1], rotary)
+  parts = _parts(head_dim, do_ref.shape[-1], rotary, split)
+  columns = _column_parts(head_dim, do_ref.shape[-1], split)
   q = _load_parts(q_ref, parts)
-  do = _load(do_ref, head_mask)
+  do = _load_parts(do_ref, columns)
   lse = lse_ref[...][:, None]
   # delta_i = sum_d o_id * do_id, the softmax-gradient correction, from the tiles this program
   # holds anyway (do) or reads once (o); written out for the dK/dV kernel.
-  delta = jnp.sum(_load(o_ref, head_mask).astype(_F32) * do.astype(_F32), axis=1)
+  delta = sum(jnp.sum(op.astype(_F32) * dop.astype(_F32), axis=1)
+              for op, dop in zip(_load_parts(o_ref, columns), do))
   delta_ref[...] = delta
   delta = delta[:, None]
   q_pos = q_first + jnp.arange(block_q, dtype=jnp.int32)[:, None]
@@ -239,7 +259,7 @@ def _dq_kernel(*refs, has_segments, rotary, scale, scale_log2, mask_kw, block_q,
       kv_seg = kv_seg_ref[k_slice][None, :] if has_segments else None
       mask = flash_tiling.block_mask(q_pos, k_pos, q_seg=q_seg, kv_seg=kv_seg, **mask_kw)
       p = jnp.where(mask, p, 0.0)
-    dp = _dot(do, _load(v_ref, head_mask, k_slice), contract_b=1, precision=precision)
+    dp = _dot_parts(do, _load_parts(v_ref, columns, k_slice), precision=precision)
     ds = (p * (dp - delta)).astype(k[0].dtype)
     return tuple(acc + _dot(ds, kp, contract_b=0, precision=precision)
                  for acc, kp in zip(dq, k))
@@ -252,7 +272,7 @@ def _dq_kernel(*refs, has_segments, rotary, scale, scale_log2, mask_kw, block_q,
 
 
 def _dkv_kernel(*refs, has_segments, rotary, kv_slots, scale, scale_log2, mask_kw, block_q,
-                block_k, num_q_blocks, head_dim, precision):
+                block_k, num_q_blocks, head_dim, split, precision):
   k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, *refs = refs
   cos_ref = sin_ref = kv_seg_ref = q_seg_ref = None
   if rotary:
@@ -270,10 +290,10 @@ def _dkv_kernel(*refs, has_segments, rotary, kv_slots, scale, scale_log2, mask_k
     dk_ref, dv_ref = refs
     k_slot = v_slot = None
   k_first = pl.program_id(0) * block_k
-  head_mask = _head_mask(head_dim, v_ref.shape[-1])
-  parts = _parts(head_dim, v_ref.shape[-1], rotary)
+  parts = _parts(head_dim, v_ref.shape[-1], rotary, split)
+  columns = _column_parts(head_dim, v_ref.shape[-1], split)
   k = _load_parts(k_ref, parts)
-  v = _load(v_ref, head_mask)
+  v = _load_parts(v_ref, columns)
   k_pos = k_first + jnp.arange(block_k, dtype=jnp.int32)[:, None]
   kv_seg, guard = None, None
   if has_segments:
@@ -292,7 +312,7 @@ def _dkv_kernel(*refs, has_segments, rotary, kv_slots, scale, scale_log2, mask_k
     q_first = pl.multiple_of(i * block_q, block_q)
     q_slice = pl.ds(q_first, block_q)
     q = _load_parts(q_ref, parts, q_slice)
-    do = _load(do_ref, head_mask, q_slice)
+    do = _load_parts(do_ref, columns, q_slice)
     # Transposed tiles [block_k, block_q]: rows are keys, so the sums run over queries.
     p_t = jnp.exp2(_dot_parts(k, q, precision=precision) * scale_log2
                    - lse_ref[q_slice][None, :])
@@ -301,18 +321,21 @@ def _dkv_kernel(*refs, has_segments, rotary, kv_slots, scale, scale_log2, mask_k
       q_seg = q_seg_ref[q_slice][None, :] if has_segments else None
       mask = flash_tiling.block_mask(q_pos, k_pos, q_seg=q_seg, kv_seg=kv_seg, **mask_kw)
       p_t = jnp.where(mask, p_t, 0.0)
-    dv = dv + _dot(p_t.astype(do.dtype), do, contract_b=0, precision=precision)
-    dp_t = _dot(v, do, contract_b=1, precision=precision)
+    p_c = p_t.astype(do[0].dtype)
+    dv = tuple(acc + _dot(p_c, dop, contract_b=0, precision=precision)
+               for acc, dop in zip(dv, do))
+    dp_t = _dot_parts(v, do, precision=precision)
     ds_t = (p_t * (dp_t - delta_ref[q_slice][None, :])).astype(q[0].dtype)
     return tuple(acc + _dot(ds_t, qp, contract_b=0, precision=precision)
                  for acc, qp in zip(dk, q)), dv
 
-  carry = (tuple(jnp.zeros(kp.shape, _F32) for kp in k), jnp.zeros(v.shape, _F32))
+  carry = (tuple(jnp.zeros(kp.shape, _F32) for kp in k),
+           tuple(jnp.zeros(vp.shape, _F32) for vp in v))
   dk, dv = _loop_three_ranges(ranges, step, carry, segment_guard=guard)
   if rotary:
     dk = _unrotate(dk, cos_ref, sin_ref)
   _store_parts(dk_ref, tuple((g * scale).astype(dk_ref.dtype) for g in dk), parts, k_slot)
-  _store_parts(dv_ref, (dv.astype(dv_ref.dtype),), ((None, None, head_mask),), v_slot)
+  _store_parts(dv_ref, tuple(g.astype(dv_ref.dtype) for g in dv), columns, v_slot)
 
 
 def _query_segments(q_seg_ref, kv_seg_ref, block_k):
@@ -382,7 +405,8 @@ def forward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, *, scale, causal, windo
   kernel = functools.partial(
       _fwd_kernel, has_segments=has_segments, scale_log2=scale * math.log2(math.e),
       mask_kw=_mask_kw(causal, window, kv_len, s, q_offset), block_q=bq, block_k=bk,
-      num_q_blocks=t // bq, head_dim=head_dim, precision=_precision(q_bthd.dtype))
+      num_q_blocks=t // bq, head_dim=head_dim, split=block_sizes.split_head_dim,
+      precision=_precision(q_bthd.dtype))
   last = t // bq - 1  # grid axis 0 runs over query blocks in reverse, see _reversed_program_id
   kv_head = lambda hi: lax.div(hi, jnp.int32(group))  # noqa: E731
   v_slot = (lambda hi: 2 * kv_head(hi) + 1) if v_stacked else kv_head  # noqa: E731
@@ -461,7 +485,8 @@ def _backward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, o_bthd, lse_bht, do_b
     return dict(has_segments=has_segments, rotary=stacked, scale=scale,
                 scale_log2=scale * math.log2(math.e),
                 mask_kw=_mask_kw(causal, window, kv_len, s, q_offset), block_q=bq, block_k=bk,
-                head_dim=head_dim, precision=_precision(q_bthd.dtype), num_q_blocks=t // bq)
+                head_dim=head_dim, split=block_sizes.split_head_dim,
+                precision=_precision(q_bthd.dtype), num_q_blocks=t // bq)
 
   bq, bk = min(block_sizes.block_q_dq, t), min(block_sizes.block_k_dq, s)
   last = t // bq - 1  # dQ's grid axis 0 runs over query blocks in reverse

@@ -30,7 +30,7 @@ _INT32_MAX = 2**31 - 1
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
   """Tile sizes of the forward and the two backward kernels (powers of two, at least 16), and
-  optionally the GPU compiler's warps and stages.
+  optionally the GPU compiler's warps and stages and how the GPU kernels tile the head dim.
 
   Attributes:
     block_q: query rows per forward program.
@@ -42,6 +42,10 @@ class BlockSizes:
     num_warps: GPU only: warps per program of all three kernels; None picks by head dim.
     num_stages: GPU only: software-pipelining stages of all three kernels; None picks per
       kernel (the TPU kernels ignore both).
+    split_head_dim: GPU only: a head dim that is not a power of two is read as power-of-two
+      column tiles (48 as 32 + 16), every product taken tile by tile, instead of as one tile
+      padded to the next power of two (48 as 64, a quarter of each product on zero columns).
+      A power-of-two head dim is one tile either way.
   """
   block_q: int = 128
   block_k: int = 64
@@ -51,6 +55,7 @@ class BlockSizes:
   block_k_dkv: int = 64
   num_warps: int | None = None
   num_stages: int | None = None
+  split_head_dim: bool = False
 
   def __post_init__(self):
     for name in self.names():
@@ -61,6 +66,9 @@ class BlockSizes:
       raise ValueError(f"BlockSizes.num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps}.")
     if self.num_stages is not None and not 1 <= self.num_stages <= 8:
       raise ValueError(f"BlockSizes.num_stages must be 1 to 8, got {self.num_stages}.")
+    if not isinstance(self.split_head_dim, bool):
+      raise ValueError(f"BlockSizes.split_head_dim must be True or False, got "
+                       f"{self.split_head_dim!r}.")
 
   @staticmethod
   def names() -> tuple[str, ...]:
