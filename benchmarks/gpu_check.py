@@ -77,14 +77,16 @@ SMOKE_TRAIN_SHAPES = (
     ("gpt_neo", "1m", 512, 4, 64, {"num_heads": 4, "num_layers": 2, "window": 16,
                                    "attention_layers": ("global", "local")}),
 )
-# attention:loss[:scan][:remat][:norm][:qkv][:mlp][:split][:flat[N]][:padN][:xla|:online|:kernel]
+# attention:loss[:scan][:remat][:norm][:qkv][:mlp][:split][:flat[N]][:padN]
+# [:xla|:online|:kernel|:fwdgrad]
 # variants of our step timed at every shape (":scan" sets scan_layers, ":remat"
 # model.remat="block", ":norm" model.norm_impl="pallas", ":qkv" model.qkv_impl="pallas", ":mlp"
 # model.mlp_impl="pallas" (these three at llama shapes only; ":qkv" needs pallas attention);
 # ":split" the attention kernels' default blocks with split_head_dim (pallas attention only);
 # ":flatN" optimizer.flatten_below=N, ":flat" N = FLAT_BELOW; ":padN" the fused loss's vocab
 # padding multiple, ":pad1" none; its passes over the logits are train.loss_kernel's default,
-# "auto", unless ":xla" (XLA, two passes), ":online" (XLA, one pass) or ":kernel" (Pallas) says).
+# "auto", unless ":xla" (XLA, two passes), ":online" (XLA, one pass), ":kernel" (Pallas) or
+# ":fwdgrad" (Pallas, the logit gradient made in the forward) says).
 TRAIN_VARIANTS = "pallas:fused"
 # ":flat": every parameter of the llama train shapes' blocks (the largest, 42m's 512 x 1376
 # d_ff matrices, have 704,512 elements) but not their embedding tables (1,179,648 or more).
@@ -280,7 +282,7 @@ def section_sweep(run: Run, args) -> None:
 
 def parse_variant(text: str) -> dict:
   """`attention:loss[:scan][:remat][:norm][:qkv][:mlp][:split][:flat[N]][:padN][:xla|:online|
-  :kernel]` as a dict; ValueError says what is wrong.
+  :kernel|:fwdgrad]` as a dict; ValueError says what is wrong.
 
   `scan` sets scan_layers, `remat` model.remat="block", `norm` model.norm_impl="pallas" (the
   residual add + RMSNorm kernels), `qkv` model.qkv_impl="pallas" (the attention kernels read
@@ -291,8 +293,9 @@ def parse_variant(text: str) -> dict:
   optimizer.flatten_below=N (`flat`: FLAT_BELOW); with the fused loss, `padN` pads the output
   projection to a multiple of N rows (`pad1`: none; default 128), and its passes over the
   logits are train.loss_kernel="auto" (the default) unless `xla` (XLA's two passes),
-  `online` (XLA's one-pass log-sum-exp, "xla_online") or `kernel` (the Pallas kernels,
-  "pallas") names them.
+  `online` (XLA's one-pass log-sum-exp, "xla_online"), `kernel` (the Pallas kernels,
+  "pallas") or `fwdgrad` (the Pallas kernel that makes the logit gradient in the forward,
+  "pallas_fwd_grad") names them.
   """
   from tinystories_jax.models import attention as attention_lib  # noqa: PLC0415
   from tinystories_jax.training import loss as loss_lib  # noqa: PLC0415
@@ -305,7 +308,8 @@ def parse_variant(text: str) -> dict:
   variant = {"attention": impl, "loss": loss, "scan": False, "remat": False, "norm": "xla",
              "qkv": "xla", "mlp": "xla", "split": False, "flatten": 0, "loss_kernel": "auto",
              "pad": None}
-  kernels = {"xla": "xla", "online": "xla_online", "kernel": "pallas"}
+  kernels = {"xla": "xla", "online": "xla_online", "kernel": "pallas",
+             "fwdgrad": "pallas_fwd_grad"}
   for x in extra:
     if x in ("scan", "remat", "split"):
       variant[x] = True
@@ -313,7 +317,7 @@ def parse_variant(text: str) -> dict:
       variant[x] = "pallas"
     elif x in kernels:
       if variant["loss_kernel"] != "auto":
-        raise ValueError(f"{text!r}: give at most one of xla, online and kernel")
+        raise ValueError(f"{text!r}: give at most one of xla, online, kernel and fwdgrad")
       variant["loss_kernel"] = kernels[x]
     elif x.startswith("pad") and x[3:].isdigit() and int(x[3:]) >= 1:
       variant["pad"] = int(x[3:])
@@ -321,7 +325,8 @@ def parse_variant(text: str) -> dict:
       variant["flatten"] = int(x[4:]) if x[4:] else FLAT_BELOW
     else:
       raise ValueError(f"{text!r}: unknown option {x!r}; options are scan, remat, norm, qkv, "
-                       "mlp, split, flat, flatN, xla, online, kernel and padN (N >= 1)")
+                       "mlp, split, flat, flatN, xla, online, kernel, fwdgrad and padN "
+                       "(N >= 1)")
   if variant["qkv"] == "pallas" and impl != "pallas":
     raise ValueError(f"{text!r}: qkv runs inside the Pallas attention kernels; use attention "
                      "pallas with it")
@@ -329,7 +334,8 @@ def parse_variant(text: str) -> dict:
     raise ValueError(f"{text!r}: split tiles the Pallas attention kernels; use attention "
                      "pallas with it")
   if loss != "fused" and (variant["loss_kernel"] != "auto" or variant["pad"] is not None):
-    raise ValueError(f"{text!r}: xla, online, kernel and padN apply to the fused loss only")
+    raise ValueError(f"{text!r}: xla, online, kernel, fwdgrad and padN apply to the fused loss "
+                     "only")
   if loss == "fused" and variant["pad"] is None:
     variant["pad"] = loss_lib.VOCAB_MULTIPLE  # recorded, so padded rows say so
   return variant
@@ -686,6 +692,8 @@ def _variant(r: dict) -> str:
     text += ", one-pass lse"
   elif r.get("loss_kernel") == "pallas":
     text += ", Pallas loss kernels"
+  elif r.get("loss_kernel") == "pallas_fwd_grad":
+    text += ", Pallas loss gradient made in the forward"
   elif r.get("loss_kernel") == "xla":
     text += ", XLA loss passes"
   return text
@@ -834,7 +842,8 @@ def main() -> None:
   parser.add_argument("--train_variants", default=TRAIN_VARIANTS,
                       help="our step's variants timed at every train shape, comma-separated "
                            "attention:loss[:scan][:remat][:norm][:qkv][:mlp][:split]"
-                           "[:flat[N]][:padN][:xla|:online|:kernel] (e.g. pallas:fused:split)")
+                           "[:flat[N]][:padN][:xla|:online|:kernel|:fwdgrad] "
+                           "(e.g. pallas:fused:split)")
   parser.add_argument("--profile", default="",
                       help="train shapes (preset/vocab or preset) whose rows of ours also write "
                            "an XProf trace of 3 steps, packed into $OUT/profiles.tar.gz")

@@ -53,7 +53,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.loss_chunk = 128             # positions per block of the chunked loss
   c.train.loss_vocab_multiple = 128    # fused loss: output rows padded to this multiple (1: none)
   c.train.loss_kernel = "auto"         # fused loss passes: auto (pallas on GPUs, else xla),
-  #                                      "xla", "xla_online" or "pallas" (GPUs)
+  #                                      "xla", "xla_online", "pallas" (GPUs) or
+  #                                      "pallas_fwd_grad" (GPUs: the gradient made in the
+  #                                      forward, docs/training.md)
   c.train.z_loss = 0.0                 # weight of the logsumexp^2 penalty (PaLM: 1e-4)
   c.train.on_nonfinite = "stop"        # NaN/Inf loss: "stop" the run, or "skip" the update
   c.train.peak_flops = 0.0             # per-device peak FLOP/s for MFU (0: look the device up)

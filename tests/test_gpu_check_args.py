@@ -40,6 +40,7 @@ def test_parse_variant():
   assert parse("pallas:fused:flat5000")["flatten"] == 5000
   assert parse("pallas:fused:xla")["loss_kernel"] == "xla"
   assert parse("pallas:fused:norm:qkv:split")["split"] is True
+  assert parse("pallas:fused:fwdgrad")["loss_kernel"] == "pallas_fwd_grad"
   assert parse("xla:chunked:scan:remat") == {"attention": "xla", "loss": "chunked", "scan": True,
                                              "remat": True, "norm": "xla", "qkv": "xla",
                                              "mlp": "xla", "split": False, "flatten": 0,
@@ -51,6 +52,8 @@ def test_parse_variant():
                     ("pallas:chunked:kernel", "fused loss only"),
                     ("pallas:fused:online:kernel", "at most one"),
                     ("pallas:fused:xla:online", "at most one"),
+                    ("pallas:fused:kernel:fwdgrad", "at most one"),
+                    ("pallas:chunked:fwdgrad", "fused loss only"),
                     ("pallas:chunked:xla", "fused loss only"),
                     ("cudnn:fused:qkv", "use attention pallas"),
                     ("xla:fused:split", "use attention pallas"),
@@ -72,6 +75,9 @@ def test_table_labels_tell_the_norm_kernels_apart():
   assert "parameters under 1,048,576 updated flat" in label({**row, "flatten_below": 1 << 20})
   assert "power-of-two tiles" not in label(row)
   assert "head dim split into power-of-two tiles" in label({**row, "split_head_dim": True})
+  assert "gradient made in the forward" not in label(row)
+  assert "Pallas loss gradient made in the forward" in label({**row,
+                                                              "loss_kernel": "pallas_fwd_grad"})
 
 
 @pytest.mark.parametrize("argv, says", [

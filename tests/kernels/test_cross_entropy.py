@@ -56,6 +56,29 @@ def test_kernels_match_references(shape, dtype):
   assert not np.any(np.asarray(g[..., vocab:], np.float32))  # padding columns: no gradient
 
 
+# Several sweep blocks with the last partly past the padded vocabulary (9024 in 8192-wide
+# blocks), a vocabulary of whole blocks padded into one more (8256 = 8192 + 64), and SHAPES'
+# cases: one block wider than the row (1536 in 2048), padding columns.
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES + [(1, 3, 9024, 8999), (1, 2, 8256, 8192)])
+def test_softmax_minus_onehot_matches_its_reference(shape, dtype):
+  seed = np.random.SeedSequence().entropy % 2**31
+  b, n, vp, vocab = shape
+  x, targets, _, _ = _case(b, n, vp, vocab, dtype, 40.0, seed)
+  s, lse, tl = ce.softmax_minus_onehot(x, targets, vocab, interpret=True)
+  s_want, lse_want, tl_want = ce.softmax_minus_onehot_reference(x, targets, vocab)
+  assert s.dtype == x.dtype and s.shape == x.shape and lse.shape == tl.shape == (b, n)
+  np.testing.assert_allclose(lse, lse_want, rtol=1e-6, atol=1e-5, err_msg=f"seed {seed}")
+  np.testing.assert_array_equal(tl, tl_want)
+  atol = 1e-5 if dtype == jnp.float32 else 1e-2
+  np.testing.assert_allclose(np.asarray(s, np.float32), np.asarray(s_want, np.float32),
+                             rtol=1e-3, atol=atol, err_msg=f"seed {seed}")
+  assert not np.any(np.asarray(s[..., vocab:], np.float32))  # padding columns: no gradient
+  # Each row: the softmax sums to 1 and the target's entry is p - 1.
+  np.testing.assert_allclose(np.asarray(s, np.float32).sum(-1), 0.0, atol=2e-2 if
+                             dtype == jnp.bfloat16 else 1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape, dtype", [((2, 512, 32000, 32000), jnp.bfloat16),
                                           ((1, 256, 50304, 50257), jnp.bfloat16),
@@ -69,6 +92,12 @@ def test_gpu_kernels_compiled(shape, dtype):
   g_want = ce.logit_grad_reference(x, want, soft, tgt_w, targets, vocab)
   atol = 1e-5 if dtype == jnp.float32 else 1e-2
   np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(g_want, np.float32),
+                             rtol=1e-2, atol=atol)
+  s, lse, tl = ce.softmax_minus_onehot(x, targets, vocab, interpret=False)
+  s_want, _, tl_want = ce.softmax_minus_onehot_reference(x, targets, vocab)
+  np.testing.assert_allclose(lse, want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(tl, tl_want)
+  np.testing.assert_allclose(np.asarray(s, np.float32), np.asarray(s_want, np.float32),
                              rtol=1e-2, atol=atol)
 
 
@@ -115,6 +144,12 @@ def test_rows_split_over_the_mesh():
     lse = lse_fn(x)
     g = jax.jit(lambda *a: ce.logit_grad(*a, 250, interpret=True))(x, want, soft, tgt_w,
                                                                      targets)
+    sweeps = jax.jit(lambda x, t: ce.softmax_minus_onehot(x, t, 250, interpret=True))
+    assert "shard_map" in str(jax.make_jaxpr(sweeps)(x, targets))
+    s, lse_s, _ = sweeps(x, targets)
+  s_want, _, _ = ce.softmax_minus_onehot_reference(x, targets, 250)
+  np.testing.assert_allclose(s, s_want, atol=5e-6)  # base-2 exponentials round differently
+  np.testing.assert_allclose(lse_s, want, rtol=1e-6)
   np.testing.assert_allclose(lse, want, rtol=1e-6)
   np.testing.assert_allclose(g, ce.logit_grad_reference(x, want, soft, tgt_w, targets, 250),
                              atol=1e-6)
@@ -128,12 +163,13 @@ def test_kernels_lower_for_gpus(monkeypatch):
   row = jax.ShapeDtypeStruct((128, 256), jnp.float32)
   tgt = jax.ShapeDtypeStruct((128, 256), jnp.int32)
 
-  def both(x, lse, soft, tgt_w, tgt):
-    return ce.logsumexp(x, 32000), ce.logit_grad(x, lse, soft, tgt_w, tgt, 32000)
+  def all_three(x, lse, soft, tgt_w, tgt):
+    return (ce.logsumexp(x, 32000), ce.logit_grad(x, lse, soft, tgt_w, tgt, 32000),
+            ce.softmax_minus_onehot(x, tgt, 32000))
 
   try:
-    text = jax.jit(both).trace(x, row, row, row, tgt).lower(
+    text = jax.jit(all_three).trace(x, row, row, row, tgt).lower(
         lowering_platforms=("cuda",)).as_text()
   except (ImportError, RuntimeError) as e:  # no Triton lowering in this jaxlib, or no GPU info
     pytest.skip(f"cannot lower for cuda here: {e}")
-  assert text.count("triton") >= 2
+  assert text.count("triton") >= 3

@@ -40,14 +40,16 @@ def test_chunked_equals_plain_values_and_gradients(chunk):
 def _objective(fn, h, w, targets, mask, z_weight=1e-2):
   def f(h, w):
     s = fn(h, w, targets, mask)
-    return s.nll + z_weight * s.z, s
+    # As the train step: without a z-loss, z is left out of what is differentiated.
+    return (s.nll + z_weight * s.z if z_weight else s.nll), s
   return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(h, w)
 
 
 # 50 rows: unpadded, padded to 64 and to 128. The Pallas kernels need a padded vocabulary
 # (test_pallas_kernel_needs_padding_and_a_gpu), so they run the padded cases only.
 @pytest.mark.parametrize("vocab_multiple, kernel", [
-    (m, k) for m in (1, 16, 128) for k in loss_lib.LOSS_KERNELS if m > 1 or k != "pallas"])
+    (m, k) for m in (1, 16, 128) for k in loss_lib.LOSS_KERNELS
+    if m > 1 or not k.startswith("pallas")])
 @pytest.mark.parametrize("z_weight", [0.0, 1e-2])
 def test_fused_equals_plain_in_float32(z_weight, vocab_multiple, kernel):
   seed = np.random.SeedSequence().entropy % 2**31
@@ -133,7 +135,7 @@ def test_auto_kernel_is_pallas_where_it_runs():
   assert resolve("auto", 50257, "gpu") == "xla"  # unpadded: the kernels cannot tile it
   assert resolve("auto", 32000, "cpu") == "xla"
   assert resolve("auto", 32000, "tpu") == "xla"
-  for name in ("xla", "xla_online", "pallas"):
+  for name in ("xla", "xla_online", "pallas", "pallas_fwd_grad"):
     assert resolve(name, 50257, "cpu") == name  # a named kernel is taken as named
   with pytest.raises(ValueError, match="Unknown loss kernel 'triton'"):
     resolve("triton", 32000, "gpu")
@@ -144,6 +146,35 @@ def test_auto_kernel_is_pallas_where_it_runs():
     assert resolve("auto", 32000, "gpu") == "xla"
   with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((2, 2, 1), axes)):
     assert resolve("auto", 32000, "gpu") == "pallas"
+
+
+def test_fwd_grad_saves_softmax_minus_onehot_and_only_scales_it(monkeypatch):
+  """"pallas_fwd_grad": the forward's kernel runs once per gradient and the backward never
+  calls the gradient kernel; the z-loss's cotangent alone (nll not differentiated) and no
+  cotangent at all give what the plain loss gives."""
+  from tinystories_jax.kernels import cross_entropy as ce  # noqa: PLC0415
+  calls = []
+  for name in ("softmax_minus_onehot", "logit_grad", "logsumexp"):
+    fn = getattr(ce, name)
+    monkeypatch.setattr(ce, name, lambda *a, _f=fn, _n=name, **k: calls.append(_n) or _f(*a, **k))
+  h, w, targets, mask = _inputs(seed=4)
+  fused = lambda *a: loss_lib.fused_loss_sums(*a, vocab_multiple=64, kernel="pallas_fwd_grad")
+  with fa.force_interpret():
+    (_, s_fused), g_fused = _objective(fused, h, w, targets, mask)
+    assert calls == ["softmax_minus_onehot"]
+    assert fused(h, w, targets, mask).nll == pytest.approx(float(s_fused.nll), rel=1e-6)
+    assert calls[1:] == ["logsumexp"]  # not differentiated: the log-sum-exp kernel alone
+    z_only = jax.grad(lambda h, w: fused(h, w, targets, mask).z, argnums=(0, 1))(h, w)
+    neither = jax.grad(lambda h, w: fused(h, w, targets, mask).count, argnums=(0, 1))(h, w)
+  (_, _), g_plain = _objective(loss_lib.plain_loss_sums, h, w, targets, mask)
+  for a, b in zip(g_fused, g_plain):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  z_plain = jax.grad(lambda h, w: loss_lib.plain_loss_sums(h, w, targets, mask).z,
+                     argnums=(0, 1))(h, w)
+  for a, b in zip(z_only, z_plain):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  for a in neither:
+    assert not np.any(np.asarray(a))
 
 
 def test_padded_vocab():

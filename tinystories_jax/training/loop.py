@@ -148,13 +148,13 @@ def resolve_model(run: RunConfig, vocab_size: int) -> ModelConfig:
     _, why = swiglu.supports("gpu" if fa.interpret_forced() else jax.default_backend())
     if why:
       raise ConfigError(f"model.mlp='pallas' cannot run here: {why}")
-  if run.train.loss_kernel == "pallas":
+  if run.train.loss_kernel in ("pallas", "pallas_fwd_grad"):
     from tinystories_jax.kernels import cross_entropy  # pylint: disable=g-import-not-at-top
     from tinystories_jax.training.loss import padded_vocab  # pylint: disable=g-import-not-at-top
     _, why = cross_entropy.supports(
         padded_vocab(cfg.vocab_size, run.train.loss_vocab_multiple), jax.default_backend())
     if why:
-      raise ConfigError(f"train.loss_kernel='pallas' cannot run here: {why}")
+      raise ConfigError(f"train.loss_kernel={run.train.loss_kernel!r} cannot run here: {why}")
   if cfg.max_positions < run.train.seq_len:
     raise ConfigError(f"train.seq_len={run.train.seq_len} exceeds the model's "
                       f"{cfg.max_positions} positions; lower train.seq_len.")

@@ -28,12 +28,13 @@ import functools
 from typing import NamedTuple
 
 import jax
+from jax.custom_derivatives import SymbolicZero
 import jax.numpy as jnp
 import numpy as np
 
 LOSS_IMPLS = ("plain", "chunked", "fused")
 # What makes the fused loss's passes over its logits (see `fused_loss_sums`).
-LOSS_KERNELS = ("auto", "xla", "xla_online", "pallas")
+LOSS_KERNELS = ("auto", "xla", "xla_online", "pallas", "pallas_fwd_grad")
 # Rows the fused loss pads the output projection to (a multiple of 128 keeps GPU GEMMs aligned).
 VOCAB_MULTIPLE = 128
 
@@ -146,8 +147,15 @@ def fused_loss_sums(h_btd, w_vd, targets_bt, mask_bt, *, vocab_multiple: int = V
   `kernel` picks what makes the passes over the logits (`LOSS_KERNELS`): "xla" (the
   log-sum-exp in two passes, the maximum then the sum of exponentials), "xla_online" (in one,
   `online_logsumexp`), "pallas" (GPU kernels for the log-sum-exp and the logit gradient,
-  `kernels.cross_entropy`), or "auto" (`resolve_kernel`: "pallas" on GPUs unless the mesh splits
-  the vocabulary over `tensor`, "xla" elsewhere).
+  `kernels.cross_entropy`), "pallas_fwd_grad" (under differentiation, one GPU kernel in the
+  forward that writes `softmax - onehot` over the logits, two sweeps of each row, and a
+  backward that only scales around its two matmuls; otherwise the log-sum-exp kernel), or
+  "auto" (`resolve_kernel`: "pallas" on GPUs unless the mesh splits the vocabulary over
+  `tensor`, "xla" elsewhere).
+
+  With "pallas_fwd_grad" the z-loss term's gradient costs the backward a gather and a scatter
+  over the targets; a caller without a z-loss should leave `z` out of what it differentiates
+  (as the train step does), which makes its cotangent a symbolic zero and skips them.
   """
   kernel = resolve_kernel(kernel, padded_vocab(w_vd.shape[0], vocab_multiple))
   return _fused(h_btd, w_vd, targets_bt, mask_bt, vocab_multiple, kernel)
@@ -193,7 +201,7 @@ def online_logsumexp(x, valid=None):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _fused(h_btd, w_vd, targets_bt, mask_bt, vocab_multiple, kernel):
-  return _fused_fwd(h_btd, w_vd, targets_bt, mask_bt, vocab_multiple, kernel)[0]
+  return _forward(h_btd, w_vd, targets_bt, mask_bt, vocab_multiple, kernel, for_grad=False)[0]
 
 
 def _ce_kernels():
@@ -201,33 +209,72 @@ def _ce_kernels():
   return cross_entropy
 
 
-def _fused_fwd(h_btd, w_vd, targets_bt, mask_bt, vocab_multiple, kernel):
+def _forward(h_btd, w_vd, targets_bt, mask_bt, vocab_multiple, kernel, *, for_grad: bool):
   w_c = w_vd.astype(h_btd.dtype)
   # f32 accumulation, compute-dtype output, over the padded vocabulary.
   logits_btv = jnp.einsum("btd,vd->btv", h_btd, _pad_rows(w_c, vocab_multiple))
   vocab = w_vd.shape[0]
-  if kernel == "pallas":
+  saved_btv, target_logit_bt = logits_btv, None
+  if kernel == "pallas_fwd_grad" and for_grad:
+    # Saved for the backward: softmax - onehot, over the logits' buffer.
+    saved_btv, lse_bt, target_logit_bt = _ce_kernels().softmax_minus_onehot(
+        logits_btv, targets_bt, vocab)
+  elif kernel in ("pallas", "pallas_fwd_grad"):
     lse_bt = _ce_kernels().logsumexp(logits_btv, vocab)
   elif kernel == "xla_online":
     valid = (jnp.arange(logits_btv.shape[-1]) < vocab) if logits_btv.shape[-1] != vocab else None
     lse_bt = online_logsumexp(logits_btv, valid)
   else:
     lse_bt = jax.nn.logsumexp(_masked_f32(logits_btv, vocab), axis=-1)
-  target_logit_bt = jnp.take_along_axis(logits_btv, targets_bt[..., None],
-                                        axis=-1)[..., 0].astype(jnp.float32)
+  if target_logit_bt is None:
+    target_logit_bt = jnp.take_along_axis(logits_btv, targets_bt[..., None],
+                                          axis=-1)[..., 0].astype(jnp.float32)
   mask_f = mask_bt.astype(jnp.float32)
   sums = LossSums(nll=jnp.sum((lse_bt - target_logit_bt) * mask_f),
                   z=jnp.sum(jnp.square(lse_bt) * mask_f), count=jnp.sum(mask_f))
-  return sums, (h_btd, w_c, logits_btv, lse_bt, targets_bt, mask_bt)
+  return sums, (h_btd, w_c, saved_btv, lse_bt, targets_bt, mask_bt)
+
+
+def _fused_fwd(h_btd, w_vd, targets_bt, mask_bt, vocab_multiple, kernel):
+  # symbolic_zeros: the differentiable arguments arrive wrapped (value, perturbed).
+  h_btd, w_vd, targets_bt, mask_bt = (a.value for a in (h_btd, w_vd, targets_bt, mask_bt))
+  return _forward(h_btd, w_vd, targets_bt, mask_bt, vocab_multiple, kernel, for_grad=True)
+
+
+def _cotangent(x):
+  """None for a symbolic zero (an output nothing differentiated depends on), else x."""
+  return None if isinstance(x, SymbolicZero) else x
 
 
 def _fused_bwd(vocab_multiple, kernel, residuals, g: LossSums):
-  h_btd, w_c, logits_btv, lse_bt, targets_bt, mask_bt = residuals
+  h_btd, w_c, saved_btv, lse_bt, targets_bt, mask_bt = residuals
   vocab = w_c.shape[0]
   mask_f = mask_bt.astype(jnp.float32)
+  dtargets = np.zeros(targets_bt.shape, jax.dtypes.float0)
+  dmask = (np.zeros(mask_bt.shape, jax.dtypes.float0)
+           if not jnp.issubdtype(mask_bt.dtype, jnp.inexact) else jnp.zeros_like(mask_bt))
+  g_nll, g_z = _cotangent(g.nll), _cotangent(g.z)
+  if g_nll is None and g_z is None:
+    return jnp.zeros_like(h_btd), jnp.zeros((vocab, w_c.shape[1]), jnp.float32), dtargets, dmask
+  g_nll = jnp.zeros((), jnp.float32) if g_nll is None else g_nll
   # d nll / d logits = softmax - onehot(target); d z / d logits = 2 lse softmax.
-  softmax_weight_bt = mask_f * (g.nll + 2.0 * g.z * lse_bt)
-  target_weight_bt = mask_f * g.nll
+  target_weight_bt = mask_f * g_nll
+  softmax_weight_bt = target_weight_bt if g_z is None else mask_f * (g_nll + 2.0 * g_z * lse_bt)
+  w_p = _pad_rows(w_c, vocab_multiple)
+  if kernel == "pallas_fwd_grad":
+    # saved = s = softmax - onehot, so d logits = a s + (a - b) onehot with a, b the softmax
+    # and target weights: the backward scales around the two matmuls instead of reading s.
+    s_btv = saved_btv
+    dh_btd = softmax_weight_bt[..., None] * jnp.einsum("btv,vd->btd", s_btv, w_p,
+                                                       preferred_element_type=jnp.float32)
+    h_a = (h_btd * softmax_weight_bt[..., None]).astype(h_btd.dtype)
+    dw_vd = jnp.einsum("btv,btd->vd", s_btv, h_a, preferred_element_type=jnp.float32)[:vocab]
+    if g_z is not None:  # the z-loss's (a - b) onehot term: a gather and a scatter
+      extra_bt = softmax_weight_bt - target_weight_bt
+      dh_btd = dh_btd + extra_bt[..., None] * jnp.take(w_c, targets_bt, axis=0)
+      dw_vd = dw_vd.at[targets_bt].add(extra_bt[..., None] * h_btd.astype(jnp.float32))
+    return dh_btd.astype(h_btd.dtype), dw_vd, dtargets, dmask
+  logits_btv = saved_btv
   if kernel == "pallas":
     dlogits_btv = _ce_kernels().logit_grad(logits_btv, lse_bt, softmax_weight_bt,
                                            target_weight_bt, targets_bt, vocab)
@@ -238,16 +285,13 @@ def _fused_bwd(vocab_multiple, kernel, residuals, g: LossSums):
     dlogits_btv = (probs_btv * softmax_weight_bt[..., None]
                    - jnp.where(onehot_btv, target_weight_bt[..., None], 0.0)
                    ).astype(h_btd.dtype)
-  dh_btd = jnp.einsum("btv,vd->btd", dlogits_btv, _pad_rows(w_c, vocab_multiple))
+  dh_btd = jnp.einsum("btv,vd->btd", dlogits_btv, w_p)
   dw_vd = jnp.einsum("btv,btd->vd", dlogits_btv, h_btd,
                      preferred_element_type=jnp.float32)[:vocab]
-  dtargets = np.zeros(targets_bt.shape, jax.dtypes.float0)
-  dmask = (np.zeros(mask_bt.shape, jax.dtypes.float0)
-           if not jnp.issubdtype(mask_bt.dtype, jnp.inexact) else jnp.zeros_like(mask_bt))
   return dh_btd, dw_vd, dtargets, dmask
 
 
-_fused.defvjp(_fused_fwd, _fused_bwd)
+_fused.defvjp(_fused_fwd, _fused_bwd, symbolic_zeros=True)
 
 
 def loss_sums(h_btd, w_vd, targets_bt, mask_bt, *, impl: str, chunk: int,

@@ -82,7 +82,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   def micro_grads(params, extra, micro):
     def objective(p):
       s = forward_sums(graphdef, p, extra, micro, cfg)
-      return s.nll + cfg.z_loss * s.z, s
+      # Without a z-loss, z stays out of what is differentiated (the fused loss then skips
+      # its gradient's terms: a symbolic zero, not a multiplication by 0).
+      return (s.nll + cfg.z_loss * s.z if cfg.z_loss else s.nll), s
     (_, sums), grads = jax.value_and_grad(objective, has_aux=True)(params)
     return grads, sums
 
