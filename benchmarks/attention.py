@@ -47,8 +47,8 @@ SMOKE_WINDOWS = {"causal": None, "window64": 64}
 # dK/dV (see BlockSizes), then the GPU compiler's warps and stages where they differ from the
 # kernels' defaults (4 warps up to head_dim 64; 3 stages forward, 2 backward). The first is the
 # default at head_dim <= 64. The last two read the head dim as power-of-two column tiles
-# (`split_head_dim`): they run only where the head dim is not a power of two (48), since
-# elsewhere they are the same kernels as their twins without it.
+# (`split_head_dim`): they run only where the head dim rounded up to 16 is not a power of two
+# (48), since elsewhere they are the same kernels as their twins without it.
 SWEEP = (BlockSizes(128, 64, 64, 64, 64, 64), BlockSizes(64, 64, 64, 64, 64, 64),
          BlockSizes(128, 128, 64, 64, 64, 64), BlockSizes(128, 64, 128, 32, 32, 128),
          BlockSizes(64, 32, 32, 32, 32, 64), BlockSizes(128, 32, 64, 32, 32, 64),
@@ -424,8 +424,9 @@ def sweep(*, interpret: bool, emit: Callable[[dict], None], smoke: bool, iters: 
     for window in ((SMOKE_WINDOWS if smoke else WINDOWS)[w] for w in window_names):
       first = []
       for bs in configs:
-        if bs is not None and bs.split_head_dim and not shape[3] & (shape[3] - 1):
-          continue  # a power-of-two head dim is one tile: the same kernels as without split
+        rounded = -(-shape[3] // 16) * 16
+        if bs is not None and bs.split_head_dim and not rounded & (rounded - 1):
+          continue  # one tile (the head dim rounds up to a power of two): the kernels without split
         if deadline is not None and time.time() > deadline:
           return rows
         row = {"kind": "attention_sweep", "B": shape[0], "T": shape[1], "H": shape[2],

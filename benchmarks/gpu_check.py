@@ -377,8 +377,9 @@ def _train_ours(run: Run, args, shape) -> None:
             flush=True)
       continue
     head_dim = presets.get(family, name, vocab_size=vocab, **overrides).head_dim
-    if split and _power_of_two(head_dim) and (head_dim >= 32 or qkv != "pallas"):
-      # A power-of-two head dim is one tile either way (with rotary's halves, from 32 up).
+    if split and _power_of_two(-(-head_dim // 16) * 16) and (head_dim > 16 or qkv != "pallas"):
+      # A head dim that rounds up to a power of two (48 does not) is one tile either way (with
+      # rotary's halves inside the kernels, above 16).
       split = False
     step = (impl, loss, scan, remat, norm, qkv, mlp, split, flatten, pad, loss_kernel)
     if step in seen:  # e.g. the default and ":kernel" on a GPU: time (and trace) it once

@@ -74,9 +74,14 @@ def test_softmax_minus_onehot_matches_its_reference(shape, dtype):
   np.testing.assert_allclose(np.asarray(s, np.float32), np.asarray(s_want, np.float32),
                              rtol=1e-3, atol=atol, err_msg=f"seed {seed}")
   assert not np.any(np.asarray(s[..., vocab:], np.float32))  # padding columns: no gradient
-  # Each row: the softmax sums to 1 and the target's entry is p - 1.
+  # Each row: the softmax sums to 1, so softmax - onehot sums to 0, and the target's entry is
+  # p - 1 with p = exp(target logit - lse).
   np.testing.assert_allclose(np.asarray(s, np.float32).sum(-1), 0.0, atol=2e-2 if
                              dtype == jnp.bfloat16 else 1e-5)
+  at_target = np.take_along_axis(np.asarray(s, np.float32), np.asarray(targets)[..., None],
+                                 axis=-1)[..., 0]
+  p = np.exp(np.asarray(tl, np.float64) - np.asarray(lse, np.float64))
+  np.testing.assert_allclose(at_target, p - 1.0, atol=1e-2 if dtype == jnp.bfloat16 else 1e-5)
 
 
 @pytest.mark.gpu
@@ -156,8 +161,8 @@ def test_rows_split_over_the_mesh():
 
 
 def test_kernels_lower_for_gpus(monkeypatch):
-  """Both kernels lower through Pallas's Triton backend on this CPU (what the interpreter does
-  not check), at the shapes of the llama 15M step at vocab 32000."""
+  """All three kernels lower through Pallas's Triton backend on this CPU (what the interpreter
+  does not check), at the shapes of the llama 15M step at vocab 32000."""
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # the kernels' platform check
   x = jax.ShapeDtypeStruct((128, 256, 32000), jnp.bfloat16)
   row = jax.ShapeDtypeStruct((128, 256), jnp.float32)

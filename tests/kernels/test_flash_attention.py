@@ -173,6 +173,32 @@ def test_clear_errors():
     fa.flash_attention(q, jnp.zeros((1, 32, 3, 16)), jnp.zeros((1, 32, 3, 16)), interpret=True)
 
 
+def test_column_parts_split_the_head_dim_into_powers_of_two():
+  gpu = fa._kernels("gpu")  # noqa: SLF001
+
+  def parts(head_dim, block_d, split):  # (offset, width, real columns where masked)
+    return [(o, w, None if m is None else int(np.asarray(m).sum()))
+            for o, w, m in gpu._column_parts(head_dim, block_d, split)]  # noqa: SLF001
+  assert parts(48, 64, False) == [(None, 64, 48)]
+  assert parts(48, 64, True) == [(0, 32, None), (32, 16, None)]
+  assert parts(40, 64, True) == [(0, 32, None), (32, 16, 8)]
+  assert parts(112, 128, True) == [(0, 64, None), (64, 32, None), (96, 16, None)]
+  assert parts(64, 64, True) == [(0, 64, None)]
+
+
+def test_split_blocks_reach_every_kernel(monkeypatch):
+  """With split_head_dim the forward, dQ and dK/dV kernels all read split column tiles."""
+  gpu = fa._kernels("gpu")  # noqa: SLF001
+  seen = []
+  column_parts = gpu._column_parts  # noqa: SLF001
+  monkeypatch.setattr(gpu, "_column_parts",
+                      lambda *a: seen.append(a[2]) or column_parts(*a))
+  q = jnp.ones((1, 32, 2, 48), jnp.float32)
+  _run(lambda *a, **kw: fa.flash_attention(*a, interpret=True, backend="gpu",
+                                           block_sizes=SPLIT_BLOCKS, **kw), q, q, q, q, {})
+  assert len(seen) >= 5 and all(seen), seen  # forward 1, dQ 2, dK/dV 2
+
+
 def test_override_default_blocks_changes_what_calls_without_blocks_get(monkeypatch):
   """Inside the context, the default block sizes (and so a model's attention calls) get the
   changes; outside they are the defaults again; a wrong field or value is refused at once."""

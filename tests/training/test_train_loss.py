@@ -66,12 +66,19 @@ def test_fused_equals_plain_in_float32(z_weight, vocab_multiple, kernel):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=f"seed {seed}")
 
 
-def test_fused_in_bfloat16_stays_close_to_float32():
+def _fused_with(kernel):
+  """The fused loss with `kernel`, padded to 64 rows (which the Pallas kernels need)."""
+  return lambda *a: loss_lib.fused_loss_sums(*a, vocab_multiple=64, kernel=kernel)
+
+
+@pytest.mark.parametrize("kernel", ["xla", "pallas", "pallas_fwd_grad"])
+def test_fused_in_bfloat16_stays_close_to_float32(kernel):
   """bf16 logits (the mixed-precision case): value and gradients near the float32 plain loss."""
   h, w, targets, mask = _inputs(b=4, t=32, d=32, v=300, seed=3)
   (v_ref, _), (gh_ref, gw_ref) = _objective(loss_lib.plain_loss_sums, h, w, targets, mask)
-  (v_bf, _), (gh_bf, gw_bf) = _objective(loss_lib.fused_loss_sums, h.astype(jnp.bfloat16), w,
-                                         targets, mask)
+  with fa.force_interpret():
+    (v_bf, _), (gh_bf, gw_bf) = _objective(_fused_with(kernel), h.astype(jnp.bfloat16), w,
+                                           targets, mask)
   assert gh_bf.dtype == jnp.bfloat16 and gw_bf.dtype == jnp.float32  # w's own dtype
   np.testing.assert_allclose(v_bf, v_ref, rtol=2e-2)
   for got, want in ((gh_bf, gh_ref), (gw_bf, gw_ref)):
@@ -79,11 +86,13 @@ def test_fused_in_bfloat16_stays_close_to_float32():
     assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
 
 
-def test_fused_masked_targets_do_not_matter():
+@pytest.mark.parametrize("kernel", ["xla", "pallas", "pallas_fwd_grad"])
+def test_fused_masked_targets_do_not_matter(kernel):
   h, w, targets, mask = _inputs(seed=4)
   other = jnp.where(mask > 0, targets, (targets + 7) % w.shape[0])
-  (_, _), g_a = _objective(loss_lib.fused_loss_sums, h, w, targets, mask)
-  (_, _), g_b = _objective(loss_lib.fused_loss_sums, h, w, other, mask)
+  with fa.force_interpret():
+    (_, _), g_a = _objective(_fused_with(kernel), h, w, targets, mask)
+    (_, _), g_b = _objective(_fused_with(kernel), h, w, other, mask)
   for a, b in zip(g_a, g_b):
     np.testing.assert_array_equal(a, b)
 
@@ -175,6 +184,22 @@ def test_fwd_grad_saves_softmax_minus_onehot_and_only_scales_it(monkeypatch):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
   for a in neither:
     assert not np.any(np.asarray(a))
+
+
+def test_fwd_grad_without_z_runs_no_gather_or_scatter():
+  """The z-loss's gather and scatter run only where z's cotangent is not a symbolic zero."""
+  h, w, targets, mask = _inputs(seed=5)
+
+  def texts(objective):
+    fused = lambda h, w: loss_lib.fused_loss_sums(  # noqa: E731
+        h, w, targets, mask, vocab_multiple=64, kernel="pallas_fwd_grad")
+    with fa.force_interpret():
+      return str(jax.make_jaxpr(jax.grad(lambda h, w: objective(fused(h, w)),
+                                         argnums=(0, 1)))(h, w))
+  nll_only = texts(lambda s: s.nll)
+  with_z = texts(lambda s: s.nll + 1e-2 * s.z)
+  assert "scatter-add" not in nll_only and "scatter-add" in with_z
+  assert nll_only.count("gather") < with_z.count("gather")
 
 
 def test_padded_vocab():

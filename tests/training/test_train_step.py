@@ -75,6 +75,20 @@ def test_fused_loss_step_equals_plain_loss_step():
                p_plain.params, p_fused.params)
 
 
+def test_without_a_z_loss_the_fused_backward_runs_no_z_terms():
+  """`train.z_loss` 0 leaves z out of what the step differentiates: with the forward-made loss
+  gradient, the z-loss's scatter into the output embedding's gradient is not in the step."""
+  from tinystories_jax.kernels import flash_attention as fa  # noqa: PLC0415
+  batch = {k: jnp.asarray(v) for k, v in _batch().items()}
+  counts = {}
+  for z in (0.0, 1e-3):
+    _, _, _, state, extra, fn = _setup(step_lib.StepConfig(loss_kernel="pallas_fwd_grad",
+                                                           loss_vocab_multiple=64, z_loss=z))
+    with fa.force_interpret():
+      counts[z] = str(jax.make_jaxpr(fn)(state, extra, batch)).count("scatter-add")
+  assert counts[0.0] < counts[1e-3], counts
+
+
 def test_loss_falls_and_counts_only_unmasked_targets():
   batch = _batch()
   mesh, _, sh, state, extra, fn = _setup(step_lib.StepConfig(loss_impl="plain"), lr=3e-2)

@@ -26,12 +26,14 @@ Exponentials are base 2 (`exp2`, a single hardware instruction) with log2(e) fol
 logits. Columns at or past `vocab` (the loss pads the projection to a multiple of 128 rows) are
 masked out of the softmax and get a zero gradient.
 
-Tiles must be powers of two: the column block is the largest power of two dividing the padded
-vocabulary (at most `MAX_BLOCK_V`), so the padded vocabulary must be a multiple of
-`MIN_BLOCK_V`; `supports` says so with the fix. The row block is the largest power of two
-dividing the rows, at most 16: any B*T of a train step is a multiple of 16 in practice, and an
-odd one still runs, one row per program (slowly). The interpreter (`interpret=True`, or
-`flash_attention.force_interpret`) runs both kernels on a CPU for the tests.
+Tiles must be powers of two: the two-pass kernels' column block is the largest power of two
+dividing the padded vocabulary (at most `MAX_BLOCK_V`), so the padded vocabulary must be a
+multiple of `MIN_BLOCK_V`; `supports` says so with the fix. Their row block is the largest power
+of two dividing the rows, at most 16: any B*T of a train step is a multiple of 16 in practice,
+and an odd one still runs, one row per program (slowly). `softmax_minus_onehot` takes
+`SWEEP_BLOCK_V`-wide blocks (narrower for a narrower row) and masks the columns past the
+array in its last. The interpreter (`interpret=True`, or `flash_attention.force_interpret`)
+runs all three kernels on a CPU for the tests.
 """
 
 from __future__ import annotations
