@@ -36,6 +36,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from tinystories_jax.kernels import flash_attention as fa  # noqa: E402
 from tinystories_jax.kernels.flash_tiling import BlockSizes  # noqa: E402
+from tinystories_jax.kernels.flash_tiling import split_head_dim_widths  # noqa: E402
 from tinystories_jax.kernels.flash_tiling import visible_pairs  # noqa: E402
 
 # (batch, seq, heads, head_dim): llama2.c 15M-like, long context, TinyStories-33M heads, wide heads.
@@ -424,9 +425,8 @@ def sweep(*, interpret: bool, emit: Callable[[dict], None], smoke: bool, iters: 
     for window in ((SMOKE_WINDOWS if smoke else WINDOWS)[w] for w in window_names):
       first = []
       for bs in configs:
-        rounded = -(-shape[3] // 16) * 16
-        if bs is not None and bs.split_head_dim and not rounded & (rounded - 1):
-          continue  # one tile (the head dim rounds up to a power of two): the kernels without split
+        if bs is not None and bs.split_head_dim and len(split_head_dim_widths(shape[3])) == 1:
+          continue  # one tile: the same kernels as without split
         if deadline is not None and time.time() > deadline:
           return rows
         row = {"kind": "attention_sweep", "B": shape[0], "T": shape[1], "H": shape[2],

@@ -341,13 +341,10 @@ def parse_variant(text: str) -> dict:
   return variant
 
 
-def _power_of_two(n: int) -> bool:
-  return n > 0 and not n & (n - 1)
-
-
 def _train_ours(run: Run, args, shape) -> None:
   try:
     from tinystories_jax.kernels import flash_attention as fa  # noqa: PLC0415
+    from tinystories_jax.kernels import flash_tiling  # noqa: PLC0415
     from tinystories_jax.models import presets  # noqa: PLC0415
     from tinystories_jax.training import benchmark  # noqa: PLC0415
     from tinystories_jax.training import loss as loss_lib  # noqa: PLC0415
@@ -377,9 +374,10 @@ def _train_ours(run: Run, args, shape) -> None:
             flush=True)
       continue
     head_dim = presets.get(family, name, vocab_size=vocab, **overrides).head_dim
-    if split and _power_of_two(-(-head_dim // 16) * 16) and (head_dim > 16 or qkv != "pallas"):
-      # A head dim that rounds up to a power of two (48 does not) is one tile either way (with
-      # rotary's halves inside the kernels, above 16).
+    if (split and len(flash_tiling.split_head_dim_widths(head_dim)) == 1
+        and (head_dim > 16 or qkv != "pallas")):
+      # One tile either way (48 is two), as without split (with rotary's halves inside the
+      # kernels, above 16).
       split = False
     step = (impl, loss, scan, remat, norm, qkv, mlp, split, flatten, pad, loss_kernel)
     if step in seen:  # e.g. the default and ":kernel" on a GPU: time (and trace) it once

@@ -98,3 +98,11 @@ def test_segment_spans_ignore_padding_and_detect_disjoint_stories():
   assert not flash_tiling.spans_overlap(span, pad_only)
   assert not flash_tiling.spans_overlap(span, (1, 2))
   assert flash_tiling.spans_overlap(span, (4, 9))
+
+
+def test_split_head_dim_widths():
+  assert flash_tiling.split_head_dim_widths(48) == (32, 16)
+  assert flash_tiling.split_head_dim_widths(40) == (32, 16)
+  assert flash_tiling.split_head_dim_widths(112) == (64, 32, 16)
+  for one_tile in (16, 20, 56, 64, 128):
+    assert len(flash_tiling.split_head_dim_widths(one_tile)) == 1, one_tile

@@ -80,11 +80,10 @@ def _column_parts(head_dim: int, block_d: int, split: bool):
   the last 8 columns masked), each its own tile."""
   if not split:
     return ((None, block_d, _head_mask(head_dim, block_d)),)
-  parts, offset, rest = [], 0, -(-head_dim // 16) * 16
-  while rest:
-    width = 1 << (rest.bit_length() - 1)
+  parts, offset = [], 0
+  for width in flash_tiling.split_head_dim_widths(head_dim):
     parts.append((offset, width, _head_mask(min(head_dim - offset, width), width)))
-    offset, rest = offset + width, rest - width
+    offset += width
   return tuple(parts)
 
 

@@ -86,6 +86,16 @@ class BlockSizes:
     return max(self.block_k, self.block_k_dq, self.block_k_dkv)
 
 
+def split_head_dim_widths(head_dim: int) -> tuple[int, ...]:
+  """The column tiles `BlockSizes.split_head_dim` reads a head dim as: the head dim rounded up
+  to 16, as descending powers of two (48: (32, 16); 64: (64,), one tile as without it)."""
+  widths, rest = [], -(-head_dim // 16) * 16
+  while rest:
+    widths.append(1 << (rest.bit_length() - 1))
+    rest -= widths[-1]
+  return tuple(widths)
+
+
 def pow2_divisor(n: int, cap: int) -> int:
   """The largest power of two dividing `n`, at most `cap` (a tile size for `n` rows: Triton
   tiles are powers of two; the loss and norm kernels use it too)."""
