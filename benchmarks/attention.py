@@ -47,10 +47,14 @@ SMOKE_WINDOWS = {"causal": None, "window64": 64}
 # Tile sizes tried for our kernel in the sweep: (block_q, block_k) of the forward, of dQ and of
 # dK/dV (see BlockSizes), then the GPU compiler's warps and stages where they differ from the
 # kernels' defaults (4 warps up to head_dim 64; 3 stages forward, 2 backward). The first is the
-# default at head_dim <= 64. The last two read the head dim as power-of-two column tiles
-# (`split_head_dim`): they run only where the head dim rounded up to 16 is not a power of two
-# (48), since elsewhere they are the same kernels as their twins without it.
-SWEEP = (BlockSizes(128, 64, 64, 64, 64, 64), BlockSizes(64, 64, 64, 64, 64, 64),
+# default at head_dim <= 64; the second is the same tiles with `fast_exp2` off (each softmax
+# exponential by jnp's exp2, as before that option). The last two read the head dim as
+# power-of-two column tiles (`split_head_dim`): they run only where the head dim rounded up to
+# 16 is not a power of two (48), since elsewhere they are the same kernels as their twins
+# without it.
+SWEEP = (BlockSizes(128, 64, 64, 64, 64, 64),
+         BlockSizes(128, 64, 64, 64, 64, 64, fast_exp2=False),
+         BlockSizes(64, 64, 64, 64, 64, 64),
          BlockSizes(128, 128, 64, 64, 64, 64), BlockSizes(128, 64, 128, 32, 32, 128),
          BlockSizes(64, 32, 32, 32, 32, 64), BlockSizes(128, 32, 64, 32, 32, 64),
          BlockSizes(128, 64, 64, 64, 64, 64, num_warps=8),
@@ -390,8 +394,8 @@ def backends_table(rows: list[dict]) -> str:
 
 
 def sweep_label(bs: BlockSizes | None) -> str:
-  """`q,k/q,k/q,k` tiles of the forward, dQ and dK/dV kernels, plus warps and stages if set and
-  `split` for a head dim read as power-of-two column tiles."""
+  """`q,k/q,k/q,k` tiles of the forward, dQ and dK/dV kernels, plus warps and stages if set,
+  `split` for a head dim read as power-of-two column tiles and `jnpexp` for `fast_exp2` off."""
   if bs is None:
     return "cudnn"
   b = [getattr(bs, name) for name in BlockSizes.names()]
@@ -402,6 +406,8 @@ def sweep_label(bs: BlockSizes | None) -> str:
     label += f" s{bs.num_stages}"
   if bs.split_head_dim:
     label += " split"
+  if not bs.fast_exp2:
+    label += " jnpexp"
   return label
 
 
@@ -435,6 +441,7 @@ def sweep(*, interpret: bool, emit: Callable[[dict], None], smoke: bool, iters: 
           row["blocks"] = [getattr(bs, name) for name in BlockSizes.names()]
           row["num_warps"], row["num_stages"] = bs.num_warps, bs.num_stages
           row["split_head_dim"] = bs.split_head_dim
+          row["fast_exp2"] = bs.fast_exp2
         try:
           if bs is None:
             fn = functools.partial(_dpa, window=window, implementation="cudnn")

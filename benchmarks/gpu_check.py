@@ -77,12 +77,13 @@ SMOKE_TRAIN_SHAPES = (
     ("gpt_neo", "1m", 512, 4, 64, {"num_heads": 4, "num_layers": 2, "window": 16,
                                    "attention_layers": ("global", "local")}),
 )
-# attention:loss[:scan][:remat][:norm][:qkv][:mlp][:split][:flat[N]][:padN]
+# attention:loss[:scan][:remat][:norm][:qkv][:mlp][:split][:jnpexp][:flat[N]][:padN]
 # [:xla|:online|:kernel|:fwdgrad]
 # variants of our step timed at every shape (":scan" sets scan_layers, ":remat"
 # model.remat="block", ":norm" model.norm_impl="pallas", ":qkv" model.qkv_impl="pallas", ":mlp"
 # model.mlp_impl="pallas" (these three at llama shapes only; ":qkv" needs pallas attention);
-# ":split" the attention kernels' default blocks with split_head_dim (pallas attention only);
+# ":split" the attention kernels' default blocks with split_head_dim, ":jnpexp" with
+# fast_exp2 off (jnp's exp2; the before of that change) (both pallas attention only);
 # ":flatN" optimizer.flatten_below=N, ":flat" N = FLAT_BELOW; ":padN" the fused loss's vocab
 # padding multiple, ":pad1" none; its passes over the logits are train.loss_kernel's default,
 # "auto", unless ":xla" (XLA, two passes), ":online" (XLA, one pass), ":kernel" (Pallas) or
@@ -281,15 +282,16 @@ def section_sweep(run: Run, args) -> None:
 
 
 def parse_variant(text: str) -> dict:
-  """`attention:loss[:scan][:remat][:norm][:qkv][:mlp][:split][:flat[N]][:padN][:xla|:online|
-  :kernel|:fwdgrad]` as a dict; ValueError says what is wrong.
+  """`attention:loss[:scan][:remat][:norm][:qkv][:mlp][:split][:jnpexp][:flat[N]][:padN][:xla|
+  :online|:kernel|:fwdgrad]` as a dict; ValueError says what is wrong.
 
   `scan` sets scan_layers, `remat` model.remat="block", `norm` model.norm_impl="pallas" (the
   residual add + RMSNorm kernels), `qkv` model.qkv_impl="pallas" (the attention kernels read
   the stacked q/k/v projection and write its gradient; attention `pallas` only), `mlp`
   model.mlp_impl="pallas" (SwiGLU's backward kernel), these three at llama shapes only;
   `split` runs the Pallas attention kernels with `BlockSizes.split_head_dim` (the head dim as
-  power-of-two column tiles; the same kernels where it is a power of two); `flatN`
+  power-of-two column tiles; the same kernels where it is a power of two); `jnpexp` runs them
+  with `BlockSizes.fast_exp2` off (each softmax exponential by jnp's exp2); `flatN`
   optimizer.flatten_below=N (`flat`: FLAT_BELOW); with the fused loss, `padN` pads the output
   projection to a multiple of N rows (`pad1`: none; default 128), and its passes over the
   logits are train.loss_kernel="auto" (the default) unless `xla` (XLA's two passes),
@@ -306,12 +308,13 @@ def parse_variant(text: str) -> dict:
   if loss not in loss_lib.LOSS_IMPLS:
     raise ValueError(f"{text!r}: loss {loss!r} is not one of {loss_lib.LOSS_IMPLS}")
   variant = {"attention": impl, "loss": loss, "scan": False, "remat": False, "norm": "xla",
-             "qkv": "xla", "mlp": "xla", "split": False, "flatten": 0, "loss_kernel": "auto",
+             "qkv": "xla", "mlp": "xla", "split": False, "jnpexp": False, "flatten": 0,
+             "loss_kernel": "auto",
              "pad": None}
   kernels = {"xla": "xla", "online": "xla_online", "kernel": "pallas",
              "fwdgrad": "pallas_fwd_grad"}
   for x in extra:
-    if x in ("scan", "remat", "split"):
+    if x in ("scan", "remat", "split", "jnpexp"):
       variant[x] = True
     elif x in ("norm", "qkv", "mlp"):
       variant[x] = "pallas"
@@ -325,13 +328,16 @@ def parse_variant(text: str) -> dict:
       variant["flatten"] = int(x[4:]) if x[4:] else FLAT_BELOW
     else:
       raise ValueError(f"{text!r}: unknown option {x!r}; options are scan, remat, norm, qkv, "
-                       "mlp, split, flat, flatN, xla, online, kernel, fwdgrad and padN "
+                       "mlp, split, jnpexp, flat, flatN, xla, online, kernel, fwdgrad and padN "
                        "(N >= 1)")
   if variant["qkv"] == "pallas" and impl != "pallas":
     raise ValueError(f"{text!r}: qkv runs inside the Pallas attention kernels; use attention "
                      "pallas with it")
   if variant["split"] and impl != "pallas":
     raise ValueError(f"{text!r}: split tiles the Pallas attention kernels; use attention "
+                     "pallas with it")
+  if variant["jnpexp"] and impl != "pallas":
+    raise ValueError(f"{text!r}: jnpexp changes the Pallas attention kernels; use attention "
                      "pallas with it")
   if loss != "fused" and (variant["loss_kernel"] != "auto" or variant["pad"] is not None):
     raise ValueError(f"{text!r}: xla, online, kernel, fwdgrad and padN apply to the fused loss "
@@ -359,6 +365,7 @@ def _train_ours(run: Run, args, shape) -> None:
     impl, loss, scan, remat = (variant[k] for k in ("attention", "loss", "scan", "remat"))
     pad, loss_kernel, norm = variant["pad"], variant["loss_kernel"], variant["norm"]
     qkv, mlp, flatten, split = (variant[k] for k in ("qkv", "mlp", "flatten", "split"))
+    jnpexp = variant["jnpexp"]
     if loss == "fused":  # what "auto" runs here, recorded in the row
       loss_kernel = loss_lib.resolve_kernel(loss_kernel, loss_lib.padded_vocab(vocab, pad))
     if norm == "pallas" and family != "llama":
@@ -379,7 +386,7 @@ def _train_ours(run: Run, args, shape) -> None:
       # One tile either way (48 is two), as without split (with rotary's halves inside the
       # kernels, above 16).
       split = False
-    step = (impl, loss, scan, remat, norm, qkv, mlp, split, flatten, pad, loss_kernel)
+    step = (impl, loss, scan, remat, norm, qkv, mlp, split, jnpexp, flatten, pad, loss_kernel)
     if step in seen:  # e.g. the default and ":kernel" on a GPU: time (and trace) it once
       print(f"# {family}:{name} {text}: the same step as {seen[step]}, not timed again",
             flush=True)
@@ -399,6 +406,8 @@ def _train_ours(run: Run, args, shape) -> None:
       row["mlp_impl"] = mlp
     if split:
       row["split_head_dim"] = True
+    if jnpexp:
+      row["fast_exp2"] = False
     if flatten:
       row["flatten_below"] = flatten
     if pad is not None:
@@ -419,10 +428,12 @@ def _train_ours(run: Run, args, shape) -> None:
             f"{name}-{vocab}-{impl}-{loss}{'-scan' if scan else ''}{'-remat' if remat else ''}"
             f"{'-norm' if norm != 'xla' else ''}{'-qkv' if qkv != 'xla' else ''}"
             f"{'-mlp' if mlp != 'xla' else ''}{'-split' if split else ''}"
+            f"{'-jnpexp' if jnpexp else ''}"
             f"{f'-flat{flatten}' if flatten else ''}"
             f"{'' if pad is None else f'-pad{pad}'}"
             f"{'' if loss_kernel == 'xla' else '-' + loss_kernel.replace('_', '-')}"))
-      blocks = {"split_head_dim": True} if split else {}
+      blocks = {**({"split_head_dim": True} if split else {}),
+                **({"fast_exp2": False} if jnpexp else {})}
       with fa.force_interpret(args.smoke or not args.on_accelerator), \
           fa.override_default_blocks(**blocks):
         result = benchmark.measure_train_throughput(
@@ -681,6 +692,8 @@ def _variant(r: dict) -> str:
     text += ", Pallas SwiGLU backward"
   if r.get("split_head_dim"):
     text += ", head dim split into power-of-two tiles"
+  if r.get("fast_exp2") is False:
+    text += ", attention exp2 by jnp"
   if r.get("flatten_below"):
     text += f", parameters under {r['flatten_below']:,} updated flat"
   if r.get("loss_vocab_multiple") == 1:
@@ -841,7 +854,7 @@ def main() -> None:
   parser.add_argument("--train_variants", default=TRAIN_VARIANTS,
                       help="our step's variants timed at every train shape, comma-separated "
                            "attention:loss[:scan][:remat][:norm][:qkv][:mlp][:split]"
-                           "[:flat[N]][:padN][:xla|:online|:kernel|:fwdgrad] "
+                           "[:jnpexp][:flat[N]][:padN][:xla|:online|:kernel|:fwdgrad] "
                            "(e.g. pallas:fused:split)")
   parser.add_argument("--profile", default="",
                       help="train shapes (preset/vocab or preset) whose rows of ours also write "

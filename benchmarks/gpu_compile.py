@@ -261,7 +261,9 @@ def compile_step(topology, family, preset, vocab, batch, seq, variant) -> str:
                                step_cfg),
       shardings.state, shardings.extra, {k: row for k in batch}, mesh)
   from tinystories_jax.kernels import flash_attention as fa  # noqa: PLC0415
-  with fa.override_default_blocks(**({"split_head_dim": True} if variant["split"] else {})):
+  blocks = {**({"split_head_dim": True} if variant["split"] else {}),
+            **({"fast_exp2": False} if variant["jnpexp"] else {})}
+  with fa.override_default_blocks(**blocks):
     lowered = step.lower(state, extra, batch)
   return lowered.compile().as_text()
 

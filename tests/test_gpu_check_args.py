@@ -25,12 +25,13 @@ def test_parse_variant():
   parse = _module().parse_variant
   assert parse("pallas:fused") == {"attention": "pallas", "loss": "fused", "scan": False,
                                    "remat": False, "norm": "xla", "qkv": "xla",
-                                   "mlp": "xla", "split": False, "flatten": 0,
+                                   "mlp": "xla", "split": False, "jnpexp": False, "flatten": 0,
                                    "loss_kernel": "auto", "pad": 128}
   assert parse("cudnn:fused:pad1:online") == {"attention": "cudnn", "loss": "fused",
                                               "scan": False, "remat": False, "norm": "xla",
                                               "qkv": "xla", "mlp": "xla", "split": False,
-                                              "flatten": 0, "loss_kernel": "xla_online",
+                                              "jnpexp": False, "flatten": 0,
+                                              "loss_kernel": "xla_online",
                                               "pad": 1}
   assert parse("pallas:fused:norm")["norm"] == "pallas"
   assert parse("pallas:fused:norm:qkv")["qkv"] == "pallas"
@@ -41,9 +42,11 @@ def test_parse_variant():
   assert parse("pallas:fused:xla")["loss_kernel"] == "xla"
   assert parse("pallas:fused:norm:qkv:split")["split"] is True
   assert parse("pallas:fused:fwdgrad")["loss_kernel"] == "pallas_fwd_grad"
+  assert parse("pallas:fused:jnpexp")["jnpexp"] is True
   assert parse("xla:chunked:scan:remat") == {"attention": "xla", "loss": "chunked", "scan": True,
                                              "remat": True, "norm": "xla", "qkv": "xla",
-                                             "mlp": "xla", "split": False, "flatten": 0,
+                                             "mlp": "xla", "split": False, "jnpexp": False,
+                                             "flatten": 0,
                                              "loss_kernel": "auto", "pad": None}
   for bad, says in (("pallas", "loss ''"), ("palas:fused", "attention 'palas'"),
                     ("pallas:fused:pad", "'pad'"), ("pallas:fused:pad0", "'pad0'"),
@@ -57,6 +60,7 @@ def test_parse_variant():
                     ("pallas:chunked:xla", "fused loss only"),
                     ("cudnn:fused:qkv", "use attention pallas"),
                     ("xla:fused:split", "use attention pallas"),
+                    ("cudnn:fused:jnpexp", "use attention pallas"),
                     ("pallas:fused:flat0", "'flat0'"), ("pallas:fused:flatx", "'flatx'")):
     with pytest.raises(ValueError, match=says):
       parse(bad)
@@ -71,6 +75,8 @@ def test_table_labels_tell_the_norm_kernels_apart():
   assert "stacked q/k/v in the kernels" in label({**row, "qkv_impl": "pallas"})
   assert "SwiGLU" not in label(row)
   assert "Pallas SwiGLU backward" in label({**row, "mlp_impl": "pallas"})
+  assert "exp2" not in label(row)
+  assert "attention exp2 by jnp" in label({**row, "fast_exp2": False})
   assert "flat" not in label(row)
   assert "parameters under 1,048,576 updated flat" in label({**row, "flatten_below": 1 << 20})
   assert "power-of-two tiles" not in label(row)
@@ -321,3 +327,26 @@ def test_split_variant_sets_the_kernels_blocks_where_the_head_dim_is_48(tmp_path
   rows = [r for r in run.rows if r.get("kind") == "train"]
   assert [r.get("split_head_dim", False) for r in rows] == [False, True, False]
   assert not fa.default_block_sizes("gpu", 48).split_head_dim  # the context was left
+
+
+def test_jnpexp_variant_turns_fast_exp2_off_in_the_kernels_blocks(tmp_path, monkeypatch):
+  """`:jnpexp` traces the step with fast_exp2 off in the attention's default blocks (the
+  default has it on), records it in the row, and leaves the context afterwards."""
+  module = _module()
+  from tinystories_jax.kernels import flash_attention as fa  # noqa: PLC0415
+  from tinystories_jax.training import benchmark  # noqa: PLC0415
+  seen = []
+
+  def fake_measure(cfg, **kwargs):
+    seen.append(fa.default_block_sizes("gpu", cfg.head_dim).fast_exp2)
+    return {"tokens_per_s": 1.0, "step_ms": 1.0, "model_tflops": 1.0}
+
+  monkeypatch.setattr(benchmark, "measure_train_throughput", fake_measure)
+  args = types.SimpleNamespace(smoke=False, on_accelerator=False, profile="", out=str(tmp_path),
+                               train_steps=1, train_variants="pallas:fused,pallas:fused:jnpexp")
+  run = module.Run(tmp_path, budget_s=600)
+  module._train_ours(run, args, {s[1]: s for s in module.TRAIN_SHAPES}["42m"])  # noqa: SLF001
+  assert seen == [True, False]
+  rows = [r for r in run.rows if r.get("kind") == "train"]
+  assert [r.get("fast_exp2", True) for r in rows] == [True, False]
+  assert fa.default_block_sizes("gpu", 64).fast_exp2

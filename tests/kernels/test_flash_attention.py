@@ -98,6 +98,11 @@ CASES = {
     "split_d112_cross_lengths_mixed_blocks": dict(b=1, t=40, s=72, h=2, k=1, d=112, window=20,
                                                   block_sizes=MIXED_SPLIT_BLOCKS),
     "split_d64_is_one_tile": dict(b=1, t=64, s=64, h=2, k=2, d=64, block_sizes=SPLIT_BLOCKS),
+    # The forward masks unscaled scores with MASK_VALUE / c (c = scale·log2 e) where c > 1, and
+    # drops its second mask (on the exponentials) where every row sees key 0: a scale far
+    # above 1 with fully masked (padding) rows, and causal queries that are the last T of S.
+    "large_scale_segments": dict(b=2, t=100, s=100, h=2, k=1, d=32, segments=True, scale=4.0),
+    "cross_lengths_causal_pad": dict(b=1, t=40, s=70, h=2, k=2, d=16, scale=2.0),
 }
 TPU_CASES = ("causal", "pad_window_segments_gqa_d48", "noncausal_pad_mqa")
 
@@ -225,6 +230,52 @@ def test_override_default_blocks_changes_what_calls_without_blocks_get(monkeypat
     with fa.override_default_blocks(split_head_dim="yes"):
       pass
   assert fa.default_block_sizes("gpu", 48) == fa.BlockSizes()
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_fast_exp2_puts_the_fused_exponent_in_every_kernel(stacked, monkeypatch):
+  """Lowered for CUDA, the forward, dQ and dK/dV kernels take each softmax exponential as the
+  inline PTX fma + ex2.approx.ftz with fast_exp2 (the default), and jnp's exp2 without it."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # the stacked wrapper checks it
+  counts = {}
+  for fast in (True, False):
+    blocks = fa.BlockSizes(*(32,) * 6, fast_exp2=fast)
+    if stacked:
+      y = jax.ShapeDtypeStruct((1, 64, 4, 32), jnp.bfloat16)  # 1 kv head: k, v, then 2 queries
+      tables = jax.ShapeDtypeStruct((1, 64, 16), jnp.float32)
+      fn = lambda y, c, s: fa.flash_attention_stacked(  # noqa: E731
+          y, c, s, kv_heads=1, interpret=False, block_sizes=blocks)
+      args = (y, tables, tables)
+    else:
+      q = jax.ShapeDtypeStruct((1, 64, 2, 32), jnp.bfloat16)
+      fn = lambda q, k, v: fa.flash_attention(  # noqa: E731
+          q, k, v, backend="gpu", interpret=False, block_sizes=blocks)
+      args = (q, q, q)
+
+    def fwd_bwd(*a, fn=fn):
+      o, vjp = jax.vjp(fn, *a)
+      return vjp(o)[0]
+
+    try:
+      text = jax.jit(fwd_bwd).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    except ImportError as e:
+      pytest.skip(f"cannot lower for cuda here: {e}")
+    counts[fast] = (text.count("ex2.approx.ftz.f32"), text.count("fma.rn.f32"))
+  # The forward's alpha and scores, dQ's and dK/dV's scores: at least four exponentials.
+  assert counts[True][0] >= 4 and counts[True][1] >= 3, counts
+  assert counts[False] == (0, 0), counts
+
+
+def test_gpu_kernels_refuse_a_scale_that_is_not_positive():
+  q = jnp.zeros((1, 32, 2, 16), jnp.float32)
+  for scale in (0.0, -0.5):
+    with pytest.raises(ValueError, match="positive scale.*attention='xla'"):
+      fa.flash_attention(q, q, q, scale=scale, interpret=True, backend="gpu")
+  # The TPU kernels scale before the maximum and take any scale.
+  got = fa.flash_attention(q, q, q, scale=-0.5, interpret=True, backend="tpu")
+  assert np.isfinite(np.asarray(got)).all()
+  with pytest.raises(ValueError, match="fast_exp2 must be True or False"):
+    fa.BlockSizes(fast_exp2=1)
 
 
 def test_reference_matches_a_dense_softmax():

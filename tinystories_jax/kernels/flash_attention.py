@@ -146,6 +146,15 @@ def _fit_to_length(block: int, length: int) -> int:
   return fitted
 
 
+def _resolve_scale(scale, head_dim: int, family: str) -> float:
+  """The softmax scale (None: 1/sqrt(D)); the GPU kernels need it positive."""
+  scale = float(head_dim**-0.5 if scale is None else scale)
+  if family == "gpu" and not scale > 0:
+    raise ValueError(f"flash_attention: the GPU kernels take a positive scale, got {scale} (they "
+                     "take each row's maximum before scaling); use attention='xla' for another.")
+  return scale
+
+
 @dataclasses.dataclass(frozen=True)
 class _Config:
   """Static arguments of one kernel call (hashable: it is a custom_vjp nondiff argument)."""
@@ -243,7 +252,7 @@ def flash_attention(q_bthd, k_bskd, v_bskd, *, causal=True, window=None, q_segme
     q_segment_ids_bt: int32 [B, T], non-negative; query i sees key j only where the ids are
       equal, and id 0 (padding) sees nothing (its rows are zeros).
     kv_segment_ids_bs: int32 [B, S], given together with q_segment_ids_bt.
-    scale: multiplies q.k; None means 1 / sqrt(D) (GPT-Neo passes 1.0).
+    scale: multiplies q.k; None means 1 / sqrt(D) (GPT-Neo passes 1.0). Positive on a GPU.
     block_sizes: `BlockSizes` override; None picks per platform and head size.
     interpret: run the Pallas interpreter (works on CPU); None follows `force_interpret`.
     backend: "gpu" (Triton) or "tpu" (Mosaic) kernels; None picks the current platform's. For
@@ -281,7 +290,7 @@ def flash_attention(q_bthd, k_bskd, v_bskd, *, causal=True, window=None, q_segme
   s_pad = _round_up(s, blocks.k_multiple)
   if window is not None and window >= s:
     window = None  # Wider than the sequence: plain causal, and no block is wasted on it.
-  cfg = _Config(family=family, scale=float(d**-0.5 if scale is None else scale),
+  cfg = _Config(family=family, scale=_resolve_scale(scale, d, family),
                 causal=bool(causal), window=None if window is None else int(window),
                 kv_len=s, q_offset=s - t, block_sizes=blocks, interpret=interpret)
 
@@ -435,7 +444,7 @@ def flash_attention_stacked(y_btnd, cos_btr, sin_btr, *, kv_heads, causal=True, 
   t_pad = _round_up(t, max(blocks.q_multiple, blocks.k_multiple))
   if window is not None and window >= t:
     window = None
-  cfg = _Config(family="gpu", scale=float(d**-0.5 if scale is None else scale),
+  cfg = _Config(family="gpu", scale=_resolve_scale(scale, d, "gpu"),
                 causal=bool(causal), window=None if window is None else int(window),
                 kv_len=t, q_offset=0, block_sizes=blocks, interpret=interpret)
   width = _kernels("gpu").rotary_table_width(d)

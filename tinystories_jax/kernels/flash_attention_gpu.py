@@ -11,7 +11,9 @@ read through 64-wide tiles with masked loads (the extra columns read as zeros) a
 or, with `BlockSizes.split_head_dim`, as power-of-two column tiles (32 + 16) whose products are
 taken tile by tile, so no product runs over zero columns.
 Exponentials are base 2 with log2(e) folded into the scale; the log-sum-exp residual is kept in
-that base between the passes.
+that base between the passes. Compiled, each exponent exp2(c·s - m) is one fused multiply-add and
+one flush-to-zero `ex2` in inline PTX (`BlockSizes.fast_exp2`); the forward takes its running
+maximum over the unscaled scores, so the scale is applied per row, not per score.
 """
 
 from __future__ import annotations
@@ -138,6 +140,35 @@ def _unrotate(grad_parts, cos_ref, sin_ref):
   return lo * cos + hi * sin, hi * cos - lo * sin
 
 
+# Inline PTX (compiled kernels only; the interpreter runs the jnp forms). jnp.exp2 lowers to a
+# plain `ex2.approx.f32`, which ptxas wraps in a compare and two multiplies to keep subnormal
+# results; the flush-to-zero form is the bare instruction. Multiplies and subtracts reach PTX
+# with explicit rounding (`mul.rn`, `sub.rn`), which ptxas never fuses, so the fused
+# multiply-add is written out (ptxas folds the negation into it).
+_EXP2_ASM = "ex2.approx.ftz.f32 $0, $1;"
+_EXP2_AFFINE_ASM = ("{ .reg .f32 t; neg.f32 t, $3; fma.rn.f32 t, $1, $2, t; "
+                    "ex2.approx.ftz.f32 $0, t; }")
+
+
+def _asm_f32(asm, *args):
+  shape = args[0].shape
+  args = [jnp.broadcast_to(jnp.asarray(a, _F32), shape) for a in args]
+  [out] = plgpu.elementwise_inline_asm(
+      asm, args=args, constraints=",".join(["=f"] + ["f"] * len(args)), pack=1,
+      result_shape_dtypes=[jax.ShapeDtypeStruct(shape, _F32)])
+  return out
+
+
+def _exp2(x, fast: bool):
+  """2^x (float32)."""
+  return _asm_f32(_EXP2_ASM, x) if fast else jnp.exp2(x)
+
+
+def _exp2_affine(s, c: float, m, fast: bool):
+  """2^(c·s - m) for float32 scores s, a Python float c and m broadcast against s."""
+  return _asm_f32(_EXP2_AFFINE_ASM, s, c, m) if fast else jnp.exp2(s * c - m)
+
+
 def _reversed_program_id(num_q_blocks: int):
   # Causal query blocks get more work the later they are; launching them last-first keeps the
   # tail of the grid made of short programs.
@@ -176,7 +207,7 @@ def _precision(dtype):
 
 
 def _fwd_kernel(*refs, has_segments, scale_log2, mask_kw, block_q, block_k, num_q_blocks,
-                head_dim, split, precision):
+                head_dim, split, precision, fast_exp2, rows_see_key_zero):
   if has_segments:
     q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref = refs
   else:
@@ -194,17 +225,21 @@ def _fwd_kernel(*refs, has_segments, scale_log2, mask_kw, block_q, block_k, num_
     acc, m, l = carry
     k_first = pl.multiple_of(j * block_k, block_k)
     k_slice = pl.ds(k_first, block_k)
-    s = _dot_parts(q, _load_parts(k_ref, parts, k_slice), precision=precision) * scale_log2
+    # Unscaled scores; the running maximum m is of scaled ones (c·s, c = scale_log2 > 0). It
+    # starts at MASK_VALUE and so stays finite where c·MASK_VALUE overflows to -inf.
+    s = _dot_parts(q, _load_parts(k_ref, parts, k_slice), precision=precision)
     if masked:
       k_pos = k_first + jnp.arange(block_k, dtype=jnp.int32)[None, :]
       kv_seg = kv_seg_ref[k_slice][None, :] if has_segments else None
       mask = flash_tiling.block_mask(q_pos, k_pos, q_seg=q_seg, kv_seg=kv_seg, **mask_kw)
       s = jnp.where(mask, s, MASK_VALUE)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1))
-    alpha = jnp.exp2(m - m_new)
-    p = jnp.exp2(s - m_new[:, None])
-    if masked:
-      # A fully masked row has m_new == MASK_VALUE, so exp2 gave 1s that must not count.
+    m_new = jnp.maximum(m, jnp.max(s, axis=1) * scale_log2)
+    alpha = _exp2(m - m_new, fast_exp2)
+    p = _exp2_affine(s, scale_log2, m_new[:, None], fast_exp2)
+    if masked and not rows_see_key_zero:
+      # A row with no visible key yet may have m_new == c·MASK_VALUE (c <= 1), so exp2 gave 1s
+      # that must not count. Where every row sees key 0, in the first block visited, m_new is
+      # a real score's and the masked entries' exp2 is 0.
       p = jnp.where(mask, p, 0.0)
     v = _load_parts(v_ref, parts, k_slice)
     l = alpha * l + jnp.sum(p, axis=1)
@@ -223,7 +258,7 @@ def _fwd_kernel(*refs, has_segments, scale_log2, mask_kw, block_q, block_k, num_
 
 
 def _dq_kernel(*refs, has_segments, rotary, scale, scale_log2, mask_kw, block_q, block_k,
-               num_q_blocks, head_dim, split, precision):
+               num_q_blocks, head_dim, split, precision, fast_exp2):
   q_ref, k_ref, v_ref, do_ref, lse_ref, o_ref, *refs = refs
   cos_ref = sin_ref = q_seg_ref = kv_seg_ref = None
   if rotary:
@@ -252,7 +287,7 @@ def _dq_kernel(*refs, has_segments, rotary, scale, scale_log2, mask_kw, block_q,
     k_first = pl.multiple_of(j * block_k, block_k)
     k_slice = pl.ds(k_first, block_k)
     k = _load_parts(k_ref, parts, k_slice)
-    p = jnp.exp2(_dot_parts(q, k, precision=precision) * scale_log2 - lse)
+    p = _exp2_affine(_dot_parts(q, k, precision=precision), scale_log2, lse, fast_exp2)
     if masked:
       k_pos = k_first + jnp.arange(block_k, dtype=jnp.int32)[None, :]
       kv_seg = kv_seg_ref[k_slice][None, :] if has_segments else None
@@ -271,7 +306,7 @@ def _dq_kernel(*refs, has_segments, rotary, scale, scale_log2, mask_kw, block_q,
 
 
 def _dkv_kernel(*refs, has_segments, rotary, kv_slots, scale, scale_log2, mask_kw, block_q,
-                block_k, num_q_blocks, head_dim, split, precision):
+                block_k, num_q_blocks, head_dim, split, precision, fast_exp2):
   k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, *refs = refs
   cos_ref = sin_ref = kv_seg_ref = q_seg_ref = None
   if rotary:
@@ -313,8 +348,8 @@ def _dkv_kernel(*refs, has_segments, rotary, kv_slots, scale, scale_log2, mask_k
     q = _load_parts(q_ref, parts, q_slice)
     do = _load_parts(do_ref, columns, q_slice)
     # Transposed tiles [block_k, block_q]: rows are keys, so the sums run over queries.
-    p_t = jnp.exp2(_dot_parts(k, q, precision=precision) * scale_log2
-                   - lse_ref[q_slice][None, :])
+    p_t = _exp2_affine(_dot_parts(k, q, precision=precision), scale_log2,
+                       lse_ref[q_slice][None, :], fast_exp2)
     if masked:
       q_pos = q_first + jnp.arange(block_q, dtype=jnp.int32)[None, :]
       q_seg = q_seg_ref[q_slice][None, :] if has_segments else None
@@ -405,7 +440,10 @@ def forward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, *, scale, causal, windo
       _fwd_kernel, has_segments=has_segments, scale_log2=scale * math.log2(math.e),
       mask_kw=_mask_kw(causal, window, kv_len, s, q_offset), block_q=bq, block_k=bk,
       num_q_blocks=t // bq, head_dim=head_dim, split=block_sizes.split_head_dim,
-      precision=_precision(q_bthd.dtype))
+      precision=_precision(q_bthd.dtype), fast_exp2=block_sizes.fast_exp2 and not interpret,
+      # Every row sees key 0 (in the first block each program visits): no window, no segment
+      # ids, and no query before the first key.
+      rows_see_key_zero=window is None and not has_segments and (not causal or q_offset >= 0))
   last = t // bq - 1  # grid axis 0 runs over query blocks in reverse, see _reversed_program_id
   kv_head = lambda hi: lax.div(hi, jnp.int32(group))  # noqa: E731
   v_slot = (lambda hi: 2 * kv_head(hi) + 1) if v_stacked else kv_head  # noqa: E731
@@ -485,7 +523,8 @@ def _backward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, o_bthd, lse_bht, do_b
                 scale_log2=scale * math.log2(math.e),
                 mask_kw=_mask_kw(causal, window, kv_len, s, q_offset), block_q=bq, block_k=bk,
                 head_dim=head_dim, split=block_sizes.split_head_dim,
-                precision=_precision(q_bthd.dtype), num_q_blocks=t // bq)
+                precision=_precision(q_bthd.dtype), num_q_blocks=t // bq,
+                fast_exp2=block_sizes.fast_exp2 and not interpret)
 
   bq, bk = min(block_sizes.block_q_dq, t), min(block_sizes.block_k_dq, s)
   last = t // bq - 1  # dQ's grid axis 0 runs over query blocks in reverse

@@ -30,7 +30,8 @@ _INT32_MAX = 2**31 - 1
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
   """Tile sizes of the forward and the two backward kernels (powers of two, at least 16), and
-  optionally the GPU compiler's warps and stages and how the GPU kernels tile the head dim.
+  optionally the GPU compiler's warps and stages, how the GPU kernels tile the head dim and
+  how they take exponentials.
 
   Attributes:
     block_q: query rows per forward program.
@@ -46,6 +47,11 @@ class BlockSizes:
       column tiles (48 as 32 + 16), every product taken tile by tile, instead of as one tile
       padded to the next power of two (48 as 64, a quarter of each product on zero columns).
       A power-of-two head dim is one tile either way.
+    fast_exp2: GPU only: each softmax exponent, exp2(c·s - m), is one fused multiply-add and
+      one flush-to-zero `ex2` (inline PTX), where jnp's form is a multiply, a subtract and an
+      `ex2` that also rescales subnormal results (three more instructions on an H200: a
+      compare and two multiplies around each exponential). Results below 2^-126 become 0.
+      The Pallas interpreter always runs jnp's form.
   """
   block_q: int = 128
   block_k: int = 64
@@ -56,6 +62,7 @@ class BlockSizes:
   num_warps: int | None = None
   num_stages: int | None = None
   split_head_dim: bool = False
+  fast_exp2: bool = True
 
   def __post_init__(self):
     for name in self.names():
@@ -66,9 +73,10 @@ class BlockSizes:
       raise ValueError(f"BlockSizes.num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps}.")
     if self.num_stages is not None and not 1 <= self.num_stages <= 8:
       raise ValueError(f"BlockSizes.num_stages must be 1 to 8, got {self.num_stages}.")
-    if not isinstance(self.split_head_dim, bool):
-      raise ValueError(f"BlockSizes.split_head_dim must be True or False, got "
-                       f"{self.split_head_dim!r}.")
+    for name in ("split_head_dim", "fast_exp2"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"BlockSizes.{name} must be True or False, got "
+                         f"{getattr(self, name)!r}.")
 
   @staticmethod
   def names() -> tuple[str, ...]:
