@@ -22,8 +22,10 @@ programs share an SM (64 warps), and fewer where registers run out (2 as compile
 H100's or H200's 50 MB L2, so the re-read can come from L2 rather than HBM. Whether it does is
 for a GPU to say: if it does not, the kernel reads the logits twice, as the two-pass kernels do.
 
-Exponentials are base 2 (`exp2`, a single hardware instruction) with log2(e) folded into the
-logits. Columns at or past `vocab` (the loss pads the projection to a multiple of 128 rows) are
+Exponentials are base 2 with log2(e) folded into the logits: compiled, each is one fused
+multiply-add and one flush-to-zero `ex2` in inline PTX (as the attention kernels take theirs,
+`flash_attention_gpu.exp2_affine`; off inside `override_default_blocks(fast_exp2=False)`), and
+running maxima are taken over the unscaled logits. Columns at or past `vocab` (the loss pads the projection to a multiple of 128 rows) are
 masked out of the softmax and get a zero gradient.
 
 Tiles must be powers of two: the two-pass kernels' column block is the largest power of two
@@ -89,23 +91,28 @@ def _resolve_interpret(interpret, padded_vocab: int) -> bool:
   return interpret
 
 
-def _lse_kernel(x_ref, lse_ref, *, vocab: int, block_v: int):
+def _fast_exp2(interpret: bool) -> bool:
+  return not interpret and fa.fast_exp2_default()
+
+
+def _lse_kernel(x_ref, lse_ref, *, vocab: int, block_v: int, fast_exp2: bool):
   rows, width = x_ref.shape
   full_blocks, num_blocks = vocab // block_v, width // block_v
 
   def step(masked):
     def body(j, carry):
-      m, s = carry
+      m, s = carry  # m: the running maximum of log2(e)·x
       start = pl.multiple_of(j * block_v, block_v)
-      x = x_ref[:, pl.ds(start, block_v)].astype(_F32) * _LOG2E
+      x = x_ref[:, pl.ds(start, block_v)].astype(_F32)
       if masked:
         cols = start + lax.broadcasted_iota(jnp.int32, (rows, block_v), 1)
         x = jnp.where(cols < vocab, x, -jnp.inf)
-      m_new = jnp.maximum(m, jnp.max(x, axis=1))
+      m_new = jnp.maximum(m, jnp.max(x, axis=1) * _LOG2E)
       # Until a row has seen a real column its maximum is -inf; shift by 0 then, so that no
       # `-inf - -inf` appears (its sum is still 0 and stays so).
       shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-      s = s * jnp.exp2(m - shift) + jnp.sum(jnp.exp2(x - shift[:, None]), axis=1)
+      s = (s * gpu_kernels.exp2(m - shift, fast_exp2)
+           + jnp.sum(gpu_kernels.exp2_affine(x, _LOG2E, shift[:, None], fast_exp2), axis=1))
       return m_new, s
     return body
 
@@ -118,11 +125,12 @@ def _lse_kernel(x_ref, lse_ref, *, vocab: int, block_v: int):
 
 
 def _grad_kernel(x_ref, lse2_ref, soft_ref, tgt_w_ref, tgt_ref, o_ref, *, vocab: int,
-                 padded: bool):
+                 padded: bool, fast_exp2: bool):
   rows, block_v = x_ref.shape
   start = pl.program_id(1) * block_v
   cols = start + lax.broadcasted_iota(jnp.int32, (rows, block_v), 1)
-  p = jnp.exp2(x_ref[...].astype(_F32) * _LOG2E - lse2_ref[...][:, None])
+  p = gpu_kernels.exp2_affine(x_ref[...].astype(_F32), _LOG2E, lse2_ref[...][:, None],
+                              fast_exp2)
   if padded:
     p = jnp.where(cols < vocab, p, 0.0)
   hit = cols == tgt_ref[...][:, None]
@@ -131,7 +139,7 @@ def _grad_kernel(x_ref, lse2_ref, soft_ref, tgt_w_ref, tgt_ref, o_ref, *, vocab:
 
 
 def _sweep_kernel(x_ref, tgt_ref, s_ref, lse_ref, tl_ref, *, vocab: int, padded_vocab: int,
-                  block_v: int):
+                  block_v: int, fast_exp2: bool):
   """One row: its log-sum-exp and target logit, then softmax - onehot over it, in place."""
   num_blocks = -(-padded_vocab // block_v)
   # Whether any block has columns past the vocabulary (masked out of the softmax) or past the
@@ -148,13 +156,15 @@ def _sweep_kernel(x_ref, tgt_ref, s_ref, lse_ref, tl_ref, *, vocab: int, padded_
     return view, cols, in_array, x.astype(_F32)
 
   def first(j, carry):
-    m, total, target_logit = carry
+    m, total, target_logit = carry  # m: the running maximum of log2(e)·x
     _, cols, _, x = tile(j)
-    x2 = jnp.where(cols < vocab, x * _LOG2E, -jnp.inf) if past_vocab else x * _LOG2E
-    m_new = jnp.maximum(m, jnp.max(x2, axis=1))
+    x_real = jnp.where(cols < vocab, x, -jnp.inf) if past_vocab else x
+    m_new = jnp.maximum(m, jnp.max(x_real, axis=1) * _LOG2E)
     # Until the row has seen a real column its maximum is -inf: shift by 0 then (see _lse_kernel).
     shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-    total = total * jnp.exp2(m - shift) + jnp.sum(jnp.exp2(x2 - shift[:, None]), axis=1)
+    total = (total * gpu_kernels.exp2(m - shift, fast_exp2)
+             + jnp.sum(gpu_kernels.exp2_affine(x_real, _LOG2E, shift[:, None], fast_exp2),
+                       axis=1))
     target_logit = target_logit + jnp.sum(jnp.where(cols == target[:, None], x, 0.0), axis=1)
     return m_new, total, target_logit
 
@@ -168,7 +178,7 @@ def _sweep_kernel(x_ref, tgt_ref, s_ref, lse_ref, tl_ref, *, vocab: int, padded_
   def second(i, _):
     # Last block first: the blocks read last in the first sweep are the likeliest still in L2.
     view, cols, in_array, x = tile(num_blocks - 1 - i)
-    p = jnp.exp2(x * _LOG2E - lse2[:, None])
+    p = gpu_kernels.exp2_affine(x, _LOG2E, lse2[:, None], fast_exp2)
     if past_vocab:
       p = jnp.where(cols < vocab, p, 0.0)
     g = (p - jnp.where(cols == target[:, None], 1.0, 0.0)).astype(s_ref.dtype)
@@ -189,7 +199,8 @@ def _sweep_call(x_nv, targets_n, vocab: int, interpret: bool):
   tile = pl.BlockSpec((1, width), lambda i: (i, 0))
   row = pl.BlockSpec((1,), lambda i: (i,))
   return pl.pallas_call(
-      functools.partial(_sweep_kernel, vocab=vocab, padded_vocab=vp, block_v=block_v),
+      functools.partial(_sweep_kernel, vocab=vocab, padded_vocab=vp, block_v=block_v,
+                        fast_exp2=_fast_exp2(interpret)),
       grid=(n,),
       in_specs=[tile, row],
       out_specs=[tile, row, row],
@@ -206,7 +217,7 @@ def _lse_call(x_nv, vocab: int, interpret: bool):
   n, vp = x_nv.shape
   br, bv = block_shape(n, vp)
   return pl.pallas_call(
-      functools.partial(_lse_kernel, vocab=vocab, block_v=bv),
+      functools.partial(_lse_kernel, vocab=vocab, block_v=bv, fast_exp2=_fast_exp2(interpret)),
       grid=(n // br,),
       in_specs=[pl.BlockSpec((br, vp), lambda i: (i, 0))],
       out_specs=pl.BlockSpec((br,), lambda i: (i,)),
@@ -222,7 +233,8 @@ def _grad_call(x_nv, lse_n, soft_n, tgt_w_n, targets_n, vocab: int, interpret: b
   br, bv = block_shape(n, vp)
   row = pl.BlockSpec((br,), lambda i, j: (i,))
   return pl.pallas_call(
-      functools.partial(_grad_kernel, vocab=vocab, padded=vp != vocab),
+      functools.partial(_grad_kernel, vocab=vocab, padded=vp != vocab,
+                        fast_exp2=_fast_exp2(interpret)),
       grid=(n // br, vp // bv),
       in_specs=[pl.BlockSpec((br, bv), lambda i, j: (i, j)), row, row, row, row],
       out_specs=pl.BlockSpec((br, bv), lambda i, j: (i, j)),

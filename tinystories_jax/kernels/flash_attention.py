@@ -119,6 +119,12 @@ def default_block_sizes(family: str, head_dim: int) -> BlockSizes:
   return dataclasses.replace(blocks, **_DEFAULT_BLOCK_CHANGES)
 
 
+def fast_exp2_default() -> bool:
+  """`BlockSizes.fast_exp2` of the default blocks (inside `override_default_blocks`, as changed
+  there): the loss kernels (`cross_entropy`) take their exponentials the same way."""
+  return _DEFAULT_BLOCK_CHANGES.get("fast_exp2", BlockSizes.fast_exp2)
+
+
 @contextlib.contextmanager
 def override_default_blocks(**changes):
   """Within this context, the block sizes picked for calls without `block_sizes=` (a model's

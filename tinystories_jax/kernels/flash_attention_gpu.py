@@ -140,17 +140,18 @@ def _unrotate(grad_parts, cos_ref, sin_ref):
   return lo * cos + hi * sin, hi * cos - lo * sin
 
 
-# Inline PTX (compiled kernels only; the interpreter runs the jnp forms). jnp.exp2 lowers to a
-# plain `ex2.approx.f32`, which ptxas wraps in a compare and two multiplies to keep subnormal
-# results; the flush-to-zero form is the bare instruction. Multiplies and subtracts reach PTX
-# with explicit rounding (`mul.rn`, `sub.rn`), which ptxas never fuses, so the fused
-# multiply-add is written out (ptxas folds the negation into it).
+# Inline PTX (compiled kernels only; the interpreter runs the jnp forms; the loss kernels use
+# them too). jnp.exp2 lowers to a plain `ex2.approx.f32`, which ptxas wraps in a compare and two
+# multiplies to keep subnormal results; the flush-to-zero form is the bare instruction.
+# Multiplies and subtracts reach PTX with explicit rounding (`mul.rn`, `sub.rn`), which ptxas
+# never fuses, so the fused multiply-add is written out (ptxas folds the negation into it).
 _EXP2_ASM = "ex2.approx.ftz.f32 $0, $1;"
 _EXP2_AFFINE_ASM = ("{ .reg .f32 t; neg.f32 t, $3; fma.rn.f32 t, $1, $2, t; "
                     "ex2.approx.ftz.f32 $0, t; }")
 
 
-def _asm_f32(asm, *args):
+def asm_f32(asm, *args):
+  """Elementwise inline PTX over float32 operands broadcast to the first one's shape."""
   shape = args[0].shape
   args = [jnp.broadcast_to(jnp.asarray(a, _F32), shape) for a in args]
   [out] = plgpu.elementwise_inline_asm(
@@ -159,14 +160,14 @@ def _asm_f32(asm, *args):
   return out
 
 
-def _exp2(x, fast: bool):
-  """2^x (float32)."""
-  return _asm_f32(_EXP2_ASM, x) if fast else jnp.exp2(x)
+def exp2(x, fast: bool):
+  """2^x (float32); `fast`: the inline PTX form (compiled kernels only)."""
+  return asm_f32(_EXP2_ASM, x) if fast else jnp.exp2(x)
 
 
-def _exp2_affine(s, c: float, m, fast: bool):
+def exp2_affine(s, c: float, m, fast: bool):
   """2^(c·s - m) for float32 scores s, a Python float c and m broadcast against s."""
-  return _asm_f32(_EXP2_AFFINE_ASM, s, c, m) if fast else jnp.exp2(s * c - m)
+  return asm_f32(_EXP2_AFFINE_ASM, s, c, m) if fast else jnp.exp2(s * c - m)
 
 
 def _reversed_program_id(num_q_blocks: int):
@@ -234,8 +235,8 @@ def _fwd_kernel(*refs, has_segments, scale_log2, mask_kw, block_q, block_k, num_
       mask = flash_tiling.block_mask(q_pos, k_pos, q_seg=q_seg, kv_seg=kv_seg, **mask_kw)
       s = jnp.where(mask, s, MASK_VALUE)
     m_new = jnp.maximum(m, jnp.max(s, axis=1) * scale_log2)
-    alpha = _exp2(m - m_new, fast_exp2)
-    p = _exp2_affine(s, scale_log2, m_new[:, None], fast_exp2)
+    alpha = exp2(m - m_new, fast_exp2)
+    p = exp2_affine(s, scale_log2, m_new[:, None], fast_exp2)
     if masked and not rows_see_key_zero:
       # A row with no visible key yet may have m_new == c·MASK_VALUE (c <= 1), so exp2 gave 1s
       # that must not count. Where every row sees key 0, in the first block visited, m_new is
@@ -287,7 +288,7 @@ def _dq_kernel(*refs, has_segments, rotary, scale, scale_log2, mask_kw, block_q,
     k_first = pl.multiple_of(j * block_k, block_k)
     k_slice = pl.ds(k_first, block_k)
     k = _load_parts(k_ref, parts, k_slice)
-    p = _exp2_affine(_dot_parts(q, k, precision=precision), scale_log2, lse, fast_exp2)
+    p = exp2_affine(_dot_parts(q, k, precision=precision), scale_log2, lse, fast_exp2)
     if masked:
       k_pos = k_first + jnp.arange(block_k, dtype=jnp.int32)[None, :]
       kv_seg = kv_seg_ref[k_slice][None, :] if has_segments else None
@@ -348,8 +349,8 @@ def _dkv_kernel(*refs, has_segments, rotary, kv_slots, scale, scale_log2, mask_k
     q = _load_parts(q_ref, parts, q_slice)
     do = _load_parts(do_ref, columns, q_slice)
     # Transposed tiles [block_k, block_q]: rows are keys, so the sums run over queries.
-    p_t = _exp2_affine(_dot_parts(k, q, precision=precision), scale_log2,
-                       lse_ref[q_slice][None, :], fast_exp2)
+    p_t = exp2_affine(_dot_parts(k, q, precision=precision), scale_log2,
+                      lse_ref[q_slice][None, :], fast_exp2)
     if masked:
       q_pos = q_first + jnp.arange(block_q, dtype=jnp.int32)[None, :]
       q_seg = q_seg_ref[q_slice][None, :] if has_segments else None
