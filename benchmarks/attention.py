@@ -423,7 +423,7 @@ def sweep(*, interpret: bool, emit: Callable[[dict], None], smoke: bool, iters: 
   rows = []
   cases = (((SMOKE_SHAPES[0], tuple(SMOKE_WINDOWS)), ((1, 64, 2, 48), ("causal",)))
            if smoke else sweep_cases(shapes))
-  configs = list(SWEEP[:2] + SWEEP[-1:] if smoke else SWEEP)
+  configs = list(SWEEP[:3] + SWEEP[-1:] if smoke else SWEEP)
   if jax.default_backend() == "gpu":
     configs.append(None)
   for shape, window_names in cases:

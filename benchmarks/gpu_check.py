@@ -83,7 +83,8 @@ SMOKE_TRAIN_SHAPES = (
 # model.remat="block", ":norm" model.norm_impl="pallas", ":qkv" model.qkv_impl="pallas", ":mlp"
 # model.mlp_impl="pallas" (these three at llama shapes only; ":qkv" needs pallas attention);
 # ":split" the attention kernels' default blocks with split_head_dim, ":jnpexp" with
-# fast_exp2 off (jnp's exp2; the before of that change) (both pallas attention only);
+# fast_exp2 off (jnp's exponentials in the attention and loss kernels) (both pallas attention
+# only);
 # ":flatN" optimizer.flatten_below=N, ":flat" N = FLAT_BELOW; ":padN" the fused loss's vocab
 # padding multiple, ":pad1" none; its passes over the logits are train.loss_kernel's default,
 # "auto", unless ":xla" (XLA, two passes), ":online" (XLA, one pass), ":kernel" (Pallas) or
@@ -291,7 +292,7 @@ def parse_variant(text: str) -> dict:
   model.mlp_impl="pallas" (SwiGLU's backward kernel), these three at llama shapes only;
   `split` runs the Pallas attention kernels with `BlockSizes.split_head_dim` (the head dim as
   power-of-two column tiles; the same kernels where it is a power of two); `jnpexp` runs them
-  with `BlockSizes.fast_exp2` off (each softmax exponential by jnp's exp2); `flatN`
+  and the loss kernels with `BlockSizes.fast_exp2` off (each exponential by jnp's exp2); `flatN`
   optimizer.flatten_below=N (`flat`: FLAT_BELOW); with the fused loss, `padN` pads the output
   projection to a multiple of N rows (`pad1`: none; default 128), and its passes over the
   logits are train.loss_kernel="auto" (the default) unless `xla` (XLA's two passes),
@@ -337,8 +338,8 @@ def parse_variant(text: str) -> dict:
     raise ValueError(f"{text!r}: split tiles the Pallas attention kernels; use attention "
                      "pallas with it")
   if variant["jnpexp"] and impl != "pallas":
-    raise ValueError(f"{text!r}: jnpexp changes the Pallas attention kernels; use attention "
-                     "pallas with it")
+    raise ValueError(f"{text!r}: jnpexp changes the Pallas attention (and loss) kernels; use "
+                     "attention pallas with it")
   if loss != "fused" and (variant["loss_kernel"] != "auto" or variant["pad"] is not None):
     raise ValueError(f"{text!r}: xla, online, kernel, fwdgrad and padN apply to the fused loss "
                      "only")
@@ -693,7 +694,7 @@ def _variant(r: dict) -> str:
   if r.get("split_head_dim"):
     text += ", head dim split into power-of-two tiles"
   if r.get("fast_exp2") is False:
-    text += ", attention exp2 by jnp"
+    text += ", attention and loss exp2 by jnp"
   if r.get("flatten_below"):
     text += f", parameters under {r['flatten_below']:,} updated flat"
   if r.get("loss_vocab_multiple") == 1:

@@ -76,7 +76,7 @@ def test_table_labels_tell_the_norm_kernels_apart():
   assert "SwiGLU" not in label(row)
   assert "Pallas SwiGLU backward" in label({**row, "mlp_impl": "pallas"})
   assert "exp2" not in label(row)
-  assert "attention exp2 by jnp" in label({**row, "fast_exp2": False})
+  assert "attention and loss exp2 by jnp" in label({**row, "fast_exp2": False})
   assert "flat" not in label(row)
   assert "parameters under 1,048,576 updated flat" in label({**row, "flatten_below": 1 << 20})
   assert "power-of-two tiles" not in label(row)

@@ -177,17 +177,24 @@ def test_kernels_lower_for_gpus(monkeypatch):
     return (ce.logsumexp(x, 32000), ce.logit_grad(x, lse, soft, tgt_w, tgt, 32000),
             ce.softmax_minus_onehot(x, tgt, 32000))
 
-  def lowered():  # a new function each time: jit's trace cache would keep the first kernels
-    return jax.jit(lambda *a: all_three(*a)).trace(x, row, row, row, tgt).lower(
+  def lowered(fn):  # a new function each time: jit's trace cache would keep the first kernels
+    return jax.jit(lambda *a: fn(*a)).trace(x, row, row, row, tgt).lower(
         lowering_platforms=("cuda",)).as_text()
 
   try:
-    text = lowered()
+    text = lowered(all_three)
   except (ImportError, RuntimeError) as e:  # no Triton lowering in this jaxlib, or no GPU info
     pytest.skip(f"cannot lower for cuda here: {e}")
   assert text.count("triton") >= 3
   # Each kernel takes its exponentials as the attention kernels do: fused multiply-add and
   # flush-to-zero ex2 in inline PTX, and jnp's exp2 with fast_exp2 off.
-  assert text.count("ex2.approx.ftz.f32") >= 3, "expected the inline exp2 in all three kernels"
-  with fa.override_default_blocks(fast_exp2=False):
-    assert "ex2.approx.ftz.f32" not in lowered()
+  kernels = {"lse": lambda x, lse, soft, tgt_w, tgt: ce.logsumexp(x, 32000),
+             "grad": lambda x, lse, soft, tgt_w, tgt: ce.logit_grad(x, lse, soft, tgt_w, tgt,
+                                                                    32000),
+             "sweeps": lambda x, lse, soft, tgt_w, tgt: ce.softmax_minus_onehot(x, tgt, 32000)}
+  for name, fn in kernels.items():
+    one = lowered(fn)
+    assert "ex2.approx.ftz.f32" in one and "fma.rn.f32" in one, name
+    with fa.override_default_blocks(fast_exp2=False):
+      one = lowered(fn)
+    assert "ex2.approx.ftz.f32" not in one and "fma.rn.f32" not in one, name

@@ -98,11 +98,14 @@ CASES = {
     "split_d112_cross_lengths_mixed_blocks": dict(b=1, t=40, s=72, h=2, k=1, d=112, window=20,
                                                   block_sizes=MIXED_SPLIT_BLOCKS),
     "split_d64_is_one_tile": dict(b=1, t=64, s=64, h=2, k=2, d=64, block_sizes=SPLIT_BLOCKS),
-    # The forward masks unscaled scores with MASK_VALUE / c (c = scale·log2 e) where c > 1, and
-    # drops its second mask (on the exponentials) where every row sees key 0: a scale far
-    # above 1 with fully masked (padding) rows, and causal queries that are the last T of S.
+    # The forward takes its row maximum over unscaled scores (masked with MASK_VALUE, whose
+    # product with c = scale·log2 e overflows to -inf where c > 1) and drops its second mask
+    # (on the exponentials) where every row sees key 0: a scale far above 1 with fully masked
+    # (padding) rows; causal queries that are the last T of S; and more queries than keys with
+    # the rows that see none inside a query block that also has rows that do.
     "large_scale_segments": dict(b=2, t=100, s=100, h=2, k=1, d=32, segments=True, scale=4.0),
     "cross_lengths_causal_pad": dict(b=1, t=40, s=70, h=2, k=2, d=16, scale=2.0),
+    "more_queries_than_keys_unaligned": dict(b=1, t=72, s=50, h=2, k=2, d=16),
 }
 TPU_CASES = ("causal", "pad_window_segments_gqa_d48", "noncausal_pad_mqa")
 
@@ -266,11 +269,17 @@ def test_fast_exp2_puts_the_fused_exponent_in_every_kernel(stacked, monkeypatch)
   assert counts[False] == (0, 0), counts
 
 
-def test_gpu_kernels_refuse_a_scale_that_is_not_positive():
+def test_gpu_kernels_refuse_a_scale_that_is_not_positive(monkeypatch):
   q = jnp.zeros((1, 32, 2, 16), jnp.float32)
-  for scale in (0.0, -0.5):
-    with pytest.raises(ValueError, match="positive scale.*attention='xla'"):
+  for scale in (0.0, -0.5, 1e-31):
+    with pytest.raises(ValueError, match="positive scale of at least 1e-30.*attention='xla'"):
       fa.flash_attention(q, q, q, scale=scale, interpret=True, backend="gpu")
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # the stacked wrapper checks it
+  y, table = jnp.zeros((1, 32, 3, 16), jnp.float32), jnp.zeros((1, 32, 8), jnp.float32)
+  with pytest.raises(ValueError, match="positive scale"):
+    fa.flash_attention_stacked(y, table, table, kv_heads=1, scale=0.0, interpret=True)
+  got = fa.flash_attention(q, q, q, scale=1e-30, interpret=True, backend="gpu")
+  assert np.isfinite(np.asarray(got)).all()
   # The TPU kernels scale before the maximum and take any scale.
   got = fa.flash_attention(q, q, q, scale=-0.5, interpret=True, backend="tpu")
   assert np.isfinite(np.asarray(got)).all()

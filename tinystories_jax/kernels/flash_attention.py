@@ -152,12 +152,18 @@ def _fit_to_length(block: int, length: int) -> int:
   return fitted
 
 
+# The smallest scale the GPU kernels take: below it, scale · MASK_VALUE would no longer make a
+# masked score's exponential 0 (their forward masks the scores before scaling them).
+MIN_GPU_SCALE = 1e-30
+
+
 def _resolve_scale(scale, head_dim: int, family: str) -> float:
-  """The softmax scale (None: 1/sqrt(D)); the GPU kernels need it positive."""
+  """The softmax scale (None: 1/sqrt(D)); the GPU kernels need at least MIN_GPU_SCALE."""
   scale = float(head_dim**-0.5 if scale is None else scale)
-  if family == "gpu" and not scale > 0:
-    raise ValueError(f"flash_attention: the GPU kernels take a positive scale, got {scale} (they "
-                     "take each row's maximum before scaling); use attention='xla' for another.")
+  if family == "gpu" and not scale >= MIN_GPU_SCALE:
+    raise ValueError(f"flash_attention: the GPU kernels take a positive scale of at least "
+                     f"{MIN_GPU_SCALE}, got {scale} (they take each row's maximum before "
+                     "scaling); use attention='xla' for another.")
   return scale
 
 
@@ -258,7 +264,8 @@ def flash_attention(q_bthd, k_bskd, v_bskd, *, causal=True, window=None, q_segme
     q_segment_ids_bt: int32 [B, T], non-negative; query i sees key j only where the ids are
       equal, and id 0 (padding) sees nothing (its rows are zeros).
     kv_segment_ids_bs: int32 [B, S], given together with q_segment_ids_bt.
-    scale: multiplies q.k; None means 1 / sqrt(D) (GPT-Neo passes 1.0). Positive on a GPU.
+    scale: multiplies q.k; None means 1 / sqrt(D) (GPT-Neo passes 1.0). At least
+      MIN_GPU_SCALE (1e-30) on a GPU.
     block_sizes: `BlockSizes` override; None picks per platform and head size.
     interpret: run the Pallas interpreter (works on CPU); None follows `force_interpret`.
     backend: "gpu" (Triton) or "tpu" (Mosaic) kernels; None picks the current platform's. For
