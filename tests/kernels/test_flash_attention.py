@@ -269,6 +269,27 @@ def test_fast_exp2_puts_the_fused_exponent_in_every_kernel(stacked, monkeypatch)
   assert counts[False] == (0, 0), counts
 
 
+def test_no_inline_ptx_on_amd_gpus(monkeypatch):
+  """ROCm's Triton takes no PTX: there the kernels keep jnp's exponentials."""
+  gpu = fa._kernels("gpu")  # noqa: SLF001
+  assert gpu.ptx_available()  # this CPU counts as compiling for NVIDIA's GPUs
+
+  class Rocm:
+    platform = "gpu"
+    client = type("Client", (), {"platform_version": "rocm 60302"})()
+
+  gpu.ptx_available.cache_clear()
+  monkeypatch.setattr(jax, "devices", lambda *a: [Rocm()])
+  try:
+    assert not gpu.ptx_available()
+    q = jax.ShapeDtypeStruct((1, 64, 2, 32), jnp.bfloat16)
+    fn = lambda q, k, v: fa.flash_attention(q, k, v, backend="gpu", interpret=False)  # noqa: E731
+    text = jax.jit(fn).trace(q, q, q).lower(lowering_platforms=("cuda",)).as_text()
+    assert "ex2.approx.ftz" not in text
+  finally:
+    gpu.ptx_available.cache_clear()
+
+
 def test_gpu_kernels_refuse_a_scale_that_is_not_positive(monkeypatch):
   q = jnp.zeros((1, 32, 2, 16), jnp.float32)
   for scale in (0.0, -0.5, 1e-31):

@@ -92,7 +92,7 @@ def _resolve_interpret(interpret, padded_vocab: int) -> bool:
 
 
 def _fast_exp2(interpret: bool) -> bool:
-  return not interpret and fa.fast_exp2_default()
+  return not interpret and fa.fast_exp2_default() and gpu_kernels.ptx_available()
 
 
 def _lse_kernel(x_ref, lse_ref, *, vocab: int, block_v: int, fast_exp2: bool):

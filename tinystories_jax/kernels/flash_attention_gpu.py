@@ -150,6 +150,18 @@ _EXP2_AFFINE_ASM = ("{ .reg .f32 t; neg.f32 t, $3; fma.rn.f32 t, $1, $2, t; "
                     "ex2.approx.ftz.f32 $0, t; }")
 
 
+@functools.cache
+def ptx_available() -> bool:
+  """Whether the inline PTX can run here: not on AMD GPUs (ROCm), whose Triton takes none. A
+  CPU (tests, compiling for an NVIDIA GPU without one) counts as NVIDIA's."""
+  try:
+    device = jax.devices()[0]
+    return not (device.platform == "gpu"
+                and "rocm" in str(device.client.platform_version).lower())
+  except Exception:  # noqa: BLE001 - no backend to ask: compile for CUDA
+    return True
+
+
 def asm_f32(asm, *args):
   """Elementwise inline PTX over float32 operands broadcast to the first one's shape."""
   shape = args[0].shape
@@ -441,7 +453,8 @@ def forward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, *, scale, causal, windo
       _fwd_kernel, has_segments=has_segments, scale_log2=scale * math.log2(math.e),
       mask_kw=_mask_kw(causal, window, kv_len, s, q_offset), block_q=bq, block_k=bk,
       num_q_blocks=t // bq, head_dim=head_dim, split=block_sizes.split_head_dim,
-      precision=_precision(q_bthd.dtype), fast_exp2=block_sizes.fast_exp2 and not interpret,
+      precision=_precision(q_bthd.dtype),
+      fast_exp2=block_sizes.fast_exp2 and not interpret and ptx_available(),
       # Every row sees key 0 (in the first block each program visits): no window, no segment
       # ids, and no query before the first key.
       rows_see_key_zero=window is None and not has_segments and (not causal or q_offset >= 0))
@@ -525,7 +538,7 @@ def _backward(q_bthd, k_bskd, v_bskd, q_seg_bt, kv_seg_bs, o_bthd, lse_bht, do_b
                 mask_kw=_mask_kw(causal, window, kv_len, s, q_offset), block_q=bq, block_k=bk,
                 head_dim=head_dim, split=block_sizes.split_head_dim,
                 precision=_precision(q_bthd.dtype), num_q_blocks=t // bq,
-                fast_exp2=block_sizes.fast_exp2 and not interpret)
+                fast_exp2=block_sizes.fast_exp2 and not interpret and ptx_available())
 
   bq, bk = min(block_sizes.block_q_dq, t), min(block_sizes.block_k_dq, s)
   last = t // bq - 1  # dQ's grid axis 0 runs over query blocks in reverse

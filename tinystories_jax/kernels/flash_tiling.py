@@ -51,7 +51,7 @@ class BlockSizes:
       one flush-to-zero `ex2` (inline PTX), where jnp's form is a multiply, a subtract and an
       `ex2` that also rescales subnormal results (three more instructions on an H200: a
       compare and two multiplies around each exponential). Results below 2^-126 become 0.
-      The Pallas interpreter always runs jnp's form.
+      The Pallas interpreter, and an AMD GPU (no PTX), always run jnp's form.
   """
   block_q: int = 128
   block_k: int = 64
