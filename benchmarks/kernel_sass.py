@@ -7,14 +7,15 @@ Compiles the flash attention forward and backward (bf16, causal, default blocks)
 `--attention` B x T x H x D and the three loss kernels at `--loss` rows x vocab, with XLA's
 deviceless GPU compiler (`gpu_compile.py`'s environment), has XLA write each kernel's PTX, and
 for each kernel prints the registers a thread (`ptxas -v`) and, per loop of its SASS
-(`nvdisasm`, PyPI's `nvidia-cuda-nvdisasm`), how many instructions one iteration runs and how
-many of them are tensor-core products (HGMMA), exponentials (MUFU), fused multiply-adds, plain
-multiplies, adds, min/max, selects and bf16 packs. These are static counts, not timings: where
-a loop's time goes on a GPU is for a profiler there to say.
+(`nvdisasm`, PyPI's `nvidia-cuda-nvdisasm`), how many instructions the loop body holds (from its
+label to the branch back; one pass, where the body has no inner branches, as in these kernels)
+and how many of them are tensor-core products (HGMMA), exponentials (MUFU), fused multiply-adds,
+plain multiplies, adds, min/max, selects and bf16 packs. These are static counts, not timings:
+where a loop's time goes on a GPU is for a profiler there to say.
 
-Needs ptxas (`nvidia-cuda-nvcc`, installed with `jax[cuda12]`) and nvdisasm, each on PATH or
-given by `--ptxas` / `--nvdisasm`; the counts in docs/kernels.md came from ptxas 12.9 and
-nvdisasm 13.5.
+Needs ptxas (`nvidia-cuda-nvcc`, installed with `jax[cuda12]`) and nvdisasm, each on PATH, in an
+installed NVIDIA wheel's `bin/` or given by `--ptxas` / `--nvdisasm`; the counts in
+docs/kernels.md came from ptxas 12.9 and nvdisasm 13.5.
 """
 
 from __future__ import annotations
@@ -28,10 +29,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-
-# The plugin's start-up check asks the (absent) driver for its version.
-os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
-os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -50,7 +47,7 @@ def sass_instructions(sass: str) -> int:
 
 def sass_loops(sass: str) -> list[dict]:
   """Every loop of an `nvdisasm -c` listing (a label and a later branch back to it): its label,
-  how many instructions one pass runs, and their counts by opcode class (CLASSES)."""
+  how many instructions its body holds, and their counts by opcode class (CLASSES)."""
   labels, instructions = {}, []
   for line in sass.splitlines():
     label = _LABEL.match(line)
@@ -77,19 +74,29 @@ def sass_loops(sass: str) -> list[dict]:
 
 def _tool(name: str, given: str) -> str:
   if given:
+    if not os.access(given, os.X_OK):
+      sys.exit(f"kernel_sass: --{name}={given} is not an executable file.")
     return given
   found = shutil.which(name)
   if found:
     return found
-  try:  # ptxas comes with jax[cuda12]'s nvidia-cuda-nvcc wheel
-    import nvidia.cuda_nvcc  # noqa: PLC0415
-    candidate = pathlib.Path(nvidia.cuda_nvcc.__path__[0]) / "bin" / name
-    if candidate.exists():
-      return str(candidate)
+  try:  # the NVIDIA wheels: nvidia/cuda_nvcc/bin/ptxas (jax[cuda12]), nvidia/cu13/bin/nvdisasm
+    import nvidia  # noqa: PLC0415
+    for root in nvidia.__path__:
+      for candidate in sorted(pathlib.Path(root).glob(f"*/bin/{name}")):
+        if os.access(candidate, os.X_OK):
+          return str(candidate)
   except ImportError:
     pass
   sys.exit(f"kernel_sass: no {name}; put it on PATH or pass --{name} (ptxas: pip install "
            f"nvidia-cuda-nvcc-cu12; nvdisasm: pip install nvidia-cuda-nvdisasm).")
+
+
+def _run(argv: list[str]) -> subprocess.CompletedProcess:
+  done = subprocess.run(argv, capture_output=True, text=True)
+  if done.returncode:
+    sys.exit(f"kernel_sass: {' '.join(argv)} failed ({done.returncode}):\n{done.stderr}")
+  return done
 
 
 def _shape(text: str, n: int, flag: str, parser) -> tuple[int, ...]:
@@ -100,6 +107,9 @@ def _shape(text: str, n: int, flag: str, parser) -> tuple[int, ...]:
 
 
 def _compile(dump: pathlib.Path, attention, loss, jnpexp: bool) -> None:
+  # The plugin's start-up check asks the (absent) driver for its version.
+  os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+  os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
   os.environ["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={dump} "
                              "--xla_gpu_dump_llvmir --xla_dump_emitter_re=.*").strip()
   import gpu_compile  # noqa: PLC0415 (imports jax: after XLA_FLAGS)
@@ -156,25 +166,30 @@ def main() -> None:
   with tempfile.TemporaryDirectory() as tmp:
     dump = pathlib.Path(tmp)
     _compile(dump, attention, loss, args.jnpexp)
+    shown = 0
     for ptx in sorted(dump.glob("*.ptx")):
-      entry = re.search(r"\.entry\s+(\w+)\(", ptx.read_text())
-      if not entry or not entry.group(1).startswith(("flash_attention", "cross_entropy")):
+      entries = re.findall(r"\.entry\s+(\w+)\(", ptx.read_text())
+      ours = [e for e in entries if e.startswith(("flash_attention", "cross_entropy"))]
+      if not ours:
         continue
+      if len(entries) > 1:
+        print(f"# {ptx.name} holds {len(entries)} kernels; the counts below are all of them")
+      shown += 1
       cubin = ptx.with_suffix(".cubin")
-      compiled = subprocess.run([ptxas, "-v", "-arch=sm_90a", str(ptx), "-o", str(cubin)],
-                                capture_output=True, text=True, check=True)
+      compiled = _run([ptxas, "-v", "-arch=sm_90a", str(ptx), "-o", str(cubin)])
       registers = re.search(r"Used (\d+) registers", compiled.stderr)
       spills = re.search(r"(\d+) bytes spill stores", compiled.stderr)
-      sass = subprocess.run([nvdisasm, "-c", str(cubin)], capture_output=True, text=True,
-                            check=True).stdout
-      print(f"{entry.group(1)}: {registers.group(1) if registers else '?'} registers a thread, "
+      sass = _run([nvdisasm, "-c", str(cubin)]).stdout
+      print(f"{', '.join(ours)}: {registers.group(1) if registers else '?'} registers a thread, "
             f"{spills.group(1) if spills else '?'} bytes of spill stores")
       loops = sass_loops(sass)
       for loop in loops:
         counts = " ".join(f"{c} {loop[c]}" for c in CLASSES)
-        print(f"  loop {loop['label']}: {loop['instructions']} instructions a pass ({counts})")
+        print(f"  loop {loop['label']}: {loop['instructions']} instructions ({counts})")
       if not loops:
         print(f"  no loop: {sass_instructions(sass)} instructions in all")
+    if not shown:
+      sys.exit("kernel_sass: XLA wrote no PTX of the attention or loss kernels; nothing to count.")
 
 
 if __name__ == "__main__":

@@ -76,11 +76,12 @@ def test_softmax_minus_onehot_matches_its_reference(shape, dtype):
                              rtol=1e-3, atol=atol, err_msg=f"seed {seed}")
   assert not np.any(np.asarray(s[..., vocab:], np.float32))  # padding columns: no gradient
   # Each row: the softmax sums to 1, so softmax - onehot sums to 0, and the target's entry is
-  # p - 1 with p = exp(target logit - lse). In float32 each base-2 exponent (log2(e)·x up to
-  # ~230 here) rounds by up to half an ulp, 7.6e-6, in each sweep and in the log-sum-exp: up
-  # to ~2.5e-5 in a row's sum where the interpreter (XLA on a CPU) rounds the two sweeps'
-  # log2(e)·x - shift differently, a fused multiply-add in one and not in the other (compiled,
-  # both are one fused multiply-add). Seen: up to 2.1e-5 (sum) and 7e-6 (target) over 30 draws.
+  # p - 1 with p = exp(target logit - lse). In float32 each base-2 exponent (log2(e)·x, up to
+  # ~290 here) rounds by up to half an ulp (1.5e-5 above 256), and p moves by ln 2 times its
+  # exponent's error. The interpreter (XLA on a CPU) may round the two sweeps'
+  # log2(e)·x - shift differently (a fused multiply-add in one and not the other; compiled,
+  # both are one), so a row's sum can be off by ln 2 · (two half-ulps), ~2.1e-5. Seen over 30
+  # draws: up to 2.1e-5 (sum) and 7e-6 (target entry).
   np.testing.assert_allclose(np.asarray(s, np.float32).sum(-1), 0.0, atol=2e-2 if
                              dtype == jnp.bfloat16 else 5e-5)
   at_target = np.take_along_axis(np.asarray(s, np.float32), np.asarray(targets)[..., None],

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tinystories_jax.kernels import cross_entropy as ce
 from tinystories_jax.kernels import flash_attention as fa
 
 SMALL_BLOCKS = fa.BlockSizes(*(32,) * 6)
@@ -279,13 +280,24 @@ def test_no_inline_ptx_on_amd_gpus(monkeypatch):
     client = type("Client", (), {"platform_version": "rocm 60302"})()
 
   gpu.ptx_available.cache_clear()
-  monkeypatch.setattr(jax, "devices", lambda *a: [Rocm()])
   try:
-    assert not gpu.ptx_available()
+    with monkeypatch.context() as m:  # only while asked: lowering asks jax for devices too
+      m.setattr(jax, "local_devices", lambda *a, **k: [Rocm()])
+      assert not gpu.ptx_available()  # and so it stays until the cache is cleared
     q = jax.ShapeDtypeStruct((1, 64, 2, 32), jnp.bfloat16)
-    fn = lambda q, k, v: fa.flash_attention(q, k, v, backend="gpu", interpret=False)  # noqa: E731
-    text = jax.jit(fn).trace(q, q, q).lower(lowering_platforms=("cuda",)).as_text()
-    assert "ex2.approx.ftz" not in text
+
+    def fwd_bwd(q, k, v):  # the forward, dQ and dK/dV kernels
+      o, vjp = jax.vjp(lambda *a: fa.flash_attention(*a, backend="gpu", interpret=False),
+                       q, k, v)
+      return vjp(o)
+
+    text = jax.jit(fwd_bwd).trace(q, q, q).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("triton") >= 3 and "ex2.approx.ftz" not in text
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # the loss kernels check it
+    x = jax.ShapeDtypeStruct((1, 64, 256), jnp.bfloat16)
+    text = jax.jit(lambda x: ce.logsumexp(x, 256)).trace(x).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert "triton" in text and "ex2.approx.ftz" not in text
   finally:
     gpu.ptx_available.cache_clear()
 

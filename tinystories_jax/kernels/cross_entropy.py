@@ -22,10 +22,10 @@ programs share an SM (64 warps), and fewer where registers run out (2 as compile
 H100's or H200's 50 MB L2, so the re-read can come from L2 rather than HBM. Whether it does is
 for a GPU to say: if it does not, the kernel reads the logits twice, as the two-pass kernels do.
 
-Exponentials are base 2 with log2(e) folded into the logits: compiled, each is one fused
-multiply-add and one flush-to-zero `ex2` in inline PTX (as the attention kernels take theirs,
-`flash_attention_gpu.exp2_affine`; off inside `override_default_blocks(fast_exp2=False)`), and
-running maxima are taken over the unscaled logits. Columns at or past `vocab` (the loss pads
+Exponentials are base 2 with log2(e) folded into the logits: compiled for an NVIDIA GPU, each is
+one fused multiply-add and one flush-to-zero `ex2` in inline PTX (as the attention kernels take
+theirs, `flash_attention_gpu.exp2_affine`; off inside `override_default_blocks(fast_exp2=False)`),
+and running maxima are taken over the unscaled logits. Columns at or past `vocab` (the loss pads
 the projection to a multiple of 128 rows) are masked out of the softmax and get a zero gradient.
 
 Tiles must be powers of two: the two-pass kernels' column block is the largest power of two

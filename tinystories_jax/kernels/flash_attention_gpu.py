@@ -11,9 +11,10 @@ read through 64-wide tiles with masked loads (the extra columns read as zeros) a
 or, with `BlockSizes.split_head_dim`, as power-of-two column tiles (32 + 16) whose products are
 taken tile by tile, so no product runs over zero columns.
 Exponentials are base 2 with log2(e) folded into the scale; the log-sum-exp residual is kept in
-that base between the passes. Compiled, each exponent exp2(c·s - m) is one fused multiply-add and
-one flush-to-zero `ex2` in inline PTX (`BlockSizes.fast_exp2`); the forward takes its running
-maximum over the unscaled scores, so the scale is applied per row, not per score.
+that base between the passes. Compiled for an NVIDIA GPU, each exponent exp2(c·s - m) is one
+fused multiply-add and one flush-to-zero `ex2` in inline PTX (`BlockSizes.fast_exp2`; not on
+ROCm, see `ptx_available`); the forward takes its running maximum over the unscaled scores, so
+the scale is applied per row, not per score.
 """
 
 from __future__ import annotations
@@ -140,11 +141,12 @@ def _unrotate(grad_parts, cos_ref, sin_ref):
   return lo * cos + hi * sin, hi * cos - lo * sin
 
 
-# Inline PTX (compiled kernels only; the interpreter runs the jnp forms; the loss kernels use
-# them too). jnp.exp2 lowers to a plain `ex2.approx.f32`, which ptxas wraps in a compare and two
-# multiplies to keep subnormal results; the flush-to-zero form is the bare instruction.
-# Multiplies and subtracts reach PTX with explicit rounding (`mul.rn`, `sub.rn`), which ptxas
-# never fuses, so the fused multiply-add is written out (ptxas folds the negation into it).
+# Inline PTX (compiled kernels on NVIDIA GPUs only; the interpreter and ROCm run the jnp forms;
+# the loss kernels use them too). jnp.exp2 lowers to a plain `ex2.approx.f32`, which ptxas wraps
+# in a compare and two multiplies to keep subnormal results; the flush-to-zero form is the bare
+# instruction. Multiplies and subtracts reach PTX with explicit rounding (`mul.rn`, `sub.rn`),
+# which ptxas never fuses, so the fused multiply-add is written out (ptxas folds the negation
+# into it).
 _EXP2_ASM = "ex2.approx.ftz.f32 $0, $1;"
 _EXP2_AFFINE_ASM = ("{ .reg .f32 t; neg.f32 t, $3; fma.rn.f32 t, $1, $2, t; "
                     "ex2.approx.ftz.f32 $0, t; }")
@@ -153,9 +155,11 @@ _EXP2_AFFINE_ASM = ("{ .reg .f32 t; neg.f32 t, $3; fma.rn.f32 t, $1, $2, t; "
 @functools.cache
 def ptx_available() -> bool:
   """Whether the inline PTX can run here: not on AMD GPUs (ROCm), whose Triton takes none. A
-  CPU (tests, compiling for an NVIDIA GPU without one) counts as NVIDIA's."""
+  CPU (tests, compiling for an NVIDIA GPU without one) counts as NVIDIA's. This asks the host's
+  default backend, not the platform being lowered for: lowering for ROCm from another host
+  would still emit PTX."""
   try:
-    device = jax.devices()[0]
+    device = jax.local_devices()[0]
     return not (device.platform == "gpu"
                 and "rocm" in str(device.client.platform_version).lower())
   except Exception:  # noqa: BLE001 - no backend to ask: compile for CUDA
