@@ -13,7 +13,8 @@ matmul's result reads a third of it; gathering the target logits reads one per r
 counts it whole. Both are proxies for memory traffic, not timings: caches, the layout a kernel
 reads and its arithmetic are not in them, and only the entry computation is counted: a scanned
 layer stack (`:scan`) runs its loop body once per layer, but that body is not in the count
-(the output says so).
+(the output says so). It also prints XLA's peak temporary memory for the step
+(`memory_analysis()`: activations, gradients and workspace, not the step's arguments).
 It also shows that the Pallas kernels lower and compile for the target (Triton, then ptxas),
 which the CPU interpreter does not check.
 
@@ -222,8 +223,8 @@ def _setup_jax(target: str):
   return topology
 
 
-def compile_step(topology, family, preset, vocab, batch, seq, variant) -> str:
-  """The optimized HLO text of the train step for one shape and variant."""
+def compile_step(topology, family, preset, vocab, batch, seq, variant):
+  """The compiled train step for one shape and variant (`jax.stages.Compiled`)."""
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
@@ -265,7 +266,16 @@ def compile_step(topology, family, preset, vocab, batch, seq, variant) -> str:
             **({"fast_exp2": False} if variant["jnpexp"] else {})}
   with fa.override_default_blocks(**blocks):
     lowered = step.lower(state, extra, batch)
-  return lowered.compile().as_text()
+  return lowered.compile()
+
+
+def temp_bytes(compiled) -> int | None:
+  """XLA's peak temporary allocation for the step (activations, gradients, workspace; not its
+  arguments or outputs), or None where the compiler does not say."""
+  try:
+    return compiled.memory_analysis().temp_size_in_bytes
+  except Exception:  # noqa: BLE001 (a backend without memory analysis)
+    return None
 
 
 def main() -> None:
@@ -297,7 +307,8 @@ def main() -> None:
         print(f"\n{preset}/{vocab} {text}: skipped, the norm and MLP kernels and stacked q/k/v "
               "are llama's")
         continue
-      ks = kernels(compile_step(topology, family, preset, vocab, batch, seq, variant))
+      compiled = compile_step(topology, family, preset, vocab, batch, seq, variant)
+      ks, temp = kernels(compiled.as_text()), temp_bytes(compiled)
       by_kind, read_by_kind = collections.Counter(), collections.Counter()
       for k in ks:
         by_kind[k["kind"]] += k["bytes"]
@@ -307,6 +318,7 @@ def main() -> None:
       loops = "" if not variant["scan"] else " (the scanned layers' loop body not counted)"
       row = {"target": args.target, "model": f"{family}:{preset}", "vocab": vocab,
              "batch": batch, "seq": seq, "variant": text, "kernels": len(ks),
+             "temp_gb": None if temp is None else round(temp / 1e9, 3),
              "gb": round(total / 1e9, 3), "gb_sliced_as_read": round(read / 1e9, 3),
              "gb_by_kind": {k: round(v / 1e9, 3) for k, v in by_kind.most_common()},
              "gb_sliced_as_read_by_kind": {k: round(read_by_kind[k] / 1e9, 3)
@@ -314,7 +326,8 @@ def main() -> None:
       rows.append(row)
       print(f"\n{preset}/{vocab} {text}: {len(ks)} kernels, "
             f"operands + results {total / 1e9:.2f} GB{loops}; with sliced and gathered "
-            f"operands counted at the part read, {read / 1e9:.2f} GB")
+            f"operands counted at the part read, {read / 1e9:.2f} GB; peak temporary memory "
+            + ("unknown" if temp is None else f"{temp / 1e9:.2f} GB"))
       for kind, b in by_kind.most_common():
         print(f"  {b / 1e9:8.2f} GB  {kind} ({read_by_kind[kind] / 1e9:.2f} GB as read)")
       for k in sorted(ks, key=lambda k: -k["bytes"])[:args.top]:

@@ -101,3 +101,18 @@ def test_bad_arguments_stop_before_compiling(argv, says):
   proc = subprocess.run([sys.executable, str(SCRIPT), *argv], capture_output=True, text=True,
                         timeout=120)
   assert proc.returncode == 2 and says in proc.stderr, proc.stderr
+
+
+def test_temp_bytes_reads_the_compilers_memory_analysis():
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  module = _module()
+  compiled = jax.jit(lambda x: jnp.sin(x) @ jnp.cos(x).T).lower(
+      jax.ShapeDtypeStruct((256, 256), jnp.float32)).compile()
+  assert module.temp_bytes(compiled) == compiled.memory_analysis().temp_size_in_bytes
+
+  class NoAnalysis:
+    def memory_analysis(self):
+      raise NotImplementedError("no memory analysis here")
+
+  assert module.temp_bytes(NoAnalysis()) is None

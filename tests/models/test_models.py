@@ -574,3 +574,22 @@ def test_qkv_picks_its_form_per_platform():
     assert not stacked_matmuls("cuda")
   with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1, 1, 2), axes)):
     assert stacked_matmuls("cuda")
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neo"])
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_norms_keep_no_float32_activations_for_the_backward(family, scan_layers):
+  """A bf16 model's norms compute in float32 but save only their bf16 input for the backward
+  (which recomputes the rest). Unrolled, XLA recomputes the float32 copies anyway; in a scan
+  each saved value becomes a [layers, B, T, d_model] buffer written in the forward and read in
+  the backward, so the float32 copies cost twice a bf16 activation's traffic each."""
+  cfg = tiny(family, num_layers=2, dtype="bfloat16", scan_layers=scan_layers)
+  model = models.build(cfg, nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 61, (2, 8)))
+  _, vjp = jax.vjp(lambda s: nnx.merge(graphdef, s).hidden(tokens), state)
+  saved = [r for r in jax.tree.leaves(vjp) if hasattr(r, "dtype") and r.ndim >= 3
+           and r.shape[-3:] == (2, 8, cfg.d_model)]
+  assert saved, "no activation-shaped residuals found: the check inspects nothing"
+  wide = [(r.shape, r.dtype) for r in saved if r.dtype == jnp.float32]
+  assert not wide, wide

@@ -47,12 +47,7 @@ class LayerNorm(nnx.Module):
     self.dtype = jnp.dtype(cfg.dtype)
 
   def __call__(self, x_btd: jax.Array) -> jax.Array:
-    x = x_btd.astype(jnp.float32)
-    mean = x.mean(-1, keepdims=True)
-    var = jnp.square(x - mean).mean(-1, keepdims=True)
-    y = (x - mean) * jax.lax.rsqrt(var + self.eps)
-    y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
-    return y.astype(self.dtype)
+    return _layer_norm(x_btd, self.scale[...], self.bias[...], self.eps, self.dtype)
 
   def add_and_norm(self, x_btd, delta_btd, *, keep_sum: bool = True):
     """(s, norm(s)) for s = x + delta (delta None: s = x), or norm(s) alone without `keep_sum`."""
@@ -70,9 +65,7 @@ class RMSNorm(nnx.Module):
     self.impl = cfg.norm_impl
 
   def __call__(self, x_btd: jax.Array) -> jax.Array:
-    x = x_btd.astype(jnp.float32)
-    y = x * jax.lax.rsqrt(jnp.square(x).mean(-1, keepdims=True) + self.eps)
-    return (y * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+    return _rms_norm(x_btd, self.scale[...], self.eps, self.dtype)
 
   def add_and_norm(self, x_btd, delta_btd, *, keep_sum: bool = True):
     """(s, norm(s)) for s = x + delta (delta None: s = x), or norm(s) alone without `keep_sum`.
@@ -90,6 +83,22 @@ class RMSNorm(nnx.Module):
                                return_sum=keep_sum)
     s = x_btd if delta_btd is None else x_btd + delta_btd
     return (s, self(s)) if keep_sum else self(s)
+
+
+@functools.partial(jax.checkpoint, static_argnums=(3, 4), prevent_cse=False)
+def _layer_norm(x_btd, scale_d, bias_d, eps, dtype):
+  x = x_btd.astype(jnp.float32)
+  mean = x.mean(-1, keepdims=True)
+  var = jnp.square(x - mean).mean(-1, keepdims=True)
+  y = (x - mean) * jax.lax.rsqrt(var + eps)
+  return (y * scale_d.astype(jnp.float32) + bias_d.astype(jnp.float32)).astype(dtype)
+
+
+@functools.partial(jax.checkpoint, static_argnums=(2, 3), prevent_cse=False)
+def _rms_norm(x_btd, scale_d, eps, dtype):
+  x = x_btd.astype(jnp.float32)
+  y = x * jax.lax.rsqrt(jnp.square(x).mean(-1, keepdims=True) + eps)
+  return (y * scale_d.astype(jnp.float32)).astype(dtype)
 
 
 def rotary(x_bthd: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
