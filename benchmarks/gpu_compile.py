@@ -10,10 +10,10 @@ compiled step, how many kernels it launches and the bytes their operands and res
 and the largest kernels. A second total counts an operand that a fusion only slices or gathers
 (directly or after elementwise ops) at the size of those slices (reading q out of a fused q/k/v
 matmul's result reads a third of it; gathering the target logits reads one per row); the first
-counts it whole. Both are proxies for memory traffic, not timings: caches, the layout a kernel
-reads and its arithmetic are not in them, and only the entry computation is counted: a scanned
-layer stack (`:scan`) runs its loop body once per layer, but that body is not in the count
-(the output says so). It also prints XLA's peak temporary memory for the step
+counts it whole. A scanned layer stack (`:scan`) counts its loop's kernels once per layer, and a
+kernel that writes one layer's slice of a stacked buffer in place counts the slice. Both totals
+are proxies for memory traffic, not timings: caches, the layout a kernel reads and its
+arithmetic are not in them. It also prints XLA's peak temporary memory for the step
 (`memory_analysis()`: activations, gradients and workspace, not the step's arguments).
 It also shows that the Pallas kernels lower and compile for the target (Triton, then ptxas),
 which the CPU interpreter does not check.
@@ -130,24 +130,34 @@ def _elements(shape: str) -> int:
   return n
 
 
+def _fused_instructions(body: str) -> dict[str, tuple[str, str, str]]:
+  """name -> (shape, op, operands as written) for each instruction of a fused computation."""
+  return {name: (shape, op, operands)
+          for name, shape, op, operands in _INSTRUCTION.findall(body)}
+
+
 def _parameter_reads(body: str) -> dict[int, int]:
   """For a fused computation, the bytes read of each parameter that only reaches slices or
   gathers (through bitcasts and same-shape elementwise ops): the elements those take, not the
-  whole parameter."""
+  whole parameter. A parameter that is only the buffer of a dynamic-update-slice is written in
+  place and not read: 0."""
   uses, shapes, params = collections.defaultdict(list), {}, {}
   root = re.search(r"\n\s+ROOT (%[\w.\-]+) =", body)
   if root:  # the fusion's result: whatever reaches it is read whole
     uses[root.group(1)].append((None, "ROOT", 0))
-  for name, shape, op, operands in _INSTRUCTION.findall(body):
+  for name, (shape, op, operands) in _fused_instructions(body).items():
     shapes[name] = shape
     if op == "parameter":
       params[name] = int(operands)
-    names = re.findall(r"%[\w.\-]+", operands)
-    for position, a in enumerate(names):
+    for position, a in enumerate(re.findall(r"%[\w.\-]+", operands)):
       uses[a].append((name, op, position))
   reads = {}
   for pname, index in params.items():
     size = _elements(shapes[pname])
+    if uses[pname] and all(op == "dynamic-update-slice" and position == 0
+                           for _, op, position in uses[pname]):
+      reads[index] = 0
+      continue
     frontier, visited, taken, partial = [pname], {pname}, 0, True
     while frontier and partial:
       for user, op, position in uses[frontier.pop()]:
@@ -165,22 +175,61 @@ def _parameter_reads(body: str) -> dict[int, int]:
   return reads
 
 
+def _written_bytes(body: str, result: str) -> int:
+  """Bytes a fusion writes: its result, except that a result which is a dynamic-update-slice of
+  a buffer (a scan storing one layer's values into its stacked output) writes only the update."""
+  instructions = _fused_instructions(body)
+  root = re.search(r"\n\s+ROOT (%[\w.\-]+) =", body)
+  if not root:
+    return shape_bytes(result)
+
+  def operands(name: str) -> list[str]:
+    return re.findall(r"%[\w.\-]+", instructions[name][2])
+
+  def written(name: str) -> int:
+    while instructions[name][1] == "bitcast" and operands(name):
+      name = operands(name)[0]
+    if instructions[name][1] == "dynamic-update-slice":
+      return shape_bytes(instructions[operands(name)[1]][0])
+    return shape_bytes(instructions[name][0])
+
+  root_name = root.group(1)
+  if instructions[root_name][1] == "tuple":
+    return sum(written(n) for n in operands(root_name))
+  return written(root_name)
+
+
 def kernels(hlo_text: str) -> list[dict]:
-  """The fusions and custom calls of the entry computation, with operand and result bytes.
+  """The fusions and custom calls of the entry computation and of the while loops it runs (a
+  scanned layer stack), with operand and result bytes per step.
 
   `bytes` counts every operand whole; `read_bytes` counts an operand that the fusion only
   slices or gathers at the size of those slices (a kernel that reads q out of a fused q/k/v
-  matmul's result reads a third of it). A Pallas call's operands count whole in both: what its
-  BlockSpecs read is not in the HLO (the stacked attention kernels read only the value slots
-  of the stacked projection, and write the slots of an aliased buffer in place).
+  matmul's result reads a third of it). In both, a fusion that writes a slice of a buffer in
+  place (dynamic-update-slice) counts the slice, not the buffer. A Pallas call's operands count
+  whole: what its BlockSpecs read is not in the HLO (the stacked attention kernels read only the
+  value slots of the stacked projection, and write the slots of an aliased buffer in place).
+  A kernel inside a loop has `calls` (launches per step: the loop's known trip count, 1 when
+  the HLO does not give one) and bytes for all of them; elsewhere `calls` is 1.
   """
   computations = _computations(hlo_text)
-  entry = hlo_text[hlo_text.index("\nENTRY"):]
-  values = dict(re.findall(r"\n\s+(?:ROOT )?(%[\w.\-]+) = (\([^=]*?\)|\S+) ", entry))
+  return _kernels_in(hlo_text[hlo_text.index("\nENTRY"):], computations, 1)
+
+
+def _kernels_in(body: str, computations: dict[str, str], calls: int) -> list[dict]:
+  values = dict(re.findall(r"\n\s+(?:ROOT )?(%[\w.\-]+) = (\([^=]*?\)|\S+) ", body))
   out = []
   for m in re.finditer(
-      r"\n\s+(?:ROOT )?(%[\w.\-]+) = (\(.*?\)|\S+) (fusion|custom-call)\((.*?)\)(.*)", entry):
+      r"\n\s+(?:ROOT )?(%[\w.\-]+) = (\(.*?\)|\S+) (fusion|custom-call|while)\((.*?)\)(.*)",
+      body):
     name, result, op, operands, rest = m.groups()
+    if op == "while":
+      loop = re.search(r"body=(%[\w.\-]+)", rest)
+      trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
+      if loop and loop.group(1) in computations:
+        out += _kernels_in(computations[loop.group(1)], computations,
+                           calls * (int(trips.group(1)) if trips else 1))
+      continue
     args = [a.strip() for a in operands.split(",") if a.strip().startswith("%")]
     target = re.search(r'custom_call_target="([^"]+)"', rest)
     fusion_kind = re.search(r'"kind":"(\w+)"', rest)
@@ -197,12 +246,14 @@ def kernels(hlo_text: str) -> list[dict]:
       kind = "XLA fusion"
     whole = [shape_bytes(values.get(a, "")) for a in args]
     called = re.search(r"calls=(%[\w.\-]+)", rest)
-    reads = _parameter_reads(computations.get(called.group(1), "")) if (
-        op == "fusion" and called) else {}
-    out.append({"name": name.lstrip("%"), "kind": kind, "result": result,
-                "bytes": shape_bytes(result) + sum(whole),
-                "read_bytes": shape_bytes(result) + sum(reads.get(i, b)
-                                                        for i, b in enumerate(whole))})
+    fused = computations.get(called.group(1), "") if op == "fusion" and called else ""
+    reads = _parameter_reads(fused) if fused else {}
+    wrote = _written_bytes(fused, result) if fused else shape_bytes(result)
+    in_place = {i: 0 for i, b in reads.items() if b == 0}
+    out.append({"name": name.lstrip("%"), "kind": kind, "result": result, "calls": calls,
+                "bytes": calls * (wrote + sum(in_place.get(i, b) for i, b in enumerate(whole))),
+                "read_bytes": calls * (wrote + sum(reads.get(i, b)
+                                                   for i, b in enumerate(whole)))})
   return out
 
 
@@ -315,23 +366,25 @@ def main() -> None:
         read_by_kind[k["kind"]] += k["read_bytes"]
       total = sum(by_kind.values())
       read = sum(k["read_bytes"] for k in ks)
-      loops = "" if not variant["scan"] else " (the scanned layers' loop body not counted)"
       row = {"target": args.target, "model": f"{family}:{preset}", "vocab": vocab,
-             "batch": batch, "seq": seq, "variant": text, "kernels": len(ks),
+             "batch": batch, "seq": seq, "variant": text,
+             "kernels": sum(k["calls"] for k in ks),
              "temp_gb": None if temp is None else round(temp / 1e9, 3),
              "gb": round(total / 1e9, 3), "gb_sliced_as_read": round(read / 1e9, 3),
              "gb_by_kind": {k: round(v / 1e9, 3) for k, v in by_kind.most_common()},
              "gb_sliced_as_read_by_kind": {k: round(read_by_kind[k] / 1e9, 3)
                                            for k, _ in by_kind.most_common()}}
       rows.append(row)
-      print(f"\n{preset}/{vocab} {text}: {len(ks)} kernels, "
-            f"operands + results {total / 1e9:.2f} GB{loops}; with sliced and gathered "
+      print(f"\n{preset}/{vocab} {text}: {row['kernels']} kernels, "
+            f"operands + results {total / 1e9:.2f} GB; with sliced and gathered "
             f"operands counted at the part read, {read / 1e9:.2f} GB; peak temporary memory "
             + ("unknown" if temp is None else f"{temp / 1e9:.2f} GB"))
       for kind, b in by_kind.most_common():
         print(f"  {b / 1e9:8.2f} GB  {kind} ({read_by_kind[kind] / 1e9:.2f} GB as read)")
       for k in sorted(ks, key=lambda k: -k["bytes"])[:args.top]:
-        print(f"  {k['bytes'] / 1e9:8.2f} GB  {k['name']} ({k['kind']}) -> {k['result'][:48]}")
+        loop = f" x{k['calls']}" if k["calls"] > 1 else ""
+        print(f"  {k['bytes'] / 1e9:8.2f} GB  {k['name']}{loop} ({k['kind']}) -> "
+              f"{k['result'][:48]}")
   if args.out:
     with open(args.out, "a") as f:
       for row in rows:

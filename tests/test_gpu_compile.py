@@ -116,3 +116,68 @@ def test_temp_bytes_reads_the_compilers_memory_analysis():
       raise NotImplementedError("no memory analysis here")
 
   assert module.temp_bytes(NoAnalysis()) is None
+
+
+LOOP = """HloModule m
+
+%fused_store (param_0.1: bf16[4,64,128], param_1.2: bf16[64,128], param_2.3: s32[]) -> \
+bf16[4,64,128] {
+  %param_0.1 = bf16[4,64,128]{2,1,0} parameter(0)
+  %param_1.2 = bf16[64,128]{1,0} parameter(1)
+  %convert.4 = f32[64,128]{1,0} convert(%param_1.2)
+  %convert.5 = bf16[64,128]{1,0} convert(%convert.4)
+  %bitcast.6 = bf16[1,64,128]{2,1,0} bitcast(%convert.5)
+  %param_2.3 = s32[] parameter(2)
+  %constant.7 = s32[] constant(0)
+  ROOT %dynamic-update-slice.8 = bf16[4,64,128]{2,1,0} dynamic-update-slice(%param_0.1, \
+%bitcast.6, %param_2.3, %constant.7, %constant.7)
+}
+
+%fused_load (param_0.9: bf16[4,64,128], param_1.10: s32[]) -> bf16[64,128] {
+  %param_0.9 = bf16[4,64,128]{2,1,0} parameter(0)
+  %param_1.10 = s32[] parameter(1)
+  %constant.11 = s32[] constant(0)
+  %dynamic-slice.12 = bf16[1,64,128]{2,1,0} dynamic-slice(%param_0.9, %param_1.10, \
+%constant.11, %constant.11), dynamic_slice_sizes={1,64,128}
+  ROOT %bitcast.13 = bf16[64,128]{1,0} bitcast(%dynamic-slice.12)
+}
+
+%body (param.14: (s32[], bf16[4,64,128], bf16[64,128])) -> (s32[], bf16[4,64,128], \
+bf16[64,128]) {
+  %param.14 = (s32[], bf16[4,64,128]{2,1,0}, bf16[64,128]{1,0}) parameter(0)
+  %get-tuple-element.15 = s32[] get-tuple-element(%param.14), index=0
+  %get-tuple-element.16 = bf16[4,64,128]{2,1,0} get-tuple-element(%param.14), index=1
+  %get-tuple-element.17 = bf16[64,128]{1,0} get-tuple-element(%param.14), index=2
+  %loop_dynamic_update_slice_fusion = bf16[4,64,128]{2,1,0} fusion(%get-tuple-element.16, \
+%get-tuple-element.17, %get-tuple-element.15), kind=kLoop, calls=%fused_store
+  %loop_dynamic_slice_fusion = bf16[64,128]{1,0} fusion(%loop_dynamic_update_slice_fusion, \
+%get-tuple-element.15), kind=kLoop, calls=%fused_load
+  ROOT %tuple.18 = (s32[], bf16[4,64,128]{2,1,0}, bf16[64,128]{1,0}) tuple(\
+%get-tuple-element.15, %loop_dynamic_update_slice_fusion, %loop_dynamic_slice_fusion)
+}
+
+%cond (param.19: (s32[], bf16[4,64,128], bf16[64,128])) -> pred[] {
+  %param.19 = (s32[], bf16[4,64,128]{2,1,0}, bf16[64,128]{1,0}) parameter(0)
+  ROOT %constant.20 = pred[] constant(false)
+}
+
+ENTRY %main (p0: (s32[], bf16[4,64,128], bf16[64,128])) -> (s32[], bf16[4,64,128], \
+bf16[64,128]) {
+  %p0 = (s32[], bf16[4,64,128]{2,1,0}, bf16[64,128]{1,0}) parameter(0)
+  ROOT %while.21 = (s32[], bf16[4,64,128]{2,1,0}, bf16[64,128]{1,0}) while(%p0), \
+condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"4"}}
+}
+"""
+
+
+def test_loop_bodies_count_once_per_trip_and_in_place_updates_count_the_slice():
+  ks = {k["name"]: k for k in _module().kernels(LOOP)}
+  assert sorted(ks) == ["loop_dynamic_slice_fusion", "loop_dynamic_update_slice_fusion"]
+  layer, calls = 64 * 128 * 2, 4
+  store, load = ks["loop_dynamic_update_slice_fusion"], ks["loop_dynamic_slice_fusion"]
+  assert store["calls"] == load["calls"] == calls
+  # The store reads one layer's values and writes them into the stack: not the whole stack.
+  assert store["bytes"] == store["read_bytes"] == calls * (layer + layer + 4)
+  # The load reads one layer out of the stack (read_bytes) and writes it.
+  assert load["read_bytes"] == calls * (layer + layer + 4)
+  assert load["bytes"] == calls * (4 * layer + layer + 4)
