@@ -130,34 +130,64 @@ def _elements(shape: str) -> int:
   return n
 
 
-def _fused_instructions(body: str) -> dict[str, tuple[str, str, str]]:
-  """name -> (shape, op, operands as written) for each instruction of a fused computation."""
-  return {name: (shape, op, operands)
+def _fused_instructions(body: str) -> dict[str, tuple[str, str, list[str]]]:
+  """name -> (shape, op, operand names in order) for each instruction of a fused computation."""
+  return {name: (shape, op, re.findall(r"%[\w.\-]+", operands) if op != "parameter"
+                 else [operands])
           for name, shape, op, operands in _INSTRUCTION.findall(body)}
+
+
+def _below_bitcasts(instructions, name: str) -> str:
+  """The instruction a chain of bitcasts starting at `name` takes its value from."""
+  while instructions[name][1] == "bitcast" and instructions[name][2]:
+    name = instructions[name][2][0]
+  return name
+
+
+def _root_parts(body: str, instructions) -> list[str]:
+  """What a fused computation returns: its ROOT, or each element of a ROOT tuple."""
+  root = re.search(r"\n\s+ROOT (%[\w.\-]+) =", body).group(1)
+  return instructions[root][2] if instructions[root][1] == "tuple" else [root]
+
+
+def _in_place_updates(body: str, instructions) -> dict[str, str]:
+  """The dynamic-update-slices a fusion returns (directly, through bitcasts or in its result
+  tuple) whose buffer is one of its parameters (through bitcasts): XLA writes those slices into
+  the parameter's buffer in place. {update: that parameter}."""
+  found = {}
+  for part in _root_parts(body, instructions):
+    update = _below_bitcasts(instructions, part)
+    if instructions[update][1] == "dynamic-update-slice":
+      buffer = _below_bitcasts(instructions, instructions[update][2][0])
+      if instructions[buffer][1] == "parameter":
+        found[update] = buffer
+  return found
 
 
 def _parameter_reads(body: str) -> dict[int, int]:
   """For a fused computation, the bytes read of each parameter that only reaches slices or
   gathers (through bitcasts and same-shape elementwise ops): the elements those take, not the
-  whole parameter. A parameter that is only the buffer of a dynamic-update-slice is written in
-  place and not read: 0."""
+  whole parameter. A parameter that is only the buffer of updates written in place
+  (`_in_place_updates`) is not read: 0."""
+  instructions = _fused_instructions(body)
   uses, shapes, params = collections.defaultdict(list), {}, {}
   root = re.search(r"\n\s+ROOT (%[\w.\-]+) =", body)
   if root:  # the fusion's result: whatever reaches it is read whole
     uses[root.group(1)].append((None, "ROOT", 0))
-  for name, (shape, op, operands) in _fused_instructions(body).items():
+  for name, (shape, op, operands) in instructions.items():
     shapes[name] = shape
     if op == "parameter":
-      params[name] = int(operands)
-    for position, a in enumerate(re.findall(r"%[\w.\-]+", operands)):
+      params[name] = int(operands[0])
+      continue
+    for position, a in enumerate(operands):
       uses[a].append((name, op, position))
+  in_place = _in_place_updates(body, instructions) if root else {}
   reads = {}
   for pname, index in params.items():
-    size = _elements(shapes[pname])
-    if uses[pname] and all(op == "dynamic-update-slice" and position == 0
-                           for _, op, position in uses[pname]):
+    if pname in in_place.values() and _only_updated(pname, uses, in_place):
       reads[index] = 0
       continue
+    size = _elements(shapes[pname])
     frontier, visited, taken, partial = [pname], {pname}, 0, True
     while frontier and partial:
       for user, op, position in uses[frontier.pop()]:
@@ -175,28 +205,31 @@ def _parameter_reads(body: str) -> dict[int, int]:
   return reads
 
 
+def _only_updated(name: str, uses, in_place: dict[str, str]) -> bool:
+  """Whether every use of `name` (through bitcasts) is as the buffer of an in-place update."""
+  for user, op, position in uses[name]:
+    if op == "bitcast":
+      if not _only_updated(user, uses, in_place):
+        return False
+    elif not (user in in_place and position == 0):
+      return False
+  return bool(uses[name])
+
+
 def _written_bytes(body: str, result: str) -> int:
-  """Bytes a fusion writes: its result, except that a result which is a dynamic-update-slice of
-  a buffer (a scan storing one layer's values into its stacked output) writes only the update."""
-  instructions = _fused_instructions(body)
-  root = re.search(r"\n\s+ROOT (%[\w.\-]+) =", body)
-  if not root:
+  """Bytes a fusion writes: its result, except that an update written in place
+  (`_in_place_updates`: a scan storing one layer's values into its stacked output) writes only
+  the slice."""
+  if not re.search(r"\n\s+ROOT ", body):
     return shape_bytes(result)
-
-  def operands(name: str) -> list[str]:
-    return re.findall(r"%[\w.\-]+", instructions[name][2])
-
-  def written(name: str) -> int:
-    while instructions[name][1] == "bitcast" and operands(name):
-      name = operands(name)[0]
-    if instructions[name][1] == "dynamic-update-slice":
-      return shape_bytes(instructions[operands(name)[1]][0])
-    return shape_bytes(instructions[name][0])
-
-  root_name = root.group(1)
-  if instructions[root_name][1] == "tuple":
-    return sum(written(n) for n in operands(root_name))
-  return written(root_name)
+  instructions = _fused_instructions(body)
+  in_place = _in_place_updates(body, instructions)
+  total = 0
+  for part in _root_parts(body, instructions):
+    update = _below_bitcasts(instructions, part)
+    total += shape_bytes(instructions[instructions[update][2][1]][0] if update in in_place
+                         else instructions[part][0])
+  return total
 
 
 def kernels(hlo_text: str) -> list[dict]:
@@ -230,7 +263,8 @@ def _kernels_in(body: str, computations: dict[str, str], calls: int) -> list[dic
         out += _kernels_in(computations[loop.group(1)], computations,
                            calls * (int(trips.group(1)) if trips else 1))
       continue
-    args = [a.strip() for a in operands.split(",") if a.strip().startswith("%")]
+    # Every fifth operand is printed after an /*index=N*/ comment.
+    args = re.findall(r"%[\w.\-]+", operands)
     target = re.search(r'custom_call_target="([^"]+)"', rest)
     fusion_kind = re.search(r'"kind":"(\w+)"', rest)
     if "pallas" in name or (target and "triton" in target.group(1)):

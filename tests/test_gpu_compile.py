@@ -181,3 +181,116 @@ def test_loop_bodies_count_once_per_trip_and_in_place_updates_count_the_slice():
   # The load reads one layer out of the stack (read_bytes) and writes it.
   assert load["read_bytes"] == calls * (layer + layer + 4)
   assert load["bytes"] == calls * (4 * layer + layer + 4)
+
+
+UPDATES = """HloModule m
+
+%fused_two (param_0.1: f32[8], param_1.2: f32[8], param_2.3: f32[8], param_3.4: f32[8], \
+param_4.5: f32[8], param_5.6: bf16[4,64,128], param_6.7: bf16[64,128], param_7.8: s32[], \
+param_8.9: bf16[4,64,128]) -> (bf16[4,64,128], bf16[4,64,128], f32[8]) {
+  %param_0.1 = f32[8]{0} parameter(0)
+  %param_1.2 = f32[8]{0} parameter(1)
+  %param_2.3 = f32[8]{0} parameter(2)
+  %param_3.4 = f32[8]{0} parameter(3)
+  %param_4.5 = f32[8]{0} parameter(4)
+  %add.10 = f32[8]{0} add(%param_0.1, %param_1.2)
+  %add.11 = f32[8]{0} add(%param_2.3, %param_3.4)
+  %add.12 = f32[8]{0} add(%add.10, %add.11)
+  %add.13 = f32[8]{0} add(%add.12, %param_4.5)
+  %param_5.6 = bf16[4,64,128]{2,1,0} parameter(5)
+  %param_6.7 = bf16[64,128]{1,0} parameter(6)
+  %bitcast.14 = bf16[1,64,128]{2,1,0} bitcast(%param_6.7)
+  %param_7.8 = s32[] parameter(7)
+  %constant.15 = s32[] constant(0)
+  %dynamic-update-slice.16 = bf16[4,64,128]{2,1,0} dynamic-update-slice(%param_5.6, \
+%bitcast.14, %param_7.8, %constant.15, %constant.15)
+  %param_8.9 = bf16[4,64,128]{2,1,0} parameter(8)
+  %bitcast.17 = bf16[256,128]{1,0} bitcast(%param_8.9)
+  %bitcast.18 = bf16[4,64,128]{2,1,0} bitcast(%bitcast.17)
+  %dynamic-update-slice.19 = bf16[4,64,128]{2,1,0} dynamic-update-slice(%bitcast.18, \
+%bitcast.14, %param_7.8, %constant.15, %constant.15)
+  %bitcast.20 = bf16[4,64,128]{2,1,0} bitcast(%dynamic-update-slice.19)
+  ROOT %tuple.21 = (bf16[4,64,128]{2,1,0}, bf16[4,64,128]{2,1,0}, f32[8]{0}) \
+tuple(%dynamic-update-slice.16, %bitcast.20, %add.13)
+}
+
+%fused_not_returned (param_0.22: bf16[4,64,128], param_1.23: bf16[1,64,128], param_2.24: s32[]) \
+-> bf16[4,64,128] {
+  %param_0.22 = bf16[4,64,128]{2,1,0} parameter(0)
+  %param_1.23 = bf16[1,64,128]{2,1,0} parameter(1)
+  %param_2.24 = s32[] parameter(2)
+  %constant.25 = s32[] constant(0)
+  %dynamic-update-slice.26 = bf16[4,64,128]{2,1,0} dynamic-update-slice(%param_0.22, \
+%param_1.23, %param_2.24, %constant.25, %constant.25)
+  ROOT %multiply.27 = bf16[4,64,128]{2,1,0} multiply(%dynamic-update-slice.26, \
+%dynamic-update-slice.26)
+}
+
+%fused_on_zeros (param_0.28: bf16[1,64,128], param_1.29: s32[]) -> bf16[4,64,128] {
+  %param_0.28 = bf16[1,64,128]{2,1,0} parameter(0)
+  %param_1.29 = s32[] parameter(1)
+  %constant.30 = bf16[] constant(0)
+  %broadcast.31 = bf16[4,64,128]{2,1,0} broadcast(%constant.30), dimensions={}
+  %constant.32 = s32[] constant(0)
+  ROOT %dynamic-update-slice.33 = bf16[4,64,128]{2,1,0} dynamic-update-slice(%broadcast.31, \
+%param_0.28, %param_1.29, %constant.32, %constant.32)
+}
+
+%inner (param.34: (s32[], bf16[1,64,128])) -> (s32[], bf16[1,64,128]) {
+  %param.34 = (s32[], bf16[1,64,128]{2,1,0}) parameter(0)
+  %get-tuple-element.35 = s32[] get-tuple-element(%param.34), index=0
+  %get-tuple-element.36 = bf16[1,64,128]{2,1,0} get-tuple-element(%param.34), index=1
+  %loop_on_zeros_fusion = bf16[4,64,128]{2,1,0} fusion(%get-tuple-element.36, \
+%get-tuple-element.35), kind=kLoop, calls=%fused_on_zeros
+  ROOT %tuple.37 = (s32[], bf16[1,64,128]{2,1,0}) tuple(%get-tuple-element.35, \
+%get-tuple-element.36)
+}
+
+%outer (param.38: (s32[], bf16[1,64,128])) -> (s32[], bf16[1,64,128]) {
+  %param.38 = (s32[], bf16[1,64,128]{2,1,0}) parameter(0)
+  %while.39 = (s32[], bf16[1,64,128]{2,1,0}) while(%param.38), condition=%cond, body=%inner, \
+backend_config={"known_trip_count":{"n":"3"}}
+  ROOT %while.40 = (s32[], bf16[1,64,128]{2,1,0}) while(%while.39), condition=%cond, \
+body=%inner
+}
+
+%cond (param.41: (s32[], bf16[1,64,128])) -> pred[] {
+  %param.41 = (s32[], bf16[1,64,128]{2,1,0}) parameter(0)
+  ROOT %constant.42 = pred[] constant(false)
+}
+
+ENTRY %main (p0: f32[8], p1: bf16[4,64,128], p2: bf16[64,128], p3: s32[], \
+p4: bf16[1,64,128], p5: (s32[], bf16[1,64,128])) -> (s32[], bf16[1,64,128]) {
+  %p0 = f32[8]{0} parameter(0)
+  %p1 = bf16[4,64,128]{2,1,0} parameter(1)
+  %p2 = bf16[64,128]{1,0} parameter(2)
+  %p3 = s32[] parameter(3)
+  %p4 = bf16[1,64,128]{2,1,0} parameter(4)
+  %p5 = (s32[], bf16[1,64,128]{2,1,0}) parameter(5)
+  %loop_two_fusion = (bf16[4,64,128]{2,1,0}, bf16[4,64,128]{2,1,0}, f32[8]{0}) fusion(%p0, \
+%p0, %p0, %p0, %p0, /*index=5*/%p1, %p2, %p3, %p1), kind=kLoop, calls=%fused_two
+  %loop_not_returned_fusion = bf16[4,64,128]{2,1,0} fusion(%p1, %p4, %p3), kind=kLoop, \
+calls=%fused_not_returned
+  ROOT %while.43 = (s32[], bf16[1,64,128]{2,1,0}) while(%p5), condition=%cond, body=%outer, \
+backend_config={"known_trip_count":{"n":"2"}}
+}
+"""
+
+
+def test_only_updates_returned_into_a_parameter_count_as_in_place():
+  found = _module().kernels(UPDATES)
+  ks = {k["name"]: k for k in found}
+  stack, layer, small = 4 * 64 * 128 * 2, 64 * 128 * 2, 8 * 4
+  # Two updates returned in a tuple (one through bitcasts, its buffer too), and the operands
+  # after the /*index=5*/ comment counted: the stacks are neither read nor written whole.
+  two = ks["loop_two_fusion"]
+  assert two["bytes"] == two["read_bytes"] == 5 * small + layer + 4 + (2 * layer + small)
+  # An update that is not returned: its buffer is read whole and the result written whole.
+  kept = ks["loop_not_returned_fusion"]
+  assert kept["read_bytes"] == stack + layer + 4 + stack
+  # An update of a buffer the fusion makes (zeros): the whole result is written. The inner
+  # loop runs twice in an outer loop of 2 trips: 3 trips, then without a trip count (once).
+  zeros = [k for k in found if k["name"] == "loop_on_zeros_fusion"]
+  assert [k["calls"] for k in zeros] == [2 * 3, 2 * 1]
+  for k in zeros:
+    assert k["read_bytes"] == k["calls"] * (layer + 4 + stack)
