@@ -85,6 +85,10 @@ class RMSNorm(nnx.Module):
     return (s, self(s)) if keep_sum else self(s)
 
 
+# The norms compute in float32 but keep only their input (in the compute dtype) for the
+# backward, which recomputes the rest: unrolled, XLA does so anyway; in a scan (`scan_layers`)
+# every value kept becomes a [layers, B, T, d_model] buffer, and autodiff kept three float32
+# ones per norm (docs/models.md).
 @functools.partial(jax.checkpoint, static_argnums=(3, 4), prevent_cse=False)
 def _layer_norm(x_btd, scale_d, bias_d, eps, dtype):
   x = x_btd.astype(jnp.float32)
