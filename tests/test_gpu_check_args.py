@@ -1,8 +1,6 @@
 """benchmarks/gpu_check.py refuses a mistyped variant or trace request before any device work."""
 
-import importlib.util
 import json
-import pathlib
 import subprocess
 import sys
 import time
@@ -11,14 +9,13 @@ import types
 import jax.numpy as jnp
 import pytest
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+import script_loader
+
+SCRIPT = script_loader.BENCHMARKS / "gpu_check.py"
 
 
 def _module():
-  spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return script_loader.load("gpu_check")
 
 
 def test_parse_variant():

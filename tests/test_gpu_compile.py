@@ -1,20 +1,17 @@
 """benchmarks/gpu_compile.py: its HLO accounting, and argument errors before any compiling."""
 
-import importlib.util
-import pathlib
 import subprocess
 import sys
 
 import pytest
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_compile.py"
+import script_loader
+
+SCRIPT = script_loader.BENCHMARKS / "gpu_compile.py"
 
 
 def _module():
-  spec = importlib.util.spec_from_file_location("gpu_compile", SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return script_loader.load("gpu_compile")
 
 
 def test_shape_bytes():

@@ -1,18 +1,15 @@
 """benchmarks/kernel_sass.py: its SASS loop accounting, and argument errors before compiling."""
 
-import importlib.util
-import pathlib
 import subprocess
 import sys
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_sass.py"
+import script_loader
+
+SCRIPT = script_loader.BENCHMARKS / "kernel_sass.py"
 
 
 def _module():
-  spec = importlib.util.spec_from_file_location("kernel_sass", SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return script_loader.load("kernel_sass")
 
 
 # The shape of an `nvdisasm -c` listing: a loop of five instructions (one predicated), a
