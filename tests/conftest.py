@@ -45,3 +45,21 @@ def shared_data() -> pathlib.Path:
   if not SHARED_DATA.is_dir():
     pytest.skip(f"needs the TinyStories samples at {SHARED_DATA}")
   return SHARED_DATA
+
+
+@pytest.fixture
+def cuda_lowering():
+  """Lets a test lower Pallas Triton kernels for CUDA on this CPU (`.lower(lowering_platforms=
+  ("cuda",))`). From jax 0.11 the Triton backend reads the target GPU from the abstract mesh's
+  device and stops with "No supported GPU devices found" where there is none; jax 0.10 fell back
+  to compute capability 9.0 by itself. This sets a one-device abstract mesh of an H100 (also
+  9.0): a mesh of size 1, which the kernels' wrappers treat as no mesh."""
+  mesh_cls, device_cls = jax.sharding.AbstractMesh, getattr(jax.sharding, "AbstractDevice", None)
+  try:
+    mesh = mesh_cls((1,), ("lowering",), abstract_device=device_cls(
+        device_kind="NVIDIA H100", num_cores=None, platform="gpu"))
+  except TypeError:  # a jax without abstract devices: its Triton backend needs none
+    yield
+    return
+  with jax.sharding.use_abstract_mesh(mesh):
+    yield

@@ -168,7 +168,7 @@ def test_rows_split_over_the_mesh():
                              atol=1e-6)
 
 
-def test_kernels_lower_for_gpus(monkeypatch):
+def test_kernels_lower_for_gpus(monkeypatch, cuda_lowering):
   """All three kernels lower through Pallas's Triton backend on this CPU (what the interpreter
   does not check), at the shapes of the llama 15M step at vocab 32000."""
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # the kernels' platform check
@@ -186,7 +186,7 @@ def test_kernels_lower_for_gpus(monkeypatch):
 
   try:
     text = lowered(all_three)
-  except (ImportError, RuntimeError) as e:  # no Triton lowering in this jaxlib, or no GPU info
+  except ImportError as e:  # a jaxlib built without the Triton lowering
     pytest.skip(f"cannot lower for cuda here: {e}")
   assert text.count("triton") >= 3
   # Each kernel takes its exponentials as the attention kernels do: fused multiply-add and

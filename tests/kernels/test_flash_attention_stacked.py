@@ -158,7 +158,7 @@ def test_sharded_over_the_batch_under_a_mesh():
     assert _rel_err(g, w) < 2e-5, (name, seed)
 
 
-def test_lowers_for_cuda():
+def test_lowers_for_cuda(cuda_lowering):
   """The Triton lowering takes the half-width tiles, the two-slot blocks and the aliasing."""
   y = jax.ShapeDtypeStruct((2, 200, 3 * 4, 48), jnp.bfloat16)
   table = jax.ShapeDtypeStruct((2, 200, 24), jnp.float32)

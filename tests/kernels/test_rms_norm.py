@@ -131,7 +131,7 @@ def test_rows_split_over_the_mesh():
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
 
 
-def test_kernels_lower_for_gpus(monkeypatch):
+def test_kernels_lower_for_gpus(monkeypatch, cuda_lowering):
   """Both kernels lower through Pallas's Triton backend on this CPU (what the interpreter does
   not check), at the llama 15M width (288: masked 512-wide tiles) and 42M's (512)."""
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # the kernels' platform check
@@ -144,7 +144,7 @@ def test_kernels_lower_for_gpus(monkeypatch):
 
     try:
       text = jax.jit(grads).trace(x, x, scale).lower(lowering_platforms=("cuda",)).as_text()
-    except (ImportError, RuntimeError) as e:  # no Triton lowering in this jaxlib, or no GPU info
+    except ImportError as e:  # a jaxlib built without the Triton lowering
       pytest.skip(f"cannot lower for cuda here: {e}")
     assert text.count("triton") >= 2
 

@@ -130,7 +130,7 @@ def test_rows_split_over_the_mesh():
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
-def test_kernel_lowers_for_gpus(monkeypatch):
+def test_kernel_lowers_for_gpus(monkeypatch, cuda_lowering):
   """The kernel lowers through Pallas's Triton backend on this CPU (what the interpreter does
   not check), at the llama 15M and 42M widths (masked column blocks)."""
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # the kernel's platform check
@@ -139,7 +139,7 @@ def test_kernel_lowers_for_gpus(monkeypatch):
     dh = jax.ShapeDtypeStruct((32768, f), jnp.bfloat16)
     try:
       text = jax.jit(sw.swiglu_grad).trace(gu, dh).lower(lowering_platforms=("cuda",)).as_text()
-    except (ImportError, RuntimeError) as e:  # no Triton lowering in this jaxlib, or no GPU info
+    except ImportError as e:  # a jaxlib built without the Triton lowering
       pytest.skip(f"cannot lower for cuda here: {e}")
     assert "triton" in text
 
