@@ -54,12 +54,13 @@ def cuda_lowering():
   device and stops with "No supported GPU devices found" where there is none; jax 0.10 fell back
   to compute capability 9.0 by itself. This sets a one-device abstract mesh of an H100 (also
   9.0): a mesh of size 1, which the kernels' wrappers treat as no mesh."""
-  mesh_cls, device_cls = jax.sharding.AbstractMesh, getattr(jax.sharding, "AbstractDevice", None)
-  try:
-    mesh = mesh_cls((1,), ("lowering",), abstract_device=device_cls(
-        device_kind="NVIDIA H100", num_cores=None, platform="gpu"))
-  except TypeError:  # a jax without abstract devices: its Triton backend needs none
+  device_cls = getattr(jax.sharding, "AbstractDevice", None)
+  if device_cls is None:  # a jax without abstract devices: its Triton backend needs none
     yield
     return
+  # Auto axes, as the default was before jax 0.12 (which made it Explicit).
+  mesh = jax.sharding.AbstractMesh(
+      (1,), ("lowering",), axis_types=(jax.sharding.AxisType.Auto,),
+      abstract_device=device_cls(device_kind="NVIDIA H100", num_cores=None, platform="gpu"))
   with jax.sharding.use_abstract_mesh(mesh):
     yield

@@ -152,10 +152,11 @@ def test_small_parameters_updated_as_flat_vectors_train_as_each_alone():
     np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-6)
     assert a["grad_norm"] > 0.5  # clipping was active in every step
     np.testing.assert_allclose(a["train_loss"], b["train_loss"], rtol=1e-6)
-  # Adam divides by sqrt(v) + eps: where a gradient entry is near eps (1e-8), the reordered sum's
-  # rounding moves that entry's update by a visible fraction of a step. Each step (lr 1e-2) moves
-  # a weight by up to about 1e-2; atol is a thousandth of one. (jax 0.12 on a CPU: one entry of
-  # 1024 off by 1.5e-6.)
+  # Adam scales each entry by its own RMS (sqrt(v)), so an entry whose gradient is tiny next to
+  # the rest (a sum that nearly cancels: ~1e-6 where most are ~1e-3) carries its large relative
+  # rounding error into a full-size step, and the two programs round differently. Each step
+  # (lr 1e-2) moves a weight by up to about 1e-2; atol is a thousandth of one. (jax 0.12 on a
+  # CPU: one entry of 1024 off by 1.5e-6.)
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(plain.params),
                           jax.tree.leaves(flat.params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-5,

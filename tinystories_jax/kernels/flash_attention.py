@@ -270,9 +270,10 @@ def flash_attention(q_bthd, k_bskd, v_bskd, *, causal=True, window=None, q_segme
     interpret: run the Pallas interpreter (works on CPU); None follows `force_interpret`.
     backend: "gpu" (Triton) or "tpu" (Mosaic) kernels; None picks the current platform's. For
       tests: with interpret=True it runs one family's kernels on a CPU, and it lets a CPU
-      lower the kernels for another platform (`.lower(lowering_platforms=...)`; for CUDA,
-      jax 0.11 and later also need the target GPU named by an abstract mesh's
-      `jax.sharding.AbstractDevice`, as the tests' `cuda_lowering` fixture does).
+      lower the kernels for another platform (`.lower(lowering_platforms=...)`; for CUDA
+      from a host without a GPU, jax 0.11 and later also need the target GPU named by an
+      abstract mesh's `jax.sharding.AbstractDevice`, as the tests' `cuda_lowering` fixture
+      does).
 
   Returns:
     o_bthd [B, T, H, D] in q's dtype. Query rows that see no key (padding) are zeros.
