@@ -58,7 +58,7 @@ def cuda_lowering():
   if device_cls is None:  # a jax without abstract devices: its Triton backend needs none
     yield
     return
-  # Auto axes, as the default was before jax 0.12 (which made it Explicit).
+  # Auto axes, jax 0.10's default (0.11 and later default to Explicit).
   mesh = jax.sharding.AbstractMesh(
       (1,), ("lowering",), axis_types=(jax.sharding.AxisType.Auto,),
       abstract_device=device_cls(device_kind="NVIDIA H100", num_cores=None, platform="gpu"))
