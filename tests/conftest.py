@@ -54,13 +54,10 @@ def cuda_lowering():
   device and stops with "No supported GPU devices found" where there is none; jax 0.10 fell back
   to compute capability 9.0 by itself. This sets a one-device abstract mesh of an H100 (also
   9.0): a mesh of size 1, which the kernels' wrappers treat as no mesh."""
-  device_cls = getattr(jax.sharding, "AbstractDevice", None)
-  if device_cls is None:  # a jax without abstract devices: its Triton backend needs none
-    yield
-    return
   # Auto axes, jax 0.10's default (0.11 and later default to Explicit).
   mesh = jax.sharding.AbstractMesh(
       (1,), ("lowering",), axis_types=(jax.sharding.AxisType.Auto,),
-      abstract_device=device_cls(device_kind="NVIDIA H100", num_cores=None, platform="gpu"))
+      abstract_device=jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=None,
+                                                  platform="gpu"))
   with jax.sharding.use_abstract_mesh(mesh):
     yield
