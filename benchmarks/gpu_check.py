@@ -41,7 +41,8 @@ Sections, each guarded so one failure does not end the run, in this order:
              and bfloat16), in a child process
 Every row goes to $OUT/gpu_check.jsonl as it is measured; the tables go to $OUT/gpu_check.md and,
 shortened, to stdout at the end. `--budget_s` bounds the whole run: sections past it are skipped
-with a row saying so.
+with a row saying so. On a GPU or TPU, compiled programs go to jax's persistent compilation cache
+in .jax_cache/ (--compilation_cache), so a later call on the same machine loads them.
 """
 
 from __future__ import annotations
@@ -116,6 +117,65 @@ class Run:
     return time.time() > self.deadline
 
 
+class CacheEvents:
+  """Counts the executables jax loads from its persistent compilation cache, and the compile
+  seconds those loads saved (jax.monitoring's events), so that a row can say which of its
+  compilations were loads."""
+
+  HITS = "/jax/compilation_cache/cache_hits"
+  SAVED = "/jax/compilation_cache/compile_time_saved_sec"
+
+  def __init__(self):
+    self.hits, self.saved_s = 0, 0.0
+
+  def register(self) -> None:
+    from jax import monitoring  # noqa: PLC0415
+    monitoring.register_event_listener(self._event)
+    monitoring.register_event_duration_secs_listener(self._duration)
+
+  def _event(self, event: str, **_) -> None:
+    if event == self.HITS:
+      self.hits += 1
+
+  def _duration(self, event: str, duration: float, **_) -> None:
+    if event == self.SAVED:
+      self.saved_s += duration
+
+  def mark(self) -> tuple[int, float]:
+    return self.hits, self.saved_s
+
+  def since(self, mark: tuple[int, float]) -> dict:
+    """What a row records: nothing where every compilation since `mark` was a compilation."""
+    hits = self.hits - mark[0]
+    return {"cache_hits": hits, "compile_saved_s": self.saved_s - mark[1]} if hits else {}
+
+
+CACHE_EVENTS = CacheEvents()
+
+
+def use_compilation_cache(args) -> str | None:
+  """Turns on jax's persistent compilation cache (`--compilation_cache`) for this process and,
+  through the environment, its children; returns the folder, or None where it stays off.
+
+  Every compiled program is written (no minimum compile time), and jax also keeps XLA's
+  per-fusion GEMM autotuning results there, so a later row with the same matmuls reuses them.
+  On the GPU machine the default folder, in the git-ignored `.jax_cache/` of the checkout,
+  outlives a call: a second call on the same warm machine loads what the first compiled (the
+  state initialiser of each shape, the default step) instead of compiling it again."""
+  import jax  # noqa: PLC0415
+  choice = args.compilation_cache
+  if choice == "none" or (choice == "auto" and not args.on_accelerator):
+    return None
+  folder = str(REPO / ".jax_cache") if choice == "auto" else str(pathlib.Path(choice).resolve())
+  pathlib.Path(folder).mkdir(parents=True, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", folder)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  CACHE_EVENTS.register()
+  return folder
+
+
 def _module_version(name: str) -> str:
   try:
     module = __import__(name)
@@ -131,7 +191,10 @@ def section_versions(run: Run, args) -> None:
   run.emit({"kind": "versions", "python": platform.python_version(), "mods": mods,
             "backend": jax.default_backend(), "devices": [d.device_kind for d in jax.devices()],
             # Flags such as --xla_gpu_enable_triton_gemm=false change every row of the run.
-            "xla_flags": os.environ.get("XLA_FLAGS", ""), "smoke": args.smoke})
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "smoke": args.smoke,
+            # Entries already there were left by an earlier call: its programs load, not compile.
+            "compilation_cache": args.cache_dir,
+            "cache_entries_at_start": args.cache_entries_at_start})
 
 
 def section_matmul(run: Run, args) -> None:
@@ -435,6 +498,7 @@ def _train_ours(run: Run, args, shape) -> None:
             f"{'' if loss_kernel == 'xla' else '-' + loss_kernel.replace('_', '-')}"))
       blocks = {**({"split_head_dim": True} if split else {}),
                 **({"fast_exp2": False} if jnpexp else {})}
+      mark = CACHE_EVENTS.mark()
       with fa.force_interpret(args.smoke or not args.on_accelerator), \
           fa.override_default_blocks(**blocks):
         result = benchmark.measure_train_throughput(
@@ -444,6 +508,7 @@ def _train_ours(run: Run, args, shape) -> None:
       if trace_dir:
         row["trace"] = trace_dir
       row.update(result)
+      row.update(CACHE_EVENTS.since(mark))  # compile_s and init_s then include loads
     except Exception as e:  # noqa: BLE001
       row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
     run.emit(row)
@@ -867,6 +932,9 @@ def main() -> None:
   parser.add_argument("--sweep_shapes", default="",
                       help="the sweep's cases to run, as BxTxHxD (e.g. 64x512x12x64); "
                            "default: all")
+  parser.add_argument("--compilation_cache", default="auto",
+                      help="jax's persistent compilation cache: a folder, 'none', or 'auto' "
+                           "(.jax_cache/ in the checkout on a GPU or TPU, none on a CPU)")
   parser.add_argument("--peers_child", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--peer_shape", type=int, default=0, help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -908,6 +976,9 @@ def main() -> None:
   unknown = sorted(set(wanted) - set(SECTIONS))
   if unknown:
     parser.error(f"unknown sections {unknown}; choose from {list(SECTIONS)}")
+  args.cache_dir = use_compilation_cache(args)
+  args.cache_entries_at_start = (len(list(pathlib.Path(args.cache_dir).iterdir()))
+                                 if args.cache_dir else None)
   for name in SECTIONS:
     if name not in wanted:
       continue

@@ -347,3 +347,38 @@ def test_jnpexp_variant_turns_fast_exp2_off_in_the_kernels_blocks(tmp_path, monk
   rows = [r for r in run.rows if r.get("kind") == "train"]
   assert [r.get("fast_exp2", True) for r in rows] == [True, False]
   assert fa.default_block_sizes("gpu", 64).fast_exp2
+
+
+def test_a_second_run_loads_its_programs_from_the_compilation_cache(tmp_path):
+  """`--compilation_cache` keeps the compiled programs: a second run at the same shapes loads
+  the state initialiser and the step of each variant, and its rows say so."""
+  cache = tmp_path / "cache"
+
+  def run(name):
+    out = tmp_path / name
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--sections=versions,train",
+                           "--train_systems=ours", "--train_shapes=260k",
+                           f"--compilation_cache={cache}", f"--out={out}"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return [json.loads(line) for line in (out / "gpu_check.jsonl").read_text().splitlines()]
+
+  first, second = run("first"), run("second")
+  for rows, entries in ((first, 0), (second, len(list(cache.iterdir())))):
+    versions = next(r for r in rows if r["kind"] == "versions")
+    assert versions["compilation_cache"] == str(cache)
+    assert versions["cache_entries_at_start"] == entries
+  trained = [[r for r in rows if r["kind"] == "train"] for rows in (first, second)]
+  assert len(trained[0]) == len(trained[1]) == 2
+  assert all("tokens_per_s" in r and r["init_s"] > 0 for rows in trained for r in rows)
+  assert "cache_hits" not in trained[0][0]  # nothing to load yet
+  assert all(r["cache_hits"] >= 2 and r["compile_saved_s"] > 0 for r in trained[1])
+
+
+def test_the_compilation_cache_stays_off_on_a_cpu_unless_named(tmp_path):
+  module = _module()
+  args = types.SimpleNamespace(compilation_cache="auto", on_accelerator=False)
+  assert module.use_compilation_cache(args) is None
+  args.compilation_cache = "none"
+  args.on_accelerator = True
+  assert module.use_compilation_cache(args) is None

@@ -17,6 +17,7 @@ def test_measure_train_throughput_on_a_tiny_model():
   expected = r["tokens_per_s"] * count_flops_per_token(cfg, 16) / 1e12
   assert abs(r["model_tflops"] - expected) <= 1e-12 + 1e-9 * expected
   assert r["batch_size"] == 8 and r["seq_len"] == 16 and r["devices"] == 1
+  assert 0 < r["init_s"] and 0 < r["compile_s"]
 
 
 def _profile_summary():

@@ -57,7 +57,8 @@ def measure_train_throughput(model_cfg: ModelConfig, *, batch_size: int, seq_len
 
   Returns:
     dict with `tokens_per_s`, `step_ms` (mean), `model_tflops` (PaLM count), `params`, `loss`
-    (the last timed step's), `compile_s` (the first step, compilation included) and the shape.
+    (the last timed step's), `compile_s` (the first step, compilation included), `init_s` (the
+    parameters' and optimizer state's creation, its compilation included) and the shape.
   """
   mesh = mesh_lib.make_mesh(mesh_config or mesh_lib.MeshConfig(), devices)
   opt_cfg = opt_lib.OptimizerConfig(lr=5e-4, schedule="cosine", warmup_steps=10, clip_norm=1.0,
@@ -66,7 +67,10 @@ def measure_train_throughput(model_cfg: ModelConfig, *, batch_size: int, seq_len
   total = warmup + steps
   tx = opt_lib.make_optimizer(opt_cfg, total, layout.logical_names, layout.abstract_params)
   shardings = state_lib.state_shardings(layout, tx, mesh)
+  t0 = time.perf_counter()
   state, extra = state_lib.init_state(model_cfg, tx, shardings, seed)
+  jax.block_until_ready(state)
+  init_s = time.perf_counter() - t0
   if loss == "fused":  # "auto" as the mesh's devices run it
     loss_kernel = loss_lib.resolve_kernel_for_mesh(loss_kernel, model_cfg.vocab_size,
                                                    loss_vocab_multiple, mesh)
@@ -119,6 +123,7 @@ def measure_train_throughput(model_cfg: ModelConfig, *, batch_size: int, seq_len
       "params": layout.num_params,
       "loss": loss_value,
       "compile_s": compile_s,
+      "init_s": init_s,
       "batch_size": batch_size * grad_accum_steps,
       "seq_len": seq_len,
       "devices": mesh.devices.size,
