@@ -1,6 +1,7 @@
 """benchmarks/gpu_check.py refuses a mistyped variant or trace request before any device work."""
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -363,8 +364,11 @@ def test_a_second_run_loads_its_programs_from_the_compilation_cache(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     return [json.loads(line) for line in (out / "gpu_check.jsonl").read_text().splitlines()]
 
-  first, second = run("first"), run("second")
-  for rows, entries in ((first, 0), (second, len(list(cache.iterdir())))):
+  first = run("first")
+  written = len(list(cache.glob("*-cache")))
+  second = run("second")
+  assert written >= 3  # an initialiser and two steps at least
+  for rows, entries in ((first, 0), (second, written)):
     versions = next(r for r in rows if r["kind"] == "versions")
     assert versions["compilation_cache"] == str(cache)
     assert versions["cache_entries_at_start"] == entries
@@ -372,13 +376,22 @@ def test_a_second_run_loads_its_programs_from_the_compilation_cache(tmp_path):
   assert len(trained[0]) == len(trained[1]) == 2
   assert all("tokens_per_s" in r and r["init_s"] > 0 for rows in trained for r in rows)
   assert "cache_hits" not in trained[0][0]  # nothing to load yet
-  assert all(r["cache_hits"] >= 2 and r["compile_saved_s"] > 0 for r in trained[1])
+  assert all(r["cache_hits"] >= 2 and "compile_saved_s" in r for r in trained[1])
+  # jax counts whole seconds less the load: a short compile's load may count below 0.
+  assert sum(r["compile_saved_s"] for r in trained[1]) > 0
 
 
 def test_the_compilation_cache_stays_off_on_a_cpu_unless_named(tmp_path):
-  module = _module()
-  args = types.SimpleNamespace(compilation_cache="auto", on_accelerator=False)
-  assert module.use_compilation_cache(args) is None
-  args.compilation_cache = "none"
-  args.on_accelerator = True
-  assert module.use_compilation_cache(args) is None
+  """`auto` is off on a CPU and `none` everywhere, even where the environment names a folder."""
+  code = (
+      "import sys, types; sys.path.insert(0, 'benchmarks'); import gpu_check, jax\n"
+      "for choice, accel in (('auto', False), ('none', True)):\n"
+      "  args = types.SimpleNamespace(compilation_cache=choice, on_accelerator=accel)\n"
+      "  assert gpu_check.use_compilation_cache(args) is None\n"
+      "jax.jit(lambda x: x + 1)(1.0).block_until_ready()\n")
+  env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache"),
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  proc = subprocess.run([sys.executable, "-c", code], cwd=script_loader.BENCHMARKS.parent,
+                        env=env, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert not list((tmp_path / "cache").glob("*-cache"))
