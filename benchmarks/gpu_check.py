@@ -145,7 +145,7 @@ class CacheEvents:
     return self.hits, self.saved_s
 
   def since(self, mark: tuple[int, float]) -> dict:
-    """What a row records: nothing where every compilation since `mark` was a compilation.
+    """What a row records: nothing where nothing since `mark` was loaded from the cache.
 
     jax stores a program's compile time in whole seconds and counts a load as saving that less
     the load's time: up to a second a load less than the truth, below 0 for a program that
