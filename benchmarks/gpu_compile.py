@@ -16,7 +16,9 @@ are proxies for memory traffic, not timings: caches, the layout a kernel reads a
 arithmetic are not in them. It also prints XLA's peak temporary memory for the step
 (`memory_analysis()`: activations, gradients and workspace, not the step's arguments).
 It also shows that the Pallas kernels lower and compile for the target (Triton, then ptxas),
-which the CPU interpreter does not check.
+which the CPU interpreter does not check. With `--initialiser` it instead times compiling each
+shape's train-state initialiser twice, each parameter drawn alone and as `models.build` draws
+them (grouped by shape).
 
 Needs the CUDA plugin and its libraries beside jax (no GPU or driver is used); checked with the
 GPU machine's jax 0.11.2 on Python 3.12, in its own environment:
@@ -354,6 +356,41 @@ def compile_step(topology, family, preset, vocab, batch, seq, variant):
   return lowered.compile()
 
 
+def compile_initialiser(topology, family, preset, vocab, *, grouped: bool):
+  """(seconds, kernels) to compile the train state's initialiser (parameters, AdamW state) as
+  the trainer does, with `models.build`'s grouped normal draws or each parameter drawn alone."""
+  import contextlib  # noqa: PLC0415
+  import time  # noqa: PLC0415
+
+  import jax  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+
+  from tinystories_jax.models import layers, presets  # noqa: PLC0415
+  from tinystories_jax.parallel import mesh as mesh_lib  # noqa: PLC0415
+  from tinystories_jax.training import optimizer as opt_lib  # noqa: PLC0415
+  from tinystories_jax.training import state as state_lib  # noqa: PLC0415
+
+  cfg = presets.get(family, preset, vocab_size=vocab, dtype="bfloat16")
+  devices = np.asarray(topology.devices).reshape(1, 1, 1)
+  mesh = jax.sharding.Mesh(devices, mesh_lib.AXES,
+                           axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  opt_cfg = opt_lib.OptimizerConfig(lr=5e-4, schedule="cosine", warmup_steps=10, clip_norm=1.0)
+  layout = state_lib.model_layout(cfg)
+  tx = opt_lib.make_optimizer(opt_cfg, 100, layout.logical_names, layout.abstract_params)
+  shardings = state_lib.state_shardings(layout, tx, mesh)
+  grouping = layers.grouped_normal_draws
+  if not grouped:  # models.build looks the context up when it runs
+    layers.grouped_normal_draws = contextlib.nullcontext
+  try:
+    lowered = state_lib.initialiser(cfg, tx, shardings, seed=0).lower()
+  finally:
+    layers.grouped_normal_draws = grouping
+  start = time.perf_counter()
+  compiled = lowered.compile()
+  seconds = time.perf_counter() - start
+  return seconds, sum(k["calls"] for k in kernels(compiled.as_text()))
+
+
 def temp_bytes(compiled) -> int | None:
   """XLA's peak temporary allocation for the step (activations, gradients, workspace; not its
   arguments or outputs), or None where the compiler does not say."""
@@ -374,6 +411,9 @@ def main() -> None:
                       help="comma-separated attention:loss[:options], as in gpu_check")
   parser.add_argument("--top", type=int, default=8, help="largest kernels listed")
   parser.add_argument("--out", default="", help="also write the rows to this JSONL file")
+  parser.add_argument("--initialiser", action="store_true",
+                      help="instead of the train step, time compiling each shape's state "
+                           "initialiser, each parameter drawn alone and grouped (models.build)")
   args = parser.parse_args()
   wanted = gpu_check._names(args.shapes)  # noqa: SLF001
   shapes = [s for s in gpu_check.TRAIN_SHAPES if gpu_check._shape_wanted(s, wanted)]  # noqa: SLF001
@@ -387,6 +427,17 @@ def main() -> None:
   topology = _setup_jax(args.target)
   rows = []
   for family, preset, vocab, batch, seq, _ in shapes:
+    if args.initialiser:
+      row = {"target": args.target, "model": f"{family}:{preset}", "vocab": vocab,
+             "initialiser": True}
+      for name, grouped in (("alone", False), ("grouped", True)):
+        seconds, count = compile_initialiser(topology, family, preset, vocab, grouped=grouped)
+        row.update({f"{name}_compile_s": round(seconds, 2), f"{name}_kernels": count})
+      rows.append(row)
+      print(f"{preset}/{vocab} initialiser compile: each parameter drawn alone "
+            f"{row['alone_compile_s']:.2f} s ({row['alone_kernels']} kernels), grouped "
+            f"{row['grouped_compile_s']:.2f} s ({row['grouped_kernels']} kernels)", flush=True)
+      continue
     for text, variant in sorted(variants.items()):
       if "pallas" in (variant["norm"], variant["qkv"], variant["mlp"]) and family != "llama":
         print(f"\n{preset}/{vocab} {text}: skipped, the norm and MLP kernels and stacked q/k/v "

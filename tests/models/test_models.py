@@ -593,3 +593,66 @@ def test_norms_keep_no_float32_activations_for_the_backward(family, scan_layers)
   assert saved, "no activation-shaped residuals found: the check inspects nothing"
   wide = [(r.shape, r.dtype) for r in saved if r.dtype == jnp.float32]
   assert not wide, wide
+
+
+def _drawn_one_by_one(cfg, seed):
+  """The model with every parameter drawn by its own initialiser call (no grouping)."""
+  cls = models.GPTNeo if cfg.family == "gpt_neo" else models.Llama
+  with nnx.use_eager_sharding(False):
+    return cls(cfg, nnx.Rngs(seed))
+
+
+@pytest.mark.parametrize("family,partitionable",
+                         [("gpt_neo", True), ("llama", True), ("llama", False)])
+def test_grouped_draws_give_every_parameter_its_own_draw(family, partitionable):
+  # build() draws the normally initialised parameters of one shape together (one vmap over
+  # their keys). That gives each parameter its own draw's random bits, so its values to the
+  # last place, eagerly and compiled (the trainer's initialiser), whichever way threefry lays
+  # out its bits (jax 0.10.2 gives them bit for bit; jax 0.12 rounds the batched transform
+  # to a normal differently in the last place).
+  cfg = tiny(family, num_layers=3, tie_embeddings=family == "gpt_neo")
+  leaves = lambda model: jax.tree.leaves(nnx.to_pure_dict(_params(model)))  # noqa: E731
+  with jax.threefry_partitionable(partitionable):
+    alone = leaves(_drawn_one_by_one(cfg, 5))
+    alone_jit = jax.jit(lambda: leaves(_drawn_one_by_one(cfg, 5)))()
+    grouped = leaves(models.build(cfg, nnx.Rngs(5)))
+    grouped_jit = jax.jit(lambda: leaves(models.build(cfg, nnx.Rngs(5))))()
+  assert len(alone) == len(grouped) == len(grouped_jit) == len(alone_jit) > 10
+  for a, aj, g, gj in zip(alone, alone_jit, grouped, grouped_jit):
+    assert a.dtype == g.dtype == gj.dtype
+    np.testing.assert_array_max_ulp(np.asarray(g), np.asarray(a), maxulp=1)
+    np.testing.assert_array_max_ulp(np.asarray(gj), np.asarray(aj), maxulp=1)
+  # Different draws really were made (not one array repeated): the blocks' largest leaves
+  # (drawn from a normal) differ.
+  blocks = nnx.to_pure_dict(_params(models.build(cfg, nnx.Rngs(5))))["blocks"]
+  first, second = (max(jax.tree.leaves(blocks[i]), key=lambda x: x.size) for i in (0, 1))
+  assert float(jnp.std(first)) > 0 and not np.array_equal(np.asarray(first), np.asarray(second))
+
+
+def _random_calls(fn) -> int:
+  """How many random-number computations a function's jaxpr holds (at any depth)."""
+  def count(jaxpr):
+    n = 0
+    for eqn in jaxpr.eqns:
+      n += eqn.primitive.name in ("random_bits", "threefry2x32")
+      for sub in jax.core.subjaxprs(eqn) if hasattr(jax.core, "subjaxprs") else ():
+        n += count(sub)
+      for v in eqn.params.values():
+        inner = getattr(v, "jaxpr", None)
+        if inner is not None and hasattr(inner, "eqns"):
+          n += count(inner)
+        elif hasattr(v, "eqns"):
+          n += count(v)
+    return n
+  return count(jax.make_jaxpr(fn)().jaxpr)
+
+
+def test_build_draws_each_parameter_shape_once():
+  cfg = tiny("llama", num_layers=4)
+  grouped = _random_calls(lambda: nnx.to_pure_dict(_params(models.build(cfg, nnx.Rngs(0)))))
+  alone = _random_calls(lambda: nnx.to_pure_dict(_params(_drawn_one_by_one(cfg, 0))))
+  normal = [x for p, x in jax.tree_util.tree_leaves_with_path(
+      nnx.to_pure_dict(_params(_drawn_one_by_one(cfg, 0)))) if "scale" not in str(p)]
+  shapes = {x.shape for x in normal}
+  assert alone >= len(normal) > len(shapes)
+  assert 0 < grouped <= alone * len(shapes) // len(normal)

@@ -10,6 +10,8 @@ statistics, rotary angles and softmax run in float32.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 
 import jax
@@ -22,14 +24,78 @@ from tinystories_jax.models import scan as scan_lib
 from tinystories_jax.models.config import ModelConfig
 
 
+class Normal:
+  """The normal initialiser (`nnx.initializers.normal(std)`), marked so that `param` can defer
+  its draw to `grouped_normal_draws`."""
+
+  def __init__(self, std: float):
+    self.std = std
+    self._init = nnx.initializers.normal(stddev=std)
+
+  def __call__(self, key, shape, dtype=None, **kwargs):
+    return self._init(key, shape, dtype, **kwargs)
+
+
+def normal(std: float) -> Normal:
+  return Normal(std)
+
+
+# Set inside `grouped_normal_draws`: the (param, key, std) of each draw deferred so far.
+_PENDING: contextvars.ContextVar[list | None] = contextvars.ContextVar("pending_normal_draws",
+                                                                     default=None)
+
+
 def param(rngs: nnx.Rngs, init, shape: tuple[int, ...], axes: tuple[str, ...],
           dtype) -> nnx.Param:
-  """An `nnx.Param` initialised by `init` and annotated with logical `axes`."""
-  return nnx.Param(nnx.with_partitioning(init, axes)(rngs.params(), shape, dtype))
+  """An `nnx.Param` initialised by `init` and annotated with logical `axes`.
+
+  Inside `grouped_normal_draws` a `Normal` draw from a threefry key (without eager sharding)
+  is left to the end of the block: the Param holds a `jax.ShapeDtypeStruct` until then.
+  """
+  key = rngs.params()
+  pending = _PENDING.get()
+  if (pending is None or not isinstance(init, Normal) or nnx.using_eager_sharding()
+      or str(jax.random.key_impl(key)) != "threefry2x32"):
+    return nnx.Param(nnx.with_partitioning(init, axes)(key, shape, dtype))
+  placeholder = lambda _, s, d: jax.ShapeDtypeStruct(s, jnp.dtype(d))  # noqa: E731
+  p = nnx.Param(nnx.with_partitioning(placeholder, axes)(key, shape, dtype))
+  pending.append((p, key, init.std))
+  return p
 
 
-def normal(std: float):
-  return nnx.initializers.normal(stddev=std)
+@contextlib.contextmanager
+def grouped_normal_draws():
+  """Draws the normally initialised parameters created inside the block together: one
+  `jax.vmap` over the keys of all parameters of a shape and dtype.
+
+  Each parameter gets the random bits its own draw gives (threefry's bits do not depend on
+  batching), so the same values up to the rounding of the transform to a normal, which
+  depends on how XLA compiles it: on the CPU, within one unit in the last place (bit for bit
+  with jax 0.10.2; with jax 0.12 a quarter of the values differ in the last place). The
+  initialiser then has one random-number computation per shape and dtype instead of one per
+  parameter, which is where XLA spent most of an initialiser's compile time
+  (docs/training.md). Used by `models.build`.
+  """
+  pending: list = []
+  token = _PENDING.set(pending)
+  try:
+    yield
+  finally:
+    _PENDING.reset(token)
+  groups: dict = {}
+  for p, key, std in pending:
+    spec = p.get_raw_value()
+    groups.setdefault((spec.shape, spec.dtype), []).append((p, key, std))
+  for (shape, dtype), members in groups.items():
+    keys = jnp.stack([key for _, key, _ in members])
+    draws = jax.vmap(lambda k, s=shape, d=dtype: jax.random.normal(k, s, d))(keys)
+    # The initialiser's own multiply (`random.normal(...) * jnp.array(std, dtype)`), batched.
+    stds = jnp.array([std for *_, std in members], dtype).reshape((-1,) + (1,) * len(shape))
+    # The barrier keeps the group one buffer: without it XLA's GPU compiler fused the whole
+    # random-number computation into each parameter's slice again (docs/training.md).
+    draws = lax.optimization_barrier(draws * stds)
+    for i, (p, _, _) in enumerate(members):
+      p.set_value(draws[i])
 
 
 zeros = nnx.initializers.zeros_init()

@@ -92,6 +92,18 @@ def abstract_state(layout: ModelLayout, tx: optax.GradientTransformation,
                       shapes, shardings.state)
 
 
+def initialiser(model_cfg, tx: optax.GradientTransformation, shardings: StateShardings,
+                seed: int):
+  """The jitted function `init_state` compiles and calls once (for compiling it alone)."""
+  def init():
+    _, params, extra = _split(_build(model_cfg, seed))
+    params = nnx.to_pure_dict(params)
+    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+    return state, nnx.to_pure_dict(extra)
+
+  return jax.jit(init, out_shardings=(shardings.state, shardings.extra))
+
+
 def init_state(model_cfg, tx: optax.GradientTransformation, shardings: StateShardings,
                seed: int) -> tuple[TrainState, Any]:
   """Initialises parameters and optimizer state on the mesh, already sharded.
@@ -99,13 +111,7 @@ def init_state(model_cfg, tx: optax.GradientTransformation, shardings: StateShar
   Returns:
     `(state, extra)`: the train state at step 0 and the non-parameter variables.
   """
-  def init():
-    _, params, extra = _split(_build(model_cfg, seed))
-    params = nnx.to_pure_dict(params)
-    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
-    return state, nnx.to_pure_dict(extra)
-
-  return _run_once(jax.jit(init, out_shardings=(shardings.state, shardings.extra)))
+  return _run_once(initialiser(model_cfg, tx, shardings, seed))
 
 
 def _run_once(jitted) -> Any:
