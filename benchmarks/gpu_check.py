@@ -24,9 +24,8 @@ Sections, each guarded so one failure does not end the run, in this order:
              Pallas Mosaic GPU kernel and cuDNN at two head_dim-64 shapes, unmasked (the
              comparison that runs on any CUDA runtime) and causal; before train, being short
   train      per model shape: our train step (tinystories_jax.training.benchmark) for each
-             attention:loss[:scan][:remat][:norm][:qkv][:mlp][:padN][:xla|:online|:kernel]
-             variant
-             (--train_variants), then the transformers peer at the same shape
+             attention:loss[:options] variant (--train_variants; the options are listed
+             at parse_variant), then the transformers peer at the same shape
              (LlamaForCausalLM + torch.compile; GPTNeoForCausalLM eager and compiled; bf16
              autocast, AdamW, grad clip, random tokens) in a child process, so the two
              frameworks do not share the GPU's memory pool and a run cut short still pairs
@@ -78,14 +77,15 @@ SMOKE_TRAIN_SHAPES = (
     ("gpt_neo", "1m", 512, 4, 64, {"num_heads": 4, "num_layers": 2, "window": 16,
                                    "attention_layers": ("global", "local")}),
 )
-# attention:loss[:scan][:remat][:norm][:qkv][:mlp][:split][:jnpexp][:flat[N]][:padN]
-# [:xla|:online|:kernel|:fwdgrad]
+# attention:loss[:scan][:remat][:norm][:qkv][:mlp][:split][:jnpexp][:bqN][:bkN][:sN][:wN]
+# [:flat[N]][:padN][:xla|:online|:kernel|:fwdgrad]
 # variants of our step timed at every shape (":scan" sets scan_layers, ":remat"
 # model.remat="block", ":norm" model.norm_impl="pallas", ":qkv" model.qkv_impl="pallas", ":mlp"
 # model.mlp_impl="pallas" (these three at llama shapes only; ":qkv" needs pallas attention);
 # ":split" the attention kernels' default blocks with split_head_dim, ":jnpexp" with
-# fast_exp2 off (jnp's exponentials in the attention and loss kernels) (both pallas attention
-# only);
+# fast_exp2 off (jnp's exponentials in the attention and loss kernels), ":bqN", ":bkN", ":sN",
+# ":wN" with the forward's query and key tiles, every kernel's stages or warps set to N (as the
+# sweep's "q,k/... wN sN" configurations) (all pallas attention only);
 # ":flatN" optimizer.flatten_below=N, ":flat" N = FLAT_BELOW; ":padN" the fused loss's vocab
 # padding multiple, ":pad1" none; its passes over the logits are train.loss_kernel's default,
 # "auto", unless ":xla" (XLA, two passes), ":online" (XLA, one pass), ":kernel" (Pallas) or
@@ -353,8 +353,8 @@ def section_sweep(run: Run, args) -> None:
 
 
 def parse_variant(text: str) -> dict:
-  """`attention:loss[:scan][:remat][:norm][:qkv][:mlp][:split][:jnpexp][:flat[N]][:padN][:xla|
-  :online|:kernel|:fwdgrad]` as a dict; ValueError says what is wrong.
+  """`attention:loss[:scan][:remat][:norm][:qkv][:mlp][:split][:jnpexp][:bqN][:bkN][:sN][:wN]
+  [:flat[N]][:padN][:xla|:online|:kernel|:fwdgrad]` as a dict; ValueError says what is wrong.
 
   `scan` sets scan_layers, `remat` model.remat="block", `norm` model.norm_impl="pallas" (the
   residual add + RMSNorm kernels), `qkv` model.qkv_impl="pallas" (the attention kernels read
@@ -362,7 +362,9 @@ def parse_variant(text: str) -> dict:
   model.mlp_impl="pallas" (SwiGLU's backward kernel), these three at llama shapes only;
   `split` runs the Pallas attention kernels with `BlockSizes.split_head_dim` (the head dim as
   power-of-two column tiles; the same kernels where it is a power of two); `jnpexp` runs them
-  and the loss kernels with `BlockSizes.fast_exp2` off (each exponential by jnp's exp2); `flatN`
+  and the loss kernels with `BlockSizes.fast_exp2` off (each exponential by jnp's exp2); `bqN`,
+  `bkN`, `sN` and `wN` set the attention kernels' default `BlockSizes.block_q` and `block_k`
+  (the forward's tiles), `num_stages` and `num_warps` (all three kernels'), in `tiles`; `flatN`
   optimizer.flatten_below=N (`flat`: FLAT_BELOW); with the fused loss, `padN` pads the output
   projection to a multiple of N rows (`pad1`: none; default 128), and its passes over the
   logits are train.loss_kernel="auto" (the default) unless `xla` (XLA's two passes),
@@ -379,9 +381,9 @@ def parse_variant(text: str) -> dict:
   if loss not in loss_lib.LOSS_IMPLS:
     raise ValueError(f"{text!r}: loss {loss!r} is not one of {loss_lib.LOSS_IMPLS}")
   variant = {"attention": impl, "loss": loss, "scan": False, "remat": False, "norm": "xla",
-             "qkv": "xla", "mlp": "xla", "split": False, "jnpexp": False, "flatten": 0,
-             "loss_kernel": "auto",
-             "pad": None}
+             "qkv": "xla", "mlp": "xla", "split": False, "jnpexp": False, "tiles": {},
+             "flatten": 0, "loss_kernel": "auto", "pad": None}
+  tile_fields = {"bq": "block_q", "bk": "block_k", "s": "num_stages", "w": "num_warps"}
   kernels = {"xla": "xla", "online": "xla_online", "kernel": "pallas",
              "fwdgrad": "pallas_fwd_grad"}
   for x in extra:
@@ -393,20 +395,34 @@ def parse_variant(text: str) -> dict:
       if variant["loss_kernel"] != "auto":
         raise ValueError(f"{text!r}: give at most one of xla, online, kernel and fwdgrad")
       variant["loss_kernel"] = kernels[x]
+    elif x.rstrip("0123456789") in tile_fields and x.rstrip("0123456789") != x:
+      field = tile_fields[x.rstrip("0123456789")]
+      if field in variant["tiles"]:
+        raise ValueError(f"{text!r}: {x!r} sets {field} a second time")
+      variant["tiles"][field] = int(x[len(x.rstrip("0123456789")):])
     elif x.startswith("pad") and x[3:].isdigit() and int(x[3:]) >= 1:
       variant["pad"] = int(x[3:])
     elif x == "flat" or (x.startswith("flat") and x[4:].isdigit() and int(x[4:]) >= 1):
       variant["flatten"] = int(x[4:]) if x[4:] else FLAT_BELOW
     else:
       raise ValueError(f"{text!r}: unknown option {x!r}; options are scan, remat, norm, qkv, "
-                       "mlp, split, jnpexp, flat, flatN, xla, online, kernel, fwdgrad and padN "
-                       "(N >= 1)")
+                       "mlp, split, jnpexp, bqN, bkN, sN, wN, flat, flatN, xla, online, kernel, "
+                       "fwdgrad and padN (N >= 1)")
   if variant["qkv"] == "pallas" and impl != "pallas":
     raise ValueError(f"{text!r}: qkv runs inside the Pallas attention kernels; use attention "
                      "pallas with it")
   if variant["split"] and impl != "pallas":
     raise ValueError(f"{text!r}: split tiles the Pallas attention kernels; use attention "
                      "pallas with it")
+  if variant["tiles"]:
+    if impl != "pallas":
+      raise ValueError(f"{text!r}: bqN, bkN, sN and wN tile the Pallas attention kernels; use "
+                       "attention pallas with them")
+    from tinystories_jax.kernels import flash_tiling  # noqa: PLC0415
+    try:
+      flash_tiling.BlockSizes(**variant["tiles"])
+    except ValueError as e:
+      raise ValueError(f"{text!r}: {e}") from None
   if variant["jnpexp"] and impl != "pallas":
     raise ValueError(f"{text!r}: jnpexp changes the Pallas attention (and loss) kernels; use "
                      "attention pallas with it")
@@ -436,7 +452,7 @@ def _train_ours(run: Run, args, shape) -> None:
     impl, loss, scan, remat = (variant[k] for k in ("attention", "loss", "scan", "remat"))
     pad, loss_kernel, norm = variant["pad"], variant["loss_kernel"], variant["norm"]
     qkv, mlp, flatten, split = (variant[k] for k in ("qkv", "mlp", "flatten", "split"))
-    jnpexp = variant["jnpexp"]
+    jnpexp, tiles = variant["jnpexp"], variant["tiles"]
     if loss == "fused":  # what "auto" runs here, recorded in the row
       loss_kernel = loss_lib.resolve_kernel(loss_kernel, loss_lib.padded_vocab(vocab, pad))
     if norm == "pallas" and family != "llama":
@@ -457,7 +473,8 @@ def _train_ours(run: Run, args, shape) -> None:
       # One tile either way (48 is two), as without split (with rotary's halves inside the
       # kernels, above 16).
       split = False
-    step = (impl, loss, scan, remat, norm, qkv, mlp, split, jnpexp, flatten, pad, loss_kernel)
+    step = (impl, loss, scan, remat, norm, qkv, mlp, split, jnpexp, tuple(sorted(tiles.items())),
+            flatten, pad, loss_kernel)
     if step in seen:  # e.g. the default and ":kernel" on a GPU: time (and trace) it once
       print(f"# {family}:{name} {text}: the same step as {seen[step]}, not timed again",
             flush=True)
@@ -479,6 +496,8 @@ def _train_ours(run: Run, args, shape) -> None:
       row["split_head_dim"] = True
     if jnpexp:
       row["fast_exp2"] = False
+    if tiles:
+      row["block_sizes"] = dict(tiles)
     if flatten:
       row["flatten_below"] = flatten
     if pad is not None:
@@ -500,11 +519,12 @@ def _train_ours(run: Run, args, shape) -> None:
             f"{'-norm' if norm != 'xla' else ''}{'-qkv' if qkv != 'xla' else ''}"
             f"{'-mlp' if mlp != 'xla' else ''}{'-split' if split else ''}"
             f"{'-jnpexp' if jnpexp else ''}"
+            f"{''.join(f'-{k}{v}' for k, v in sorted(tiles.items()))}"
             f"{f'-flat{flatten}' if flatten else ''}"
             f"{'' if pad is None else f'-pad{pad}'}"
             f"{'' if loss_kernel == 'xla' else '-' + loss_kernel.replace('_', '-')}"))
       blocks = {**({"split_head_dim": True} if split else {}),
-                **({"fast_exp2": False} if jnpexp else {})}
+                **({"fast_exp2": False} if jnpexp else {}), **tiles}
       mark = CACHE_EVENTS.mark()
       with fa.force_interpret(args.smoke or not args.on_accelerator), \
           fa.override_default_blocks(**blocks):
@@ -767,6 +787,8 @@ def _variant(r: dict) -> str:
     text += ", head dim split into power-of-two tiles"
   if r.get("fast_exp2") is False:
     text += ", attention and loss exp2 by jnp"
+  if r.get("block_sizes"):
+    text += ", attention " + " ".join(f"{k}={v}" for k, v in sorted(r["block_sizes"].items()))
   if r.get("flatten_below"):
     text += f", parameters under {r['flatten_below']:,} updated flat"
   if r.get("loss_vocab_multiple") == 1:

@@ -350,7 +350,7 @@ def compile_step(topology, family, preset, vocab, batch, seq, variant):
       shardings.state, shardings.extra, {k: row for k in batch}, mesh)
   from tinystories_jax.kernels import flash_attention as fa  # noqa: PLC0415
   blocks = {**({"split_head_dim": True} if variant["split"] else {}),
-            **({"fast_exp2": False} if variant["jnpexp"] else {})}
+            **({"fast_exp2": False} if variant["jnpexp"] else {}), **variant["tiles"]}
   with fa.override_default_blocks(**blocks):
     lowered = step.lower(state, extra, batch)
   return lowered.compile()

@@ -23,12 +23,12 @@ def test_parse_variant():
   parse = _module().parse_variant
   assert parse("pallas:fused") == {"attention": "pallas", "loss": "fused", "scan": False,
                                    "remat": False, "norm": "xla", "qkv": "xla",
-                                   "mlp": "xla", "split": False, "jnpexp": False, "flatten": 0,
-                                   "loss_kernel": "auto", "pad": 128}
+                                   "mlp": "xla", "split": False, "jnpexp": False, "tiles": {},
+                                   "flatten": 0, "loss_kernel": "auto", "pad": 128}
   assert parse("cudnn:fused:pad1:online") == {"attention": "cudnn", "loss": "fused",
                                               "scan": False, "remat": False, "norm": "xla",
                                               "qkv": "xla", "mlp": "xla", "split": False,
-                                              "jnpexp": False, "flatten": 0,
+                                              "jnpexp": False, "tiles": {}, "flatten": 0,
                                               "loss_kernel": "xla_online",
                                               "pad": 1}
   assert parse("pallas:fused:norm")["norm"] == "pallas"
@@ -41,10 +41,12 @@ def test_parse_variant():
   assert parse("pallas:fused:norm:qkv:split")["split"] is True
   assert parse("pallas:fused:fwdgrad")["loss_kernel"] == "pallas_fwd_grad"
   assert parse("pallas:fused:jnpexp")["jnpexp"] is True
+  assert parse("pallas:fused:bq64:s3")["tiles"] == {"block_q": 64, "num_stages": 3}
+  assert parse("pallas:fused:split:bk32:w8:scan")["tiles"] == {"block_k": 32, "num_warps": 8}
   assert parse("xla:chunked:scan:remat") == {"attention": "xla", "loss": "chunked", "scan": True,
                                              "remat": True, "norm": "xla", "qkv": "xla",
                                              "mlp": "xla", "split": False, "jnpexp": False,
-                                             "flatten": 0,
+                                             "tiles": {}, "flatten": 0,
                                              "loss_kernel": "auto", "pad": None}
   for bad, says in (("pallas", "loss ''"), ("palas:fused", "attention 'palas'"),
                     ("pallas:fused:pad", "'pad'"), ("pallas:fused:pad0", "'pad0'"),
@@ -59,6 +61,13 @@ def test_parse_variant():
                     ("cudnn:fused:qkv", "use attention pallas"),
                     ("xla:fused:split", "use attention pallas"),
                     ("cudnn:fused:jnpexp", "use attention pallas"),
+                    ("xla:fused:s3", "use attention pallas"),
+                    ("pallas:fused:bq48", "block_q must be a power of two >= 16, got 48"),
+                    ("pallas:fused:bk8", "block_k must be a power of two >= 16, got 8"),
+                    ("pallas:fused:s0", "num_stages must be 1 to 8, got 0"),
+                    ("pallas:fused:w3", "num_warps must be 1, 2, 4, 8 or 16, got 3"),
+                    ("pallas:fused:s2:s3", "'s3' sets num_stages a second time"),
+                    ("pallas:fused:bq", "'bq'"), ("pallas:fused:q64", "'q64'"),
                     ("pallas:fused:flat0", "'flat0'"), ("pallas:fused:flatx", "'flatx'")):
     with pytest.raises(ValueError, match=says):
       parse(bad)
@@ -80,6 +89,9 @@ def test_table_labels_tell_the_norm_kernels_apart():
   assert "power-of-two tiles" not in label(row)
   assert "head dim split into power-of-two tiles" in label({**row, "split_head_dim": True})
   assert "gradient made in the forward" not in label(row)
+  assert "block_q" not in label(row)
+  assert ", attention block_q=64 num_stages=3" in label(
+      {**row, "block_sizes": {"num_stages": 3, "block_q": 64}})
   assert "Pallas loss gradient made in the forward" in label({**row,
                                                               "loss_kernel": "pallas_fwd_grad"})
 
@@ -348,6 +360,35 @@ def test_jnpexp_variant_turns_fast_exp2_off_in_the_kernels_blocks(tmp_path, monk
   rows = [r for r in run.rows if r.get("kind") == "train"]
   assert [r.get("fast_exp2", True) for r in rows] == [True, False]
   assert fa.default_block_sizes("gpu", 64).fast_exp2
+
+
+def test_tile_variants_set_the_kernels_default_blocks(tmp_path, monkeypatch):
+  """`:bq64:s3` traces the step with those fields in the attention's default blocks, records
+  them in the row and leaves the context afterwards; the same tiles twice are timed once."""
+  module = _module()
+  from tinystories_jax.kernels import flash_attention as fa  # noqa: PLC0415
+  from tinystories_jax.training import benchmark  # noqa: PLC0415
+  seen = []
+
+  def fake_measure(cfg, **kwargs):
+    bs = fa.default_block_sizes("gpu", cfg.head_dim)
+    seen.append((bs.block_q, bs.block_k, bs.num_stages, bs.num_warps))
+    return {"tokens_per_s": 1.0, "step_ms": 1.0, "model_tflops": 1.0}
+
+  monkeypatch.setattr(benchmark, "measure_train_throughput", fake_measure)
+  args = types.SimpleNamespace(smoke=False, on_accelerator=False, profile="", out=str(tmp_path),
+                               train_steps=1,
+                               train_variants="pallas:fused,pallas:fused:bq64:s3,"
+                                              "pallas:fused:s3:bq64,pallas:fused:w8")
+  run = module.Run(tmp_path, budget_s=600)
+  module._train_ours(run, args, {s[1]: s for s in module.TRAIN_SHAPES}["42m"])  # noqa: SLF001
+  default = fa.default_block_sizes("gpu", 64)
+  assert seen == [(default.block_q, default.block_k, None, None), (64, default.block_k, 3, None),
+                  (default.block_q, default.block_k, None, 8)]
+  rows = [r for r in run.rows if r.get("kind") == "train"]
+  assert [r.get("block_sizes") for r in rows] == [None, {"block_q": 64, "num_stages": 3},
+                                                  {"num_warps": 8}]
+  assert fa.default_block_sizes("gpu", 64) == default
 
 
 def test_a_second_run_loads_its_programs_from_the_compilation_cache(tmp_path):
