@@ -473,6 +473,9 @@ def _train_ours(run: Run, args, shape) -> None:
       # One tile either way (48 is two), as without split (with rotary's halves inside the
       # kernels, above 16).
       split = False
+    # A tile equal to this shape's default is the default's step.
+    default_blocks = fa.default_block_sizes("gpu", head_dim)
+    tiles = {k: v for k, v in tiles.items() if getattr(default_blocks, k) != v}
     step = (impl, loss, scan, remat, norm, qkv, mlp, split, jnpexp, tuple(sorted(tiles.items())),
             flatten, pad, loss_kernel)
     if step in seen:  # e.g. the default and ":kernel" on a GPU: time (and trace) it once

@@ -18,7 +18,7 @@ arithmetic are not in them. It also prints XLA's peak temporary memory for the s
 It also shows that the Pallas kernels lower and compile for the target (Triton, then ptxas),
 which the CPU interpreter does not check. With `--initialiser` it instead times compiling each
 shape's train-state initialiser twice, each parameter drawn alone and as `models.build` draws
-them (grouped by shape).
+them (grouped by shape and dtype), with XLA's peak temporary memory for each.
 
 Needs the CUDA plugin and its libraries beside jax (no GPU or driver is used); checked with the
 GPU machine's jax 0.11.2 on Python 3.12, in its own environment:
@@ -357,8 +357,9 @@ def compile_step(topology, family, preset, vocab, batch, seq, variant):
 
 
 def compile_initialiser(topology, family, preset, vocab, *, grouped: bool):
-  """(seconds, kernels) to compile the train state's initialiser (parameters, AdamW state) as
-  the trainer does, with `models.build`'s grouped normal draws or each parameter drawn alone."""
+  """(seconds, kernels, peak temporary bytes or None) compiling the train state's initialiser
+  (parameters, AdamW state) as the trainer does, with `models.build`'s grouped normal draws or
+  each parameter drawn alone."""
   import contextlib  # noqa: PLC0415
   import time  # noqa: PLC0415
 
@@ -388,7 +389,7 @@ def compile_initialiser(topology, family, preset, vocab, *, grouped: bool):
   start = time.perf_counter()
   compiled = lowered.compile()
   seconds = time.perf_counter() - start
-  return seconds, sum(k["calls"] for k in kernels(compiled.as_text()))
+  return seconds, sum(k["calls"] for k in kernels(compiled.as_text())), temp_bytes(compiled)
 
 
 def temp_bytes(compiled) -> int | None:
@@ -431,12 +432,16 @@ def main() -> None:
       row = {"target": args.target, "model": f"{family}:{preset}", "vocab": vocab,
              "initialiser": True}
       for name, grouped in (("alone", False), ("grouped", True)):
-        seconds, count = compile_initialiser(topology, family, preset, vocab, grouped=grouped)
-        row.update({f"{name}_compile_s": round(seconds, 2), f"{name}_kernels": count})
+        seconds, count, temp = compile_initialiser(topology, family, preset, vocab,
+                                                   grouped=grouped)
+        row.update({f"{name}_compile_s": round(seconds, 2), f"{name}_kernels": count,
+                    f"{name}_temp_mb": None if temp is None else round(temp / 1e6, 1)})
       rows.append(row)
       print(f"{preset}/{vocab} initialiser compile: each parameter drawn alone "
-            f"{row['alone_compile_s']:.2f} s ({row['alone_kernels']} kernels), grouped "
-            f"{row['grouped_compile_s']:.2f} s ({row['grouped_kernels']} kernels)", flush=True)
+            f"{row['alone_compile_s']:.2f} s ({row['alone_kernels']} kernels, "
+            f"{row['alone_temp_mb']} MB temporary), grouped {row['grouped_compile_s']:.2f} s "
+            f"({row['grouped_kernels']} kernels, {row['grouped_temp_mb']} MB temporary)",
+            flush=True)
       continue
     for text, variant in sorted(variants.items()):
       if "pallas" in (variant["norm"], variant["qkv"], variant["mlp"]) and family != "llama":

@@ -364,7 +364,8 @@ def test_jnpexp_variant_turns_fast_exp2_off_in_the_kernels_blocks(tmp_path, monk
 
 def test_tile_variants_set_the_kernels_default_blocks(tmp_path, monkeypatch):
   """`:bq64:s3` traces the step with those fields in the attention's default blocks, records
-  them in the row and leaves the context afterwards; the same tiles twice are timed once."""
+  them in the row and leaves the context afterwards; the same tiles twice, or the default's
+  tiles named, are timed once."""
   module = _module()
   from tinystories_jax.kernels import flash_attention as fa  # noqa: PLC0415
   from tinystories_jax.training import benchmark  # noqa: PLC0415
@@ -379,7 +380,8 @@ def test_tile_variants_set_the_kernels_default_blocks(tmp_path, monkeypatch):
   args = types.SimpleNamespace(smoke=False, on_accelerator=False, profile="", out=str(tmp_path),
                                train_steps=1,
                                train_variants="pallas:fused,pallas:fused:bq64:s3,"
-                                              "pallas:fused:s3:bq64,pallas:fused:w8")
+                                              "pallas:fused:s3:bq64,pallas:fused:w8,"
+                                              "pallas:fused:bq128:bk64")
   run = module.Run(tmp_path, budget_s=600)
   module._train_ours(run, args, {s[1]: s for s in module.TRAIN_SHAPES}["42m"])  # noqa: SLF001
   default = fa.default_block_sizes("gpu", 64)

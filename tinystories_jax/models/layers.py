@@ -50,7 +50,8 @@ def param(rngs: nnx.Rngs, init, shape: tuple[int, ...], axes: tuple[str, ...],
   """An `nnx.Param` initialised by `init` and annotated with logical `axes`.
 
   Inside `grouped_normal_draws` a `Normal` draw from a threefry key (without eager sharding)
-  is left to the end of the block: the Param holds a `jax.ShapeDtypeStruct` until then.
+  is left to the end of the block: the Param holds a `jax.ShapeDtypeStruct` until then, so
+  it cannot be read inside the block.
   """
   key = rngs.params()
   pending = _PENDING.get()
@@ -70,11 +71,17 @@ def grouped_normal_draws():
 
   Each parameter gets the random bits its own draw gives (threefry's bits do not depend on
   batching), so the same values up to the rounding of the transform to a normal, which
-  depends on how XLA compiles it: on the CPU, within one unit in the last place (bit for bit
-  with jax 0.10.2; with jax 0.12 a quarter of the values differ in the last place). The
-  initialiser then has one random-number computation per shape and dtype instead of one per
-  parameter, which is where XLA spent most of an initialiser's compile time
-  (docs/training.md). Used by `models.build`.
+  depends on how XLA compiles it: in the CPU tests, within one unit in the last place (bit
+  for bit with jax 0.10.2; with jax 0.12.0.1 a quarter of the values differ in the last
+  place). The initialiser then has one random-number computation per shape and dtype instead
+  of one per parameter, which is where XLA spent most of an initialiser's compile time
+  (docs/training.md). Each group's draws are held whole until sliced, which can raise a
+  compiled initialiser's temporary memory (for an H200 by at most 11 MB at the train shapes;
+  on the CPU backend, llama 15m's from 46 to 85 MB: docs/training.md).
+
+  Limits (the models here meet them): parameters are read only after the block, and none is
+  created under an nnx transform (`nnx.vmap`, `nnx.jit`) inside it, whose traced keys could
+  not be drawn outside it. Used by `models.build`.
   """
   pending: list = []
   token = _PENDING.set(pending)
