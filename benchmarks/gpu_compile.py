@@ -310,14 +310,32 @@ def _setup_jax(target: str):
   return topology
 
 
+def _train_setup(topology, cfg, flatten_below: int = 0):
+  """(mesh, optimizer config, layout, optimizer, state shardings) on the one-device target, as
+  the step and the initialiser are compiled with."""
+  import jax  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+
+  from tinystories_jax.parallel import mesh as mesh_lib  # noqa: PLC0415
+  from tinystories_jax.training import optimizer as opt_lib  # noqa: PLC0415
+  from tinystories_jax.training import state as state_lib  # noqa: PLC0415
+
+  devices = np.asarray(topology.devices).reshape(1, 1, 1)
+  mesh = jax.sharding.Mesh(devices, mesh_lib.AXES,
+                           axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  opt_cfg = opt_lib.OptimizerConfig(lr=5e-4, schedule="cosine", warmup_steps=10, clip_norm=1.0,
+                                    flatten_below=flatten_below)
+  layout = state_lib.model_layout(cfg)
+  tx = opt_lib.make_optimizer(opt_cfg, 100, layout.logical_names, layout.abstract_params)
+  return mesh, opt_cfg, layout, tx, state_lib.state_shardings(layout, tx, mesh)
+
+
 def compile_step(topology, family, preset, vocab, batch, seq, variant):
   """The compiled train step for one shape and variant (`jax.stages.Compiled`)."""
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
-  import numpy as np  # noqa: PLC0415
 
   from tinystories_jax.models import presets  # noqa: PLC0415
-  from tinystories_jax.parallel import mesh as mesh_lib  # noqa: PLC0415
   from tinystories_jax.parallel import rules  # noqa: PLC0415
   from tinystories_jax.training import optimizer as opt_lib  # noqa: PLC0415
   from tinystories_jax.training import state as state_lib  # noqa: PLC0415
@@ -327,14 +345,7 @@ def compile_step(topology, family, preset, vocab, batch, seq, variant):
                     attention_impl=variant["attention"], scan_layers=variant["scan"],
                     remat="block" if variant["remat"] else "none", norm_impl=variant["norm"],
                     qkv_impl=variant["qkv"], mlp_impl=variant["mlp"])
-  devices = np.asarray(topology.devices).reshape(1, 1, 1)
-  mesh = jax.sharding.Mesh(devices, mesh_lib.AXES,
-                           axis_types=(jax.sharding.AxisType.Auto,) * 3)
-  opt_cfg = opt_lib.OptimizerConfig(lr=5e-4, schedule="cosine", warmup_steps=10, clip_norm=1.0,
-                                    flatten_below=variant["flatten"])
-  layout = state_lib.model_layout(cfg)
-  tx = opt_lib.make_optimizer(opt_cfg, 100, layout.logical_names, layout.abstract_params)
-  shardings = state_lib.state_shardings(layout, tx, mesh)
+  mesh, opt_cfg, layout, tx, shardings = _train_setup(topology, cfg, variant["flatten"])
   state = state_lib.abstract_state(layout, tx, shardings)
   extra = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                        layout.abstract_extra, shardings.extra)
@@ -363,22 +374,11 @@ def compile_initialiser(topology, family, preset, vocab, *, grouped: bool):
   import contextlib  # noqa: PLC0415
   import time  # noqa: PLC0415
 
-  import jax  # noqa: PLC0415
-  import numpy as np  # noqa: PLC0415
-
   from tinystories_jax.models import layers, presets  # noqa: PLC0415
-  from tinystories_jax.parallel import mesh as mesh_lib  # noqa: PLC0415
-  from tinystories_jax.training import optimizer as opt_lib  # noqa: PLC0415
   from tinystories_jax.training import state as state_lib  # noqa: PLC0415
 
   cfg = presets.get(family, preset, vocab_size=vocab, dtype="bfloat16")
-  devices = np.asarray(topology.devices).reshape(1, 1, 1)
-  mesh = jax.sharding.Mesh(devices, mesh_lib.AXES,
-                           axis_types=(jax.sharding.AxisType.Auto,) * 3)
-  opt_cfg = opt_lib.OptimizerConfig(lr=5e-4, schedule="cosine", warmup_steps=10, clip_norm=1.0)
-  layout = state_lib.model_layout(cfg)
-  tx = opt_lib.make_optimizer(opt_cfg, 100, layout.logical_names, layout.abstract_params)
-  shardings = state_lib.state_shardings(layout, tx, mesh)
+  _, _, _, tx, shardings = _train_setup(topology, cfg)
   grouping = layers.grouped_normal_draws
   if not grouped:  # models.build looks the context up when it runs
     layers.grouped_normal_draws = contextlib.nullcontext
